@@ -1,0 +1,241 @@
+//! The order of responses. Every message sent to the server that will be answered is recorded
+//! here, with the answers pgstash makes itself (a ParseComplete for a statement the server
+//! already has) in between, so the client receives exactly the sequence Postgres would send.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+
+/// What a forwarded message will be answered with, or rather: which message ends its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Simple Query or FunctionCall: ends with ReadyForQuery.
+    Query,
+    Sync,
+    /// `hash`/`client_name` let a failed Parse be forgotten on both sides.
+    Parse {
+        hash: Option<u64>,
+        client_name: Option<Bytes>,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close,
+}
+
+impl Expect {
+    fn ends_with(&self, tag: u8) -> bool {
+        match self {
+            Expect::Query | Expect::Sync => tag == b'Z',
+            Expect::Parse { .. } => tag == b'1',
+            Expect::Bind => tag == b'2',
+            Expect::Describe => tag == b'T' || tag == b'n',
+            Expect::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Expect::Close => tag == b'3',
+        }
+    }
+
+    /// An error in these ends the message's answer and makes the server skip to Sync.
+    fn is_extended(&self) -> bool {
+        !matches!(self, Expect::Query | Expect::Sync)
+    }
+}
+
+#[derive(Debug)]
+enum Entry {
+    Server { expect: Expect, swallow: bool },
+    Synthetic(Bytes),
+}
+
+/// A Parse that never took effect on the server (it failed, or was skipped after an error).
+#[derive(Debug, PartialEq, Eq)]
+pub struct FailedParse {
+    pub hash: Option<u64>,
+    pub client_name: Option<Bytes>,
+}
+
+#[derive(Debug, Default)]
+pub struct Expectations {
+    queue: VecDeque<Entry>,
+}
+
+impl Expectations {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// A forwarded message; `swallow` hides its answer (for messages pgstash injected).
+    pub fn push(&mut self, expect: Expect, swallow: bool) {
+        self.queue.push_back(Entry::Server { expect, swallow });
+    }
+
+    /// An answer made by pgstash; goes out as soon as everything before it has.
+    pub fn push_synthetic(&mut self, msg: Bytes, out: &mut BytesMut) {
+        self.queue.push_back(Entry::Synthetic(msg));
+        self.flush_synthetic(out);
+    }
+
+    pub fn head(&self) -> Option<&Expect> {
+        match self.queue.front() {
+            Some(Entry::Server { expect, .. }) => Some(expect),
+            _ => None,
+        }
+    }
+
+    /// In extended-protocol COPY FROM STDIN the server ignores Syncs sent before CopyDone.
+    pub fn drop_queued_syncs(&mut self) {
+        self.queue.retain(|e| {
+            !matches!(
+                e,
+                Entry::Server {
+                    expect: Expect::Sync,
+                    ..
+                }
+            )
+        });
+    }
+
+    /// Route one server message: append what the client must see to `out`, and report Parses
+    /// that did not happen.
+    pub fn on_server_message(
+        &mut self,
+        tag: u8,
+        raw: &Bytes,
+        out: &mut BytesMut,
+        failed: &mut Vec<FailedParse>,
+    ) {
+        // Asynchronous messages can arrive at any time and belong to no request.
+        if matches!(tag, b'N' | b'A' | b'S') {
+            out.extend_from_slice(raw);
+            return;
+        }
+        let Some(Entry::Server { expect, swallow }) = self.queue.front() else {
+            // Nothing asked for: a FATAL at server shutdown, say. The client should see it.
+            out.extend_from_slice(raw);
+            return;
+        };
+        if tag == b'E' && expect.is_extended() {
+            // Errors always reach the client, even for injected messages: the client's own
+            // message that depended on it fails with it.
+            out.extend_from_slice(raw);
+            self.skip_to_sync(failed);
+            return;
+        }
+        if !swallow {
+            out.extend_from_slice(raw);
+        }
+        if expect.ends_with(tag) {
+            self.queue.pop_front();
+            self.flush_synthetic(out);
+        }
+    }
+
+    fn skip_to_sync(&mut self, failed: &mut Vec<FailedParse>) {
+        while let Some(front) = self.queue.front() {
+            if let Entry::Server {
+                expect: Expect::Sync,
+                ..
+            } = front
+            {
+                break;
+            }
+            if let Some(Entry::Server {
+                expect: Expect::Parse { hash, client_name },
+                ..
+            }) = self.queue.pop_front()
+            {
+                failed.push(FailedParse { hash, client_name });
+            }
+        }
+    }
+
+    fn flush_synthetic(&mut self, out: &mut BytesMut) {
+        while let Some(Entry::Synthetic(_)) = self.queue.front() {
+            if let Some(Entry::Synthetic(m)) = self.queue.pop_front() {
+                out.extend_from_slice(&m);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol;
+
+    fn msg(tag: u8) -> Bytes {
+        Bytes::from(vec![tag, 0, 0, 0, 4])
+    }
+
+    #[test]
+    fn synthetic_parse_complete_lands_between_server_answers() {
+        let mut e = Expectations::default();
+        let mut out = BytesMut::new();
+        let mut failed = vec![];
+        e.push(Expect::Bind, false);
+        e.push_synthetic(protocol::parse_complete(), &mut out);
+        e.push(Expect::Sync, false);
+        assert!(out.is_empty(), "must wait for BindComplete");
+        e.on_server_message(b'2', &msg(b'2'), &mut out, &mut failed);
+        e.on_server_message(b'Z', &msg(b'Z'), &mut out, &mut failed);
+        assert_eq!(&out[..], b"2\0\0\0\x041\0\0\0\x04Z\0\0\0\x04");
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_reports_unexecuted_parses() {
+        let mut e = Expectations::default();
+        let mut out = BytesMut::new();
+        let mut failed = vec![];
+        e.push(
+            Expect::Parse {
+                hash: Some(1),
+                client_name: Some(Bytes::from_static(b"s0")),
+            },
+            false,
+        );
+        e.push(
+            Expect::Parse {
+                hash: Some(2),
+                client_name: None,
+            },
+            true,
+        );
+        e.push_synthetic(protocol::close_complete(), &mut out);
+        e.push(Expect::Sync, false);
+        e.on_server_message(b'E', &msg(b'E'), &mut out, &mut failed);
+        assert_eq!(failed.len(), 2);
+        assert_eq!(e.head(), Some(&Expect::Sync));
+        e.on_server_message(b'Z', &msg(b'Z'), &mut out, &mut failed);
+        assert_eq!(&out[..], b"E\0\0\0\x04Z\0\0\0\x04");
+    }
+
+    #[test]
+    fn swallowed_answers_are_hidden_but_notices_pass() {
+        let mut e = Expectations::default();
+        let mut out = BytesMut::new();
+        let mut failed = vec![];
+        e.push(
+            Expect::Parse {
+                hash: Some(1),
+                client_name: None,
+            },
+            true,
+        );
+        e.on_server_message(b'N', &msg(b'N'), &mut out, &mut failed);
+        e.on_server_message(b'1', &msg(b'1'), &mut out, &mut failed);
+        assert_eq!(&out[..], b"N\0\0\0\x04");
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn simple_query_error_waits_for_ready_for_query() {
+        let mut e = Expectations::default();
+        let mut out = BytesMut::new();
+        let mut failed = vec![];
+        e.push(Expect::Query, false);
+        e.on_server_message(b'E', &msg(b'E'), &mut out, &mut failed);
+        assert!(!e.is_empty());
+        e.on_server_message(b'Z', &msg(b'Z'), &mut out, &mut failed);
+        assert!(e.is_empty());
+    }
+}

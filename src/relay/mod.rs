@@ -1,0 +1,661 @@
+//! The data path for one client after login: relay messages both ways between the client and
+//! a server connection from the pool, in one task.
+//!
+//! Both directions are buffered and polled together, so neither a client that pipelines
+//! without reading nor a server streaming a large result can stall the other direction, and
+//! the buffers are bounded (reading stops at a high-water mark). In transaction pool mode the
+//! server connection is returned to the pool as soon as the client is idle outside a
+//! transaction and has no request in flight.
+
+mod expect;
+pub mod statements;
+
+use crate::cancel::CancelSlot;
+use crate::config::PoolMode;
+use crate::protocol::{self, Message, MessageReader, ProtocolError, Severity, cstr_at};
+use crate::session::{Effect, Settings};
+use crate::upstream::pool::{Pooled, ServerPool};
+use crate::upstream::{ServerConn, UpstreamError};
+use bytes::{Buf, Bytes, BytesMut};
+use expect::{Expect, Expectations, FailedParse};
+use statements::{ClientStatements, Statement, read_parse};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Stop reading a side once this much is waiting to be written to the other.
+const HIGH_WATER: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("client: {0}")]
+    Client(ProtocolError),
+    #[error("client write: {0}")]
+    ClientWrite(std::io::Error),
+    #[error("server connection lost: {0}")]
+    ServerLost(String),
+    #[error("protocol violation: {0}")]
+    Violation(String),
+}
+
+enum Event {
+    Client(Result<Option<Message>, ProtocolError>),
+    Server(Result<Option<Message>, ProtocolError>),
+    WroteClient(std::io::Result<usize>),
+    WroteServer(std::io::Result<usize>),
+}
+
+pub struct Relay<R, W> {
+    client: MessageReader<R>,
+    client_w: W,
+    to_client: BytesMut,
+    to_server: BytesMut,
+    server: Option<Pooled>,
+    pool: ServerPool,
+    mode: PoolMode,
+    expect: Expectations,
+    statements: ClientStatements,
+    /// Effects of the statement each portal was bound from, for portals that have any.
+    portal_effects: HashMap<Bytes, Arc<[Effect]>>,
+    settings: Settings,
+    cancel: Arc<CancelSlot>,
+    tx_status: u8,
+    /// Extended-protocol messages sent since the last Sync.
+    batch_open: bool,
+    copy_in: bool,
+    /// pgstash answered an error itself; drop client messages until Sync like Postgres does.
+    skip_to_sync: bool,
+    /// Why the client may not leave its server connection, if it may not.
+    pinned: Option<&'static str>,
+    /// An error or rollback happened since the server was last idle.
+    undone: bool,
+    unnamed_on_server: bool,
+}
+
+/// What the login phase hands over.
+pub struct RelayStart<R, W> {
+    pub client: MessageReader<R>,
+    pub client_w: W,
+    pub server: Pooled,
+    pub pool: ServerPool,
+    pub mode: PoolMode,
+    pub settings: Settings,
+    pub cancel: Arc<CancelSlot>,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
+    pub fn new(s: RelayStart<R, W>) -> Self {
+        Relay {
+            client: s.client,
+            client_w: s.client_w,
+            to_client: BytesMut::with_capacity(16 * 1024),
+            to_server: BytesMut::with_capacity(16 * 1024),
+            server: Some(s.server),
+            pool: s.pool,
+            mode: s.mode,
+            expect: Expectations::default(),
+            statements: ClientStatements::default(),
+            portal_effects: HashMap::new(),
+            settings: s.settings,
+            cancel: s.cancel,
+            tx_status: b'I',
+            batch_open: false,
+            copy_in: false,
+            skip_to_sync: false,
+            pinned: None,
+            undone: false,
+            unnamed_on_server: false,
+        }
+    }
+
+    /// Relay until the client leaves; then leave the server connection clean or discard it.
+    pub async fn run(mut self) -> Result<(), RelayError> {
+        let result = self.event_loop().await;
+        if let Err(RelayError::Client(e)) = &result
+            && !e.is_disconnect()
+        {
+            // Tell the client why, as Postgres would, before closing.
+            let msg = protocol::error_response(Severity::Fatal, "08P01", &e.to_string());
+            let _ = self.client_w.write_all(&msg).await;
+        }
+        self.finish().await;
+        result
+    }
+
+    async fn event_loop(&mut self) -> Result<(), RelayError> {
+        loop {
+            self.maybe_release().await;
+            let event = {
+                let has_server = self.server.is_some();
+                let read_client = self.to_server.len() < HIGH_WATER;
+                let read_server = self.to_client.len() < HIGH_WATER;
+                let (sr, sw) = match self.server.as_deref_mut() {
+                    Some(c) => (Some(&mut c.reader), Some(&mut c.writer)),
+                    None => (None, None),
+                };
+                let (to_client, to_server) = (&self.to_client, &self.to_server);
+                let (client, client_w) = (&mut self.client, &mut self.client_w);
+                tokio::select! {
+                    biased;
+                    r = client_w.write(to_client), if !to_client.is_empty() => Event::WroteClient(r),
+                    r = write_some(sw, to_server), if has_server && !to_server.is_empty() => Event::WroteServer(r),
+                    r = read_some(sr), if has_server && read_server => Event::Server(r),
+                    r = client.read_message(), if read_client => Event::Client(r),
+                }
+            };
+            match event {
+                Event::WroteClient(r) => {
+                    let n = r.map_err(RelayError::ClientWrite)?;
+                    self.to_client.advance(n);
+                }
+                Event::WroteServer(r) => match r {
+                    Ok(n) => self.to_server.advance(n),
+                    Err(e) => return self.server_lost(e.to_string()).await,
+                },
+                Event::Server(r) => match r {
+                    Ok(Some(msg)) => {
+                        self.on_server(msg);
+                        loop {
+                            let next = match self.server.as_deref_mut() {
+                                Some(c) => c.reader.next_buffered(),
+                                None => Ok(None),
+                            };
+                            match next {
+                                Ok(Some(m)) => self.on_server(m),
+                                Ok(None) => break,
+                                Err(e) => return self.server_lost(e.to_string()).await,
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        return self
+                            .server_lost("server closed the connection".into())
+                            .await;
+                    }
+                    Err(e) => return self.server_lost(e.to_string()).await,
+                },
+                Event::Client(r) => {
+                    let Some(msg) = r.map_err(RelayError::Client)? else {
+                        return Ok(());
+                    };
+                    if !self.on_client(msg).await? {
+                        return Ok(());
+                    }
+                    while let Some(m) = self.client.next_buffered().map_err(RelayError::Client)? {
+                        if !self.on_client(m).await? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handle one client message. Returns false when the client said goodbye.
+    async fn on_client(&mut self, msg: Message) -> Result<bool, RelayError> {
+        let tag = msg.tag();
+        if tag == b'X' {
+            return Ok(false);
+        }
+        if self.skip_to_sync && tag != b'S' {
+            return Ok(true);
+        }
+        if self.server.is_none() {
+            if tag == b'S' && self.skip_to_sync {
+                self.skip_to_sync = false;
+                let rfq = protocol::ready_for_query(self.tx_status);
+                self.expect.push_synthetic(rfq, &mut self.to_client);
+                return Ok(true);
+            }
+            if tag == b'H' {
+                return Ok(true); // nothing is in flight: nothing to flush
+            }
+            if !self.acquire(tag).await? {
+                return Ok(true);
+            }
+        }
+        match tag {
+            b'Q' => {
+                let sql = cstr_at(msg.body(), 0)
+                    .map(|(s, _)| String::from_utf8_lossy(s).into_owned())
+                    .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
+                let effects = crate::session::effects_of(&sql);
+                self.apply_effects(&effects);
+                self.forward(&msg, Expect::Query);
+            }
+            b'F' => self.forward(&msg, Expect::Query),
+            b'P' => self.on_parse(msg)?,
+            b'B' => self.on_bind(msg)?,
+            b'D' => self.on_describe(msg)?,
+            b'E' => {
+                let portal = cstr_at(msg.body(), 0)
+                    .map(|(p, _)| p)
+                    .ok_or_else(|| RelayError::Violation("bad Execute".into()))?;
+                if let Some(effects) = self.portal_effects.get(portal).cloned() {
+                    self.apply_effects(&effects);
+                }
+                self.batch_open = true;
+                self.forward(&msg, Expect::Execute);
+            }
+            b'C' => self.on_close(msg)?,
+            b'S' => {
+                self.skip_to_sync = false;
+                self.batch_open = false;
+                self.to_server.extend_from_slice(msg.raw());
+                // During COPY FROM STDIN the server ignores Sync: no answer will come.
+                if !self.copy_in {
+                    self.expect.push(Expect::Sync, false);
+                }
+            }
+            b'H' => self.to_server.extend_from_slice(msg.raw()),
+            b'd' => self.to_server.extend_from_slice(msg.raw()),
+            b'c' | b'f' => {
+                self.copy_in = false;
+                self.to_server.extend_from_slice(msg.raw());
+            }
+            other => {
+                return Err(RelayError::Client(ProtocolError::UnexpectedMessage(other)));
+            }
+        }
+        Ok(true)
+    }
+
+    fn forward(&mut self, msg: &Message, expect: Expect) {
+        self.to_server.extend_from_slice(msg.raw());
+        self.expect.push(expect, false);
+    }
+
+    fn server_conn(&mut self) -> &mut ServerConn {
+        self.server
+            .as_deref_mut()
+            .expect("a server connection is held while relaying a request")
+    }
+
+    fn on_parse(&mut self, msg: Message) -> Result<(), RelayError> {
+        self.batch_open = true;
+        let body =
+            read_parse(msg.body()).ok_or_else(|| RelayError::Violation("bad Parse".into()))?;
+        if body.name.is_empty() {
+            self.statements.unnamed = Some(Statement::unnamed(msg.raw().clone(), &body));
+            self.unnamed_on_server = true;
+            self.forward(
+                &msg,
+                Expect::Parse {
+                    hash: None,
+                    client_name: None,
+                },
+            );
+            return Ok(());
+        }
+        if self.statements.contains(body.name) {
+            let text = format!(
+                "prepared statement \"{}\" already exists",
+                String::from_utf8_lossy(body.name)
+            );
+            let err = protocol::error_response(Severity::Error, "42P05", &text);
+            self.expect.push_synthetic(err, &mut self.to_client);
+            self.skip_to_sync = true;
+            return Ok(());
+        }
+        let stmt = Statement::new(&body);
+        let name = Bytes::copy_from_slice(body.name);
+        self.send_statement(&stmt, Some(name.clone()), false);
+        self.statements.insert(name, stmt);
+        Ok(())
+    }
+
+    /// Make sure the server has `stmt`: send its Parse (answer hidden when `inject`) or, when it
+    /// is already there and the client asked, answer ParseComplete ourselves.
+    fn send_statement(&mut self, stmt: &Statement, client_name: Option<Bytes>, inject: bool) {
+        let conn = self.server_conn();
+        if conn.prepared.contains(&stmt.hash) {
+            if !inject {
+                self.expect
+                    .push_synthetic(protocol::parse_complete(), &mut self.to_client);
+            }
+            return;
+        }
+        conn.prepared.insert(stmt.hash);
+        self.to_server.extend_from_slice(&stmt.parse);
+        self.expect.push(
+            Expect::Parse {
+                hash: Some(stmt.hash),
+                client_name,
+            },
+            inject,
+        );
+    }
+
+    /// Resolve a client statement name for Bind/Describe: `Some(server name)` when known and
+    /// now present on the server, `None` when unknown (forwarded so Postgres reports it).
+    fn resolve(&mut self, name: &[u8]) -> Option<Arc<str>> {
+        if name.is_empty() {
+            if !self.unnamed_on_server
+                && let Some(s) = self.statements.unnamed.clone()
+            {
+                self.to_server.extend_from_slice(&s.parse);
+                self.expect.push(
+                    Expect::Parse {
+                        hash: None,
+                        client_name: None,
+                    },
+                    true,
+                );
+                self.unnamed_on_server = true;
+            }
+            return None;
+        }
+        let stmt = self.statements.get(name)?.clone();
+        self.send_statement(&stmt, None, true);
+        Some(stmt.server_name)
+    }
+
+    fn on_bind(&mut self, msg: Message) -> Result<(), RelayError> {
+        self.batch_open = true;
+        let body = msg.body();
+        let bad = || RelayError::Violation("bad Bind".into());
+        let (portal, p1) = cstr_at(body, 0).ok_or_else(bad)?;
+        let (stmt, p2) = cstr_at(body, p1).ok_or_else(bad)?;
+        let effects = if stmt.is_empty() {
+            self.statements.unnamed.as_ref().map(|s| s.effects.clone())
+        } else {
+            self.statements.get(stmt).map(|s| s.effects.clone())
+        };
+        match effects {
+            Some(e) if !e.is_empty() => {
+                self.portal_effects
+                    .insert(Bytes::copy_from_slice(portal), e);
+            }
+            _ => {
+                self.portal_effects.remove(portal);
+            }
+        }
+        match self.resolve(stmt) {
+            Some(server_name) => {
+                let rewritten =
+                    protocol::with_statement_name(b'B', &body[..p1], &server_name, &body[p2..]);
+                self.to_server.extend_from_slice(&rewritten);
+                self.expect.push(Expect::Bind, false);
+            }
+            None => self.forward(&msg, Expect::Bind),
+        }
+        Ok(())
+    }
+
+    fn on_describe(&mut self, msg: Message) -> Result<(), RelayError> {
+        self.batch_open = true;
+        let body = msg.body();
+        let (name, _) =
+            cstr_at(body, 1).ok_or_else(|| RelayError::Violation("bad Describe".into()))?;
+        if body[0] == b'S'
+            && let Some(server_name) = self.resolve(name)
+        {
+            let rewritten = protocol::with_statement_name(b'D', b"S", &server_name, &[]);
+            self.to_server.extend_from_slice(&rewritten);
+            self.expect.push(Expect::Describe, false);
+            return Ok(());
+        }
+        self.forward(&msg, Expect::Describe);
+        Ok(())
+    }
+
+    fn on_close(&mut self, msg: Message) -> Result<(), RelayError> {
+        self.batch_open = true;
+        let body = msg.body();
+        let (name, _) =
+            cstr_at(body, 1).ok_or_else(|| RelayError::Violation("bad Close".into()))?;
+        if body[0] == b'S' {
+            // Server-side statements are shared; the client's name just goes away.
+            if name.is_empty() {
+                self.statements.unnamed = None;
+            } else {
+                self.statements.remove(name);
+            }
+            self.expect
+                .push_synthetic(protocol::close_complete(), &mut self.to_client);
+            return Ok(());
+        }
+        self.portal_effects.remove(name);
+        self.forward(&msg, Expect::Close);
+        Ok(())
+    }
+
+    fn apply_effects(&mut self, effects: &[Effect]) {
+        for e in effects {
+            match e {
+                Effect::Pin(why) => {
+                    if self.pinned.is_none() && self.mode == PoolMode::Transaction {
+                        tracing::debug!(reason = why, "client pinned to its server connection");
+                    }
+                    self.pinned.get_or_insert(why);
+                }
+                Effect::DiscardAll | Effect::DeallocateAll => {
+                    self.statements.clear();
+                    self.server_conn().prepared.clear();
+                    self.settings.stage(e.clone());
+                }
+                other => self.settings.stage(other.clone()),
+            }
+        }
+    }
+
+    fn on_server(&mut self, msg: Message) {
+        let tag = msg.tag();
+        match tag {
+            b'S' => self.server_conn().note_parameter(&msg),
+            b'Z' => {
+                self.tx_status = msg.body().first().copied().unwrap_or(b'I');
+                self.copy_in = false;
+                let undone = self.undone;
+                if self.tx_status == b'I' {
+                    self.undone = false;
+                }
+                if self.settings.settle(self.tx_status, undone) {
+                    let fp = self.settings.fingerprint();
+                    self.server_conn().settings_hash = fp;
+                }
+            }
+            b'E' => {
+                self.undone = true;
+                self.copy_in = false;
+            }
+            b'C' => {
+                self.copy_in = false;
+                if msg.body().starts_with(b"ROLLBACK\0") {
+                    self.undone = true;
+                }
+            }
+            b'G' => {
+                self.copy_in = true;
+                if self.expect.head() == Some(&Expect::Execute) {
+                    self.expect.drop_queued_syncs();
+                }
+            }
+            _ => {}
+        }
+        let mut failed = Vec::new();
+        self.expect
+            .on_server_message(tag, msg.raw(), &mut self.to_client, &mut failed);
+        for FailedParse { hash, client_name } in failed {
+            match hash {
+                Some(h) => {
+                    self.server_conn().prepared.remove(&h);
+                    if let Some(n) = client_name {
+                        self.statements.forget_failed(&n, h);
+                    }
+                }
+                None => self.unnamed_on_server = false,
+            }
+        }
+    }
+
+    /// Get a server connection for a client message with tag `tag`. On failure the client
+    /// gets an error in protocol order and `false` is returned.
+    async fn acquire(&mut self, tag: u8) -> Result<bool, RelayError> {
+        // Deliver what the client is owed before possibly waiting on the pool.
+        self.flush_client().await?;
+        let error = match self.pool.checkout().await {
+            Ok(mut conn) => match sync_settings(&mut conn, &self.settings).await {
+                Ok(()) => {
+                    self.cancel.set(Some((conn.addr.clone(), conn.key))).await;
+                    self.unnamed_on_server = false;
+                    self.tx_status = b'I';
+                    self.server = Some(conn);
+                    return Ok(true);
+                }
+                Err(e) => {
+                    conn.broken = true;
+                    drop(deadpool::managed::Object::take(conn));
+                    upstream_error_message(&e, Severity::Error)
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "server connection checkout failed");
+                let code = match &e {
+                    crate::upstream::pool::CheckoutError::Upstream(u) => u.sqlstate().to_string(),
+                    _ => "08P01".into(),
+                };
+                protocol::error_response(Severity::Error, &code, &format!("pgstash: {e}"))
+            }
+        };
+        self.expect.push_synthetic(error, &mut self.to_client);
+        if matches!(tag, b'Q' | b'F' | b'S') {
+            let rfq = protocol::ready_for_query(b'I');
+            self.expect.push_synthetic(rfq, &mut self.to_client);
+        } else {
+            self.skip_to_sync = true;
+        }
+        Ok(false)
+    }
+
+    async fn flush_client(&mut self) -> Result<(), RelayError> {
+        if !self.to_client.is_empty() {
+            self.client_w
+                .write_all(&self.to_client)
+                .await
+                .map_err(RelayError::ClientWrite)?;
+            self.to_client.clear();
+        }
+        Ok(())
+    }
+
+    fn server_idle(&self) -> bool {
+        self.expect.is_empty() && !self.batch_open && !self.copy_in && self.to_server.is_empty()
+    }
+
+    async fn maybe_release(&mut self) {
+        if self.mode != PoolMode::Transaction
+            || self.server.is_none()
+            || self.pinned.is_some()
+            || self.tx_status != b'I'
+            || !self.server_idle()
+        {
+            return;
+        }
+        self.cancel.set(None).await;
+        self.server = None;
+    }
+
+    async fn server_lost(&mut self, why: String) -> Result<(), RelayError> {
+        if let Some(conn) = self.server.take() {
+            drop(deadpool::managed::Object::take(conn));
+        }
+        let msg = protocol::error_response(
+            Severity::Fatal,
+            "08006",
+            &format!("pgstash: server connection lost: {why}"),
+        );
+        self.to_client.extend_from_slice(&msg);
+        let _ = self.flush_client().await;
+        Err(RelayError::ServerLost(why))
+    }
+
+    /// The client is gone: give the server connection back only if it is clean.
+    async fn finish(&mut self) {
+        self.cancel.set(None).await;
+        let Some(mut conn) = self.server.take() else {
+            return;
+        };
+        let reusable = self.pinned.is_none() && self.server_idle();
+        if reusable && self.tx_status != b'I' {
+            let rollback = async {
+                conn.send(&protocol::query("ROLLBACK")).await.ok()?;
+                conn.drain_until_ready().await.ok()
+            };
+            let done = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
+            if matches!(done, Ok(Some(_))) {
+                return;
+            }
+        } else if reusable {
+            return;
+        }
+        conn.broken = true;
+        drop(deadpool::managed::Object::take(conn));
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(
+    r: Option<&mut MessageReader<R>>,
+) -> Result<Option<Message>, ProtocolError> {
+    match r {
+        Some(r) => r.read_message().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_some<W: AsyncWrite + Unpin>(
+    w: Option<&mut W>,
+    buf: &[u8],
+) -> std::io::Result<usize> {
+    match w {
+        Some(w) => w.write(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Give `conn` the client's settings unless it already has exactly them.
+pub async fn sync_settings(
+    conn: &mut ServerConn,
+    settings: &Settings,
+) -> Result<(), UpstreamError> {
+    if conn.settings_hash == settings.fingerprint() {
+        return Ok(());
+    }
+    conn.send(&protocol::query(&settings.apply_sql()))
+        .await
+        .map_err(|e| UpstreamError::Lost(e.into()))?;
+    let answer = conn.drain_until_ready().await?;
+    if let Some(err) = answer.iter().find(|m| m.tag() == b'E') {
+        conn.settings_hash = 0;
+        let fields = protocol::error_fields(err.body());
+        let message = fields
+            .iter()
+            .find(|(f, _)| *f == b'M')
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default();
+        return Err(UpstreamError::Rejected { message, fields });
+    }
+    conn.settings_hash = settings.fingerprint();
+    Ok(())
+}
+
+/// An ErrorResponse for an upstream failure: Postgres' own fields when it refused, else ours.
+pub fn upstream_error_message(e: &UpstreamError, severity: Severity) -> Bytes {
+    match e {
+        UpstreamError::Rejected { fields, .. } => {
+            let sev = match severity {
+                Severity::Error => "ERROR",
+                Severity::Fatal => "FATAL",
+            };
+            let fields: Vec<(u8, String)> = fields
+                .iter()
+                .map(|(f, v)| match f {
+                    b'S' | b'V' => (*f, sev.to_string()),
+                    _ => (*f, v.clone()),
+                })
+                .collect();
+            protocol::error_from_fields(&fields)
+        }
+        other => protocol::error_response(severity, other.sqlstate(), &format!("pgstash: {other}")),
+    }
+}

@@ -1,0 +1,139 @@
+//! Named prepared statements across pooled server connections.
+//!
+//! A client's statement `s0` is prepared on the server as `pgstash_<hash of text and types>`,
+//! so any server connection can hold it for any client, and two clients' `s0`s never collide.
+//! Each server connection remembers which hashes it has; a Bind or Describe of a statement the
+//! current connection lacks gets the Parse injected first.
+
+use crate::protocol::{self, cstr_at};
+use crate::session::{Effect, effects_of};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+use xxhash_rust::xxh3::Xxh3;
+
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub hash: u64,
+    pub server_name: Arc<str>,
+    /// The Parse to send when a server connection lacks this statement (already renamed).
+    pub parse: Bytes,
+    /// Session effects of running it (a prepared `SET`, `LISTEN`, ...).
+    pub effects: Arc<[Effect]>,
+}
+
+/// A parsed Parse message body.
+pub struct ParseBody<'a> {
+    pub name: &'a [u8],
+    pub sql: &'a [u8],
+    pub param_types: &'a [u8],
+}
+
+pub fn read_parse(body: &[u8]) -> Option<ParseBody<'_>> {
+    let (name, p1) = cstr_at(body, 0)?;
+    let (sql, p2) = cstr_at(body, p1)?;
+    Some(ParseBody {
+        name,
+        sql,
+        param_types: body.get(p2..)?,
+    })
+}
+
+impl Statement {
+    pub fn new(p: &ParseBody<'_>) -> Statement {
+        let mut h = Xxh3::new();
+        h.update(p.sql);
+        h.update(&[0]);
+        h.update(p.param_types);
+        let hash = h.digest();
+        let server_name: Arc<str> = format!("pgstash_{hash:016x}").into();
+        Statement {
+            hash,
+            parse: protocol::parse(&server_name, p.sql, p.param_types),
+            server_name,
+            effects: effects_of(&String::from_utf8_lossy(p.sql)).into(),
+        }
+    }
+
+    /// The client's unnamed statement: sent as is, tracked only to re-send it when the client
+    /// binds it on a different server connection.
+    pub fn unnamed(raw: Bytes, p: &ParseBody<'_>) -> Statement {
+        Statement {
+            hash: 0,
+            server_name: "".into(),
+            parse: raw,
+            effects: effects_of(&String::from_utf8_lossy(p.sql)).into(),
+        }
+    }
+}
+
+/// The statements one client has prepared, by the client's names.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    named: HashMap<Bytes, Statement>,
+    pub unnamed: Option<Statement>,
+}
+
+impl ClientStatements {
+    pub fn get(&self, name: &[u8]) -> Option<&Statement> {
+        self.named.get(name)
+    }
+
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.named.contains_key(name)
+    }
+
+    pub fn insert(&mut self, name: Bytes, s: Statement) {
+        self.named.insert(name, s);
+    }
+
+    pub fn remove(&mut self, name: &[u8]) {
+        self.named.remove(name);
+    }
+
+    /// Forget `name` if it still refers to the statement with `hash` (its Parse failed).
+    pub fn forget_failed(&mut self, name: &[u8], hash: u64) {
+        if self.named.get(name).is_some_and(|s| s.hash == hash) {
+            self.named.remove(name);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.named.clear();
+        self.unnamed = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_text_and_types_share_a_server_name_and_others_do_not() {
+        let a = Statement::new(&ParseBody {
+            name: b"s0",
+            sql: b"SELECT $1",
+            param_types: b"\0\x01\0\0\0\x17",
+        });
+        let b = Statement::new(&ParseBody {
+            name: b"s9",
+            sql: b"SELECT $1",
+            param_types: b"\0\x01\0\0\0\x17",
+        });
+        let c = Statement::new(&ParseBody {
+            name: b"s0",
+            sql: b"SELECT $1",
+            param_types: b"\0\x01\0\0\0\x19",
+        });
+        assert_eq!(a.server_name, b.server_name);
+        assert_ne!(a.server_name, c.server_name);
+        let parsed = read_parse(&a.parse[5..]).unwrap();
+        assert_eq!(parsed.name, a.server_name.as_bytes());
+        assert_eq!(parsed.sql, b"SELECT $1");
+    }
+
+    #[test]
+    fn truncated_parse_body_is_rejected() {
+        assert!(read_parse(b"s0\0SELECT").is_none());
+    }
+}

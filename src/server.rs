@@ -1,0 +1,112 @@
+//! Accepting clients: the TCP (and optional Unix socket) listeners, the connection limit and
+//! the state every connection shares.
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::upstream::pool::Pools;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+/// What all client connections share. Passed down explicitly; there are no globals.
+pub struct Shared {
+    pub config: Config,
+    pub pools: Arc<Pools>,
+    pub cancels: Arc<CancelRegistry>,
+    pub client_slots: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Self> {
+        let pools = Pools::new(
+            config.upstream_target(),
+            config.pool.clone(),
+            config.upstream.connect_timeout,
+        );
+        Arc::new(Shared {
+            client_slots: Arc::new(Semaphore::new(config.server.max_client_connections)),
+            pools,
+            cancels: Arc::new(CancelRegistry::default()),
+            config,
+        })
+    }
+}
+
+/// Serve clients from `listener` (and a Unix socket if configured) until `shutdown` resolves,
+/// then wait a bounded time for running sessions to end.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let shared = Shared::new(config);
+    let unix = match &shared.config.server.unix_socket_dir {
+        Some(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{}", listener.local_addr()?.port()));
+            let _ = std::fs::remove_file(&path);
+            Some(UnixListener::bind(&path)?)
+        }
+        None => None,
+    };
+    let tracker = TaskTracker::new();
+    let maintenance = tokio::spawn({
+        let pools = shared.pools.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                pools.maintain().await;
+            }
+        }
+    });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    stream.set_nodelay(true).ok();
+                    let shared = shared.clone();
+                    tracker.spawn(async move {
+                        if let Err(e) = crate::login::serve(stream, shared, peer.ip().is_loopback()).await {
+                            tracing::info!(%peer, error = %e, "client connection ended");
+                        }
+                    });
+                }
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            accepted = accept_unix(unix.as_ref()) => match accepted {
+                Ok(stream) => {
+                    let shared = shared.clone();
+                    tracker.spawn(async move {
+                        if let Err(e) = crate::login::serve(stream, shared, true).await {
+                            tracing::info!(error = %e, "unix-socket client connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "unix socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    maintenance.abort();
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+    Ok(())
+}
+
+async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,174 @@
+//! A small SQL lexer for what the pooler must notice in statements it relays: where statements
+//! end, and their leading keywords. It understands quotes, dollar quotes and comments, so a
+//! `;` or a keyword inside a string is never mistaken for one outside.
+//!
+//! Full analysis (for caching) is sqlparser's job; this runs on every simple query and must
+//! stay cheap and total (it never fails, whatever the input).
+
+/// Split a query string into its statements (trimmed, without the `;`, empty ones dropped).
+pub fn statements(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\'' | b'"' => i = skip_quoted(b, i, b[i]),
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |p| i + p + 1)
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
+            b'$' => i = skip_dollar(b, i),
+            b';' => {
+                push_trimmed(&mut out, &sql[start..i]);
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    push_trimmed(&mut out, &sql[start.min(sql.len())..]);
+    out
+}
+
+fn push_trimmed<'a>(out: &mut Vec<&'a str>, s: &'a str) {
+    let t = s.trim();
+    if !t.is_empty() {
+        out.push(t);
+    }
+}
+
+fn skip_quoted(b: &[u8], open: usize, q: u8) -> usize {
+    // E'...' strings allow backslash escapes; standard strings double the quote instead.
+    let backslash = q == b'\'' && open > 0 && matches!(b[open - 1], b'e' | b'E');
+    let mut i = open + 1;
+    while i < b.len() {
+        if backslash && b[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if b[i] == q {
+            if b.get(i + 1) == Some(&q) {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+fn skip_block_comment(b: &[u8], open: usize) -> usize {
+    let mut depth = 0;
+    let mut i = open;
+    while i + 1 < b.len() {
+        if b[i] == b'/' && b[i + 1] == b'*' {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b[i + 1] == b'/' {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
+}
+
+fn skip_dollar(b: &[u8], open: usize) -> usize {
+    // `$1` is a parameter, `$tag$` or `$$` opens a dollar-quoted string.
+    let mut j = open + 1;
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+        j += 1;
+    }
+    if j >= b.len() || b[j] != b'$' || (j > open + 1 && b[open + 1].is_ascii_digit()) {
+        return open + 1;
+    }
+    let tag = &b[open..=j];
+    let body = j + 1;
+    b[body..]
+        .windows(tag.len())
+        .position(|w| w == tag)
+        .map_or(b.len(), |p| body + p + tag.len())
+}
+
+/// The first `n` words of a statement, lower-cased, skipping comments and parentheses.
+pub fn leading_words(stmt: &str, n: usize) -> Vec<String> {
+    let b = stmt.as_bytes();
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < b.len() && words.len() < n {
+        let c = b[i];
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            i = b[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |p| i + p + 1);
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i = skip_block_comment(b, i);
+        } else if c.is_ascii_alphabetic() || c == b'_' {
+            let s = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            words.push(stmt[s..i].to_ascii_lowercase());
+        } else if c == b'\'' || c == b'"' {
+            // A quoted identifier or literal ends keyword scanning: what follows is operands.
+            break;
+        } else {
+            i += 1;
+        }
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_on_semicolons_outside_quotes_comments_and_dollar_quotes() {
+        let sql = "SELECT ';'; SET x = 'a;b' -- c;d\n; DO $f$ BEGIN; END $f$; /* ; */ SELECT $1";
+        assert_eq!(
+            statements(sql),
+            vec![
+                "SELECT ';'",
+                "SET x = 'a;b' -- c;d",
+                "DO $f$ BEGIN; END $f$",
+                "/* ; */ SELECT $1"
+            ]
+        );
+    }
+
+    #[test]
+    fn escaped_quotes_do_not_end_strings() {
+        assert_eq!(statements(r"SELECT E'\';'; SELECT 'it''s;'").len(), 2);
+    }
+
+    #[test]
+    fn leading_words_skip_comments_and_lowercase() {
+        assert_eq!(
+            leading_words("/* hi */ -- x\n  Set LOCAL work_mem = 1", 3),
+            vec!["set", "local", "work_mem"]
+        );
+        assert_eq!(
+            leading_words("SET search_path TO 'a'", 5),
+            vec!["set", "search_path", "to"]
+        );
+    }
+
+    #[test]
+    fn unterminated_input_never_panics() {
+        for s in ["'", "$a$", "/*", "E'\\", "\"", "$", "$1$"] {
+            let _ = statements(s);
+            let _ = leading_words(s, 3);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The settings a client expects on whatever server connection it is given.
+//!
+//! Startup parameters are applied with `set_config`, then the client's session-level `SET`s
+//! are replayed verbatim, after `RESET ALL` wiped what the previous client left. A fingerprint
+//! of the whole lets the relay skip this when the server already has exactly these settings,
+//! which is the common case (every pgbench or ORM client sets the same things).
+//!
+//! `SET`s inside a transaction are staged and only kept if it commits.
+
+use super::Effect;
+use xxhash_rust::xxh3::Xxh3;
+
+/// Startup keys that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
+
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    startup: Vec<(String, String)>,
+    /// Session `SET`s in the order they were made, one per parameter.
+    sets: Vec<(String, String)>,
+    staged: Vec<Effect>,
+    hash: u64,
+}
+
+impl Settings {
+    /// From the startup packet's parameters, including `-c name=value` items of `options`.
+    pub fn from_startup(params: &[(String, String)]) -> Self {
+        let mut startup = Vec::new();
+        for (k, v) in params {
+            if k == "options" {
+                startup.extend(parse_options(v));
+            } else if !NOT_SETTINGS.contains(&k.as_str()) && !k.starts_with("_pq_.") {
+                startup.push((k.clone(), v.clone()));
+            }
+        }
+        let mut s = Settings {
+            startup,
+            ..Default::default()
+        };
+        s.rehash();
+        s
+    }
+
+    /// The fingerprint a server connection records once it carries these settings.
+    /// Never 0, which marks a fresh connection.
+    pub fn fingerprint(&self) -> u64 {
+        self.hash
+    }
+
+    /// Record an effect seen in a statement the server is executing.
+    pub fn stage(&mut self, e: Effect) {
+        if matches!(
+            e,
+            Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll | Effect::DiscardAll
+        ) {
+            self.staged.push(e);
+        }
+    }
+
+    /// The server reached ReadyForQuery: keep staged effects if what ran is committed (idle
+    /// and nothing failed or rolled back), drop them if it was undone, wait if still in a
+    /// transaction. Returns true when the settings changed.
+    pub fn settle(&mut self, status: u8, undone: bool) -> bool {
+        if status != b'I' || self.staged.is_empty() {
+            return false;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        if undone {
+            return false;
+        }
+        for e in staged {
+            match e {
+                Effect::Set { key, stmt } => {
+                    self.sets.retain(|(k, _)| *k != key);
+                    self.sets.push((key, stmt));
+                }
+                Effect::Reset { key } => self.sets.retain(|(k, _)| *k != key),
+                Effect::ResetAll | Effect::DiscardAll => self.sets.clear(),
+                _ => {}
+            }
+        }
+        self.rehash();
+        true
+    }
+
+    /// The simple query that gives a server connection exactly these settings.
+    pub fn apply_sql(&self) -> String {
+        let mut sql = String::from("SET SESSION AUTHORIZATION DEFAULT;RESET ALL;");
+        if !self.startup.is_empty() {
+            sql.push_str("SELECT ");
+            for (i, (k, v)) in self.startup.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "pg_catalog.set_config({},{},false)",
+                    quote_literal(k),
+                    quote_literal(v)
+                ));
+            }
+            sql.push(';');
+        }
+        for (_, stmt) in &self.sets {
+            sql.push_str(stmt);
+            sql.push(';');
+        }
+        sql
+    }
+
+    fn rehash(&mut self) {
+        let mut h = Xxh3::new();
+        for (k, v) in self.startup.iter().chain(self.sets.iter()) {
+            h.update(k.as_bytes());
+            h.update(&[0]);
+            h.update(v.as_bytes());
+            h.update(&[0]);
+        }
+        self.hash = h.digest().max(1);
+    }
+}
+
+/// `options` holds command-line style switches: `-c name=value` or `--name=value`, with
+/// backslash-escaped spaces.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let item = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            Some(rest.to_string())
+        } else {
+            w.strip_prefix("-c").map(str::to_string)
+        };
+        if let Some((k, v)) = item.as_deref().and_then(|i| i.split_once('=')) {
+            out.push((k.replace('-', "_"), v.to_string()));
+        }
+    }
+    out
+}
+
+fn quote_literal(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 3);
+    if s.contains('\\') {
+        q.push('E');
+    }
+    q.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => q.push_str("''"),
+            '\\' => q.push_str("\\\\"),
+            c => q.push(c),
+        }
+    }
+    q.push('\'');
+    q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn startup_options_become_settings() {
+        let s = Settings::from_startup(&p(&[
+            ("user", "u"),
+            ("application_name", "psql"),
+            ("options", "-c search_path=a,b --statement-timeout=5s"),
+        ]));
+        let sql = s.apply_sql();
+        assert!(sql.contains("set_config('application_name','psql',false)"));
+        assert!(sql.contains("set_config('search_path','a,b',false)"));
+        assert!(sql.contains("set_config('statement_timeout','5s',false)"));
+        assert!(!sql.contains("'user'"));
+    }
+
+    #[test]
+    fn committed_set_changes_fingerprint_and_rollback_does_not() {
+        let mut s = Settings::from_startup(&p(&[("application_name", "x")]));
+        let before = s.fingerprint();
+        s.stage(Effect::Set {
+            key: "timezone".into(),
+            stmt: "SET TimeZone = 'UTC'".into(),
+        });
+        assert!(!s.settle(b'T', false));
+        assert!(!s.settle(b'I', true));
+        assert_eq!(s.fingerprint(), before);
+        s.stage(Effect::Set {
+            key: "timezone".into(),
+            stmt: "SET TimeZone = 'UTC'".into(),
+        });
+        assert!(s.settle(b'I', false));
+        assert_ne!(s.fingerprint(), before);
+        assert!(s.apply_sql().ends_with("SET TimeZone = 'UTC';"));
+        s.stage(Effect::Reset {
+            key: "timezone".into(),
+        });
+        s.settle(b'I', false);
+        assert_eq!(s.fingerprint(), before);
+    }
+
+    #[test]
+    fn literals_are_quoted_safely() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+    }
+}

@@ -1,0 +1,7 @@
+//! Connections to Postgres on the data path: a raw wire-protocol client (startup and password
+//! authentication) whose messages the relay forwards untouched, and the pool that holds them.
+
+mod connect;
+pub mod pool;
+
+pub use connect::{BackendKey, ConnectParams, ServerConn, UpstreamError, connect};

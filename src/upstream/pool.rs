@@ -1,0 +1,196 @@
+//! Server connections pooled per (database, user), on deadpool's generic manager.
+//!
+//! deadpool gives the bounded pool, the wait timeout and the create timeout; this module adds
+//! what a Postgres pooler needs on top: a liveness probe at checkout (so a restarted Postgres
+//! costs no client an error), idle and lifetime limits, and a warm minimum.
+
+use super::{ConnectParams, ServerConn, UpstreamError, connect};
+use crate::config::{PoolConfig, UpstreamTarget};
+use deadpool::Runtime;
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+pub type Pooled = managed::Object<ServerManager>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no server connection became free within {0:?} (pool.checkout_timeout)")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("the pool is closed")]
+    Closed,
+}
+
+pub struct ServerManager {
+    params: RwLock<ConnectParams>,
+    max_lifetime: Duration,
+}
+
+impl ServerManager {
+    fn connect_params(&self) -> ConnectParams {
+        self.params
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl managed::Manager for ServerManager {
+    type Type = ServerConn;
+    type Error = UpstreamError;
+
+    async fn create(&self) -> Result<ServerConn, UpstreamError> {
+        connect(&self.connect_params()).await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut ServerConn,
+        metrics: &Metrics,
+    ) -> RecycleResult<UpstreamError> {
+        if metrics.age() > self.max_lifetime {
+            return Err(RecycleError::message("max_lifetime reached"));
+        }
+        if !conn.is_clean_and_alive() {
+            return Err(RecycleError::message("connection closed or left unclean"));
+        }
+        Ok(())
+    }
+}
+
+/// One pool of server connections for a (database, user).
+#[derive(Clone)]
+pub struct ServerPool {
+    inner: managed::Pool<ServerManager>,
+    checkout_timeout: Duration,
+}
+
+impl ServerPool {
+    pub async fn checkout(&self) -> Result<Pooled, CheckoutError> {
+        use managed::{PoolError, TimeoutType};
+        match self.inner.get().await {
+            Ok(c) => Ok(c),
+            Err(PoolError::Backend(e)) => Err(e.into()),
+            Err(PoolError::Timeout(TimeoutType::Create)) => {
+                Err(CheckoutError::Upstream(UpstreamError::Timeout {
+                    addr: self.inner.manager().connect_params().addr,
+                    timeout: self.checkout_timeout,
+                }))
+            }
+            Err(PoolError::Timeout(_)) => Err(CheckoutError::Timeout(self.checkout_timeout)),
+            Err(_) => Err(CheckoutError::Closed),
+        }
+    }
+
+    /// Remember the password a client proved at login, for the connections opened later.
+    pub fn set_password(&self, password: Option<String>) {
+        let mut p = self
+            .inner
+            .manager()
+            .params
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        p.password = password;
+    }
+
+    pub fn password(&self) -> Option<String> {
+        self.inner.manager().connect_params().password
+    }
+
+    pub fn status(&self) -> deadpool::Status {
+        self.inner.status()
+    }
+}
+
+/// All pools, created on first use of a (database, user).
+pub struct Pools {
+    target: UpstreamTarget,
+    config: PoolConfig,
+    connect_timeout: Duration,
+    pools: Mutex<HashMap<(String, String), ServerPool>>,
+}
+
+impl Pools {
+    pub fn new(target: UpstreamTarget, config: PoolConfig, connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Pools {
+            target,
+            config,
+            connect_timeout,
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn upstream_addr(&self) -> String {
+        self.target.addr()
+    }
+
+    /// The pool for `(database, user)`; `password` seeds a new pool's login password.
+    pub fn get(&self, database: &str, user: &str, password: Option<String>) -> ServerPool {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (database.to_string(), user.to_string());
+        if let Some(p) = pools.get(&key) {
+            return p.clone();
+        }
+        // The upstream URL's password belongs to the URL's user; other users log in with the
+        // password their client proved (or none, under trust).
+        let password = password.or_else(|| {
+            (user == self.target.user)
+                .then(|| self.target.password.clone())
+                .flatten()
+        });
+        let manager = ServerManager {
+            params: RwLock::new(ConnectParams {
+                addr: self.target.addr(),
+                user: user.to_string(),
+                database: database.to_string(),
+                password,
+                timeout: self.connect_timeout,
+            }),
+            max_lifetime: self.config.max_lifetime,
+        };
+        let inner = managed::Pool::builder(manager)
+            .max_size(self.config.max_size)
+            .wait_timeout(Some(self.config.checkout_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .expect("a runtime is configured");
+        let pool = ServerPool {
+            inner,
+            checkout_timeout: self.config.checkout_timeout,
+        };
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    /// Drop idle and over-age connections and top pools up to `min_size`. Runs periodically.
+    pub async fn maintain(&self) {
+        let pools: Vec<ServerPool> = {
+            let map = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            map.values().cloned().collect()
+        };
+        let idle = self.config.idle_timeout;
+        let life = self.config.max_lifetime;
+        for pool in pools {
+            pool.inner.retain(|conn, m| {
+                m.last_used() < idle && m.age() < life && conn.is_clean_and_alive()
+            });
+            let status = pool.inner.status();
+            let want = self.config.min_size.saturating_sub(status.size);
+            let mut warm = Vec::with_capacity(want);
+            for _ in 0..want {
+                match pool.inner.get().await {
+                    Ok(c) => warm.push(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not open a server connection to keep pool.min_size");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
