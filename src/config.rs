@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// Runtime worker threads; 0 means half the CPUs (at least one), leaving the rest to a
+    /// Postgres on the same host and to the clients.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             max_client_connections: 1000,
             max_message_size: 64 * 1024 * 1024,
             startup_timeout: Duration::from_secs(15),
+            worker_threads: 0,
         }
     }
 }
@@ -344,6 +348,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `server.worker_threads` with 0 resolved.
+    pub fn worker_threads(&self) -> usize {
+        match self.server.worker_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get().div_ceil(2))
+                .unwrap_or(1),
+            n => n,
+        }
     }
 
     pub fn upstream_target(&self) -> UpstreamTarget {

@@ -95,38 +95,43 @@ impl Expectations {
     }
 
     /// Route one server message: append what the client must see to `out`, and report Parses
-    /// that did not happen.
+    /// that did not happen. Returns the expectation this message completed, if any.
     pub fn on_server_message(
         &mut self,
         tag: u8,
         raw: &Bytes,
         out: &mut BytesMut,
         failed: &mut Vec<FailedParse>,
-    ) {
+    ) -> Option<Expect> {
         // Asynchronous messages can arrive at any time and belong to no request.
         if matches!(tag, b'N' | b'A' | b'S') {
             out.extend_from_slice(raw);
-            return;
+            return None;
         }
         let Some(Entry::Server { expect, swallow }) = self.queue.front() else {
             // Nothing asked for: a FATAL at server shutdown, say. The client should see it.
             out.extend_from_slice(raw);
-            return;
+            return None;
         };
         if tag == b'E' && expect.is_extended() {
             // Errors always reach the client, even for injected messages: the client's own
             // message that depended on it fails with it.
             out.extend_from_slice(raw);
             self.skip_to_sync(failed);
-            return;
+            return None;
         }
         if !swallow {
             out.extend_from_slice(raw);
         }
-        if expect.ends_with(tag) {
-            self.queue.pop_front();
-            self.flush_synthetic(out);
+        if !expect.ends_with(tag) {
+            return None;
         }
+        let done = match self.queue.pop_front() {
+            Some(Entry::Server { expect, .. }) => Some(expect),
+            _ => None,
+        };
+        self.flush_synthetic(out);
+        done
     }
 
     fn skip_to_sync(&mut self, failed: &mut Vec<FailedParse>) {

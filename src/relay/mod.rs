@@ -201,14 +201,24 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(true);
         }
         if self.server.is_none() {
-            if tag == b'S' && self.skip_to_sync {
-                self.skip_to_sync = false;
-                let rfq = protocol::ready_for_query(self.tx_status);
-                self.expect.push_synthetic(rfq, &mut self.to_client);
-                return Ok(true);
-            }
-            if tag == b'H' {
-                return Ok(true); // nothing is in flight: nothing to flush
+            // Without a server connection nothing is in flight and no transaction is open, so
+            // some messages can be answered here. This is not only cheaper: drivers that
+            // prepare synchronously while other connections of the same process sit in
+            // transactions (pgbench -M prepared) would otherwise deadlock a small pool.
+            match tag {
+                b'S' => {
+                    self.skip_to_sync = false;
+                    let rfq = protocol::ready_for_query(b'I');
+                    self.expect.push_synthetic(rfq, &mut self.to_client);
+                    return Ok(true);
+                }
+                b'H' => return Ok(true),
+                b'C' if msg.body().first() == Some(&b'S') => {
+                    self.on_close(msg)?;
+                    return Ok(true);
+                }
+                b'P' if self.parse_locally(&msg)? => return Ok(true),
+                _ => {}
             }
             if !self.acquire(tag).await? {
                 return Ok(true);
@@ -302,6 +312,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         self.send_statement(&stmt, Some(name.clone()), false);
         self.statements.insert(name, stmt);
         Ok(())
+    }
+
+    /// Answer a named Parse without a server when Postgres already accepted the same statement
+    /// under the same settings; the Parse is sent when the statement is first used on a server.
+    fn parse_locally(&mut self, msg: &Message) -> Result<bool, RelayError> {
+        let body =
+            read_parse(msg.body()).ok_or_else(|| RelayError::Violation("bad Parse".into()))?;
+        if body.name.is_empty() || self.statements.contains(body.name) {
+            return Ok(false);
+        }
+        let stmt = Statement::new(&body);
+        if !self.pool.is_valid(stmt.hash, self.settings.fingerprint()) {
+            return Ok(false);
+        }
+        self.statements
+            .insert(Bytes::copy_from_slice(body.name), stmt);
+        self.expect
+            .push_synthetic(protocol::parse_complete(), &mut self.to_client);
+        Ok(true)
     }
 
     /// Make sure the server has `stmt`: send its Parse (answer hidden when `inject`) or, when it
@@ -400,7 +429,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     fn on_close(&mut self, msg: Message) -> Result<(), RelayError> {
-        self.batch_open = true;
         let body = msg.body();
         let (name, _) =
             cstr_at(body, 1).ok_or_else(|| RelayError::Violation("bad Close".into()))?;
@@ -415,6 +443,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 .push_synthetic(protocol::close_complete(), &mut self.to_client);
             return Ok(());
         }
+        self.batch_open = true;
         self.portal_effects.remove(name);
         self.forward(&msg, Expect::Close);
         Ok(())
@@ -474,8 +503,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             _ => {}
         }
         let mut failed = Vec::new();
-        self.expect
+        let done = self
+            .expect
             .on_server_message(tag, msg.raw(), &mut self.to_client, &mut failed);
+        if let Some(Expect::Parse { hash: Some(h), .. }) = done {
+            self.pool.mark_valid(h, self.settings.fingerprint());
+        }
         for FailedParse { hash, client_name } in failed {
             match hash {
                 Some(h) => {

@@ -8,7 +8,7 @@ use super::{ConnectParams, ServerConn, UpstreamError, connect};
 use crate::config::{PoolConfig, UpstreamTarget};
 use deadpool::Runtime;
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -66,9 +66,34 @@ impl managed::Manager for ServerManager {
 pub struct ServerPool {
     inner: managed::Pool<ServerManager>,
     checkout_timeout: Duration,
+    /// (statement hash, settings fingerprint) pairs Postgres has accepted a Parse of.
+    valid_statements: Arc<Mutex<HashSet<(u64, u64)>>>,
 }
 
+/// Bound on remembered statements; past it the set restarts (costing only server round trips).
+const MAX_VALID_STATEMENTS: usize = 100_000;
+
 impl ServerPool {
+    /// Postgres accepted a Parse of this statement under these settings.
+    pub fn mark_valid(&self, stmt: u64, settings: u64) {
+        let mut v = self
+            .valid_statements
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if v.len() >= MAX_VALID_STATEMENTS {
+            v.clear();
+        }
+        v.insert((stmt, settings));
+    }
+
+    pub fn is_valid(&self, stmt: u64, settings: u64) -> bool {
+        let v = self
+            .valid_statements
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        v.contains(&(stmt, settings))
+    }
+
     pub async fn checkout(&self) -> Result<Pooled, CheckoutError> {
         use managed::{PoolError, TimeoutType};
         match self.inner.get().await {
@@ -162,6 +187,7 @@ impl Pools {
         let pool = ServerPool {
             inner,
             checkout_timeout: self.config.checkout_timeout,
+            valid_statements: Arc::default(),
         };
         pools.insert(key, pool.clone());
         pool
@@ -179,15 +205,16 @@ impl Pools {
             pool.inner.retain(|conn, m| {
                 m.last_used() < idle && m.age() < life && conn.is_clean_and_alive()
             });
-            let status = pool.inner.status();
-            let want = self.config.min_size.saturating_sub(status.size);
-            let mut warm = Vec::with_capacity(want);
-            for _ in 0..want {
-                match pool.inner.get().await {
-                    Ok(c) => warm.push(c),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not open a server connection to keep pool.min_size");
-                        break;
+            // Holding min_size connections at once forces the pool to open the missing ones.
+            if pool.inner.status().size < self.config.min_size {
+                let mut warm = Vec::with_capacity(self.config.min_size);
+                for _ in 0..self.config.min_size {
+                    match pool.inner.get().await {
+                        Ok(c) => warm.push(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not open a server connection to keep pool.min_size");
+                            break;
+                        }
                     }
                 }
             }

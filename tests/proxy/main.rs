@@ -1,0 +1,14 @@
+//! Integration tests: pgstash in front of a real, throwaway PostgreSQL started by `support`.
+
+mod support;
+
+mod fixture;
+
+mod auth;
+mod clients;
+mod harness;
+mod pgbench;
+mod psql;
+mod python;
+mod resilience;
+mod wrong_client;
