@@ -6,6 +6,7 @@ mod fixture;
 
 mod auth;
 mod clients;
+mod frontdoor;
 mod harness;
 mod pgbench;
 mod psql;
