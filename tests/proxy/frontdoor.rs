@@ -61,11 +61,9 @@ async fn connection_limit_refuses_with_53300() {
     let proxy = Proxy::start(shared_pg(), |c| c.server.max_client_connections = 2);
     let _a = proxy.connect("postgres", "", "postgres").await;
     let _b = proxy.connect("postgres", "", "postgres").await;
-    let err = proxy
-        .try_connect("postgres", "", "postgres")
-        .await
-        .err()
-        .expect("third client refused");
+    let Err(err) = proxy.try_connect("postgres", "", "postgres").await else {
+        panic!("a third client must be refused");
+    };
     assert_eq!(
         err.code(),
         Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
