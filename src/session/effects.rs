@@ -36,6 +36,24 @@ pub fn effects_of(sql: &str) -> Vec<Effect> {
 }
 
 fn effect_of(stmt: &str) -> Option<Effect> {
+    // Hot path: most statements are SELECT/INSERT/UPDATE/DELETE with nothing to track; decide
+    // those from the first word and a scan that allocates nothing.
+    let first = leading_words(stmt, 1);
+    let first = first.first().map(String::as_str).unwrap_or("");
+    if !matches!(
+        first,
+        "set" | "reset" | "discard" | "deallocate" | "listen" | "prepare" | "create" | "declare"
+    ) {
+        return if contains_ignore_case(stmt, b"advisory_lock") {
+            let lower = stmt.to_ascii_lowercase();
+            (lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock"))
+                .then_some(Effect::Pin("session advisory lock"))
+        } else if contains_ignore_case(stmt, b"into temp") {
+            Some(Effect::Pin("temporary table"))
+        } else {
+            None
+        };
+    }
     let w = leading_words(stmt, 4);
     let word = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
     match word(0) {
@@ -59,17 +77,15 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         "prepare" => Some(Effect::Pin("SQL PREPARE")),
         "create" if is_temp_create(&w) => Some(Effect::Pin("temporary table")),
         "declare" if contains_words(stmt, "with hold") => Some(Effect::Pin("WITH HOLD cursor")),
-        _ => {
-            let lower = stmt.to_ascii_lowercase();
-            if lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock") {
-                Some(Effect::Pin("session advisory lock"))
-            } else if lower.contains("into temp") || lower.contains("into temporary") {
-                Some(Effect::Pin("temporary table"))
-            } else {
-                None
-            }
-        }
+        _ => None,
     }
+}
+
+fn contains_ignore_case(haystack: &str, needle: &[u8]) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 fn is_temp_create(w: &[String]) -> bool {

@@ -259,3 +259,69 @@ fn first_value_at(msgs: &[tokio_postgres::SimpleQueryMessage], col: usize) -> St
         })
         .expect("a row")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_execute_deallocate_work_while_others_share_the_pool() {
+    let proxy = Proxy::start(shared_pg(), |c| c.pool.max_size = 2);
+    let a = proxy.connect("postgres", "", "postgres").await;
+    let b = proxy.connect("postgres", "", "postgres").await;
+    a.batch_execute("PREPARE twice(int) AS SELECT $1 * 2")
+        .await
+        .expect("prepare");
+    for i in 0..20 {
+        b.simple_query("SELECT 1").await.expect("other client");
+        let got = first_value(
+            &a.simple_query(&format!("EXECUTE twice({i})"))
+                .await
+                .expect("execute"),
+        );
+        assert_eq!(got, (i * 2).to_string());
+    }
+    a.batch_execute("DEALLOCATE twice")
+        .await
+        .expect("deallocate");
+    let err = a
+        .simple_query("EXECUTE twice(1)")
+        .await
+        .expect_err("deallocated");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_PSTATEMENT)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_query_and_unknown_statement_behave_like_postgres() {
+    let proxy = Proxy::start(shared_pg(), |_| {});
+    let c = proxy.connect("postgres", "", "postgres").await;
+    let msgs = c
+        .simple_query("")
+        .await
+        .expect("empty query is not an error");
+    assert!(
+        msgs.iter()
+            .all(|m| !matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+    );
+    let msgs = c.simple_query(";;").await.expect("only semicolons");
+    assert!(
+        msgs.iter()
+            .all(|m| !matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+    );
+    let err = c
+        .query("SELECT * FROM no_such_table_here", &[])
+        .await
+        .expect_err("missing table");
+    let db = err.as_db_error().expect("server error");
+    assert_eq!(db.code(), &tokio_postgres::error::SqlState::UNDEFINED_TABLE);
+    assert!(
+        db.position().is_some(),
+        "all fields relayed, including the position"
+    );
+    // The connection is usable after the failed extended-protocol batch.
+    let v: i32 = c
+        .query_one("SELECT 5", &[])
+        .await
+        .expect("after error")
+        .get(0);
+    assert_eq!(v, 5);
+}
