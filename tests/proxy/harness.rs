@@ -174,15 +174,10 @@ fn free_ports_are_distinct() {
     assert_eq!(ports.len(), 200);
 }
 
-/// Not a test on its own: the child half of the two tests below. It starts
-/// servers, reports their pids and dirs on stdout, then either returns (so the
-/// process exits normally) or hangs until the parent SIGKILLs it.
-#[test]
-#[ignore = "helper run by servers_stop_when_* in a child process"]
-fn hold_servers_for_parent() {
-    let Ok(mode) = std::env::var("PGSTASH_HARNESS_HOLD") else {
-        return;
-    };
+/// The child half of the two tests below, run when the test re-executes itself with
+/// `PGSTASH_HARNESS_HOLD` set. It starts servers, reports their pids and dirs on stdout,
+/// then either returns (so the process exits normally) or hangs until the parent SIGKILLs it.
+fn hold_servers_for_parent(mode: &str) {
     let (pg, redis) = (shared_pg(), shared_redis());
     let owned = RedisServer::start(); // also a non-static one that gets leaked
     println!(
@@ -200,17 +195,23 @@ fn hold_servers_for_parent() {
     }
 }
 
-/// Runs `hold_servers_for_parent` in a child test process; returns it, the
+/// True (after doing the child's work) when this process is the re-executed child.
+fn acting_as_holder() -> bool {
+    match std::env::var("PGSTASH_HARNESS_HOLD") {
+        Ok(mode) => {
+            hold_servers_for_parent(&mode);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Re-runs test `test` in a child test process that acts as the holder; returns it, the
 /// server pids and the scratch dirs it printed.
-fn spawn_holder(mode: &str) -> (std::process::Child, Vec<i32>, Vec<String>) {
+fn spawn_holder(test: &str, mode: &str) -> (std::process::Child, Vec<i32>, Vec<String>) {
     let exe = std::env::current_exe().expect("current_exe");
     let mut child = Command::new(exe)
-        .args([
-            "harness::hold_servers_for_parent",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args([test, "--exact", "--nocapture"])
         .env("PGSTASH_HARNESS_HOLD", mode)
         .stdout(Stdio::piped())
         .spawn()
@@ -259,7 +260,11 @@ fn assert_dead_soon(pids: &[i32], what: &str) {
 
 #[test]
 fn servers_stop_when_the_test_process_exits() {
-    let (mut child, pids, dirs) = spawn_holder("exit");
+    if acting_as_holder() {
+        return;
+    }
+    let (mut child, pids, dirs) =
+        spawn_holder("harness::servers_stop_when_the_test_process_exits", "exit");
     let status = child.wait().expect("wait for holder");
     assert!(status.success(), "holder failed: {status}");
     // The atexit hook waits for the servers, so they are gone already.
@@ -274,7 +279,13 @@ fn servers_stop_when_the_test_process_exits() {
 
 #[test]
 fn servers_die_when_the_test_process_is_killed() {
-    let (mut child, pids, dirs) = spawn_holder("hang");
+    if acting_as_holder() {
+        return;
+    }
+    let (mut child, pids, dirs) = spawn_holder(
+        "harness::servers_die_when_the_test_process_is_killed",
+        "hang",
+    );
     child.kill().expect("SIGKILL the holder");
     child.wait().expect("reap the holder");
     assert_dead_soon(&pids, "PR_SET_PDEATHSIG");
