@@ -32,7 +32,36 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub pool: PoolConfig,
     pub auth: AuthConfig,
+    pub cache: CacheConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Off: pgstash is a plain pooler.
+    pub enabled: bool,
+    /// Lifetime of an entry when no rule or hint says otherwise.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Bytes of responses held in memory (L1), all entries together.
+    pub max_bytes: u64,
+    /// Results larger than this many bytes are not cached.
+    pub max_result_bytes: usize,
+    /// Results with more rows than this are not cached.
+    pub max_result_rows: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            default_ttl: Duration::from_secs(60),
+            max_bytes: 256 * 1024 * 1024,
+            max_result_bytes: 1024 * 1024,
+            max_result_rows: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,6 +342,9 @@ impl Config {
                 "server.max_message_size",
                 "must be at least 1024 bytes",
             ));
+        }
+        if self.cache.default_ttl.is_zero() {
+            return Err(invalid("cache.default_ttl", "must be above zero"));
         }
         if self.pool.checkout_timeout.is_zero() {
             return Err(invalid("pool.checkout_timeout", "must be above zero"));

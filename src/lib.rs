@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod catalog;
 pub mod config;
 pub mod login;
 pub mod protocol;

@@ -7,6 +7,7 @@
 //! server connection is returned to the pool as soon as the client is idle outside a
 //! transaction and has no request in flight.
 
+pub mod bind;
 mod expect;
 pub mod statements;
 

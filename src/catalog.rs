@@ -1,0 +1,197 @@
+//! What the cache needs to know about a database's schema, read from `pg_catalog` over a
+//! control-plane connection (tokio-postgres): which relations are views over which tables,
+//! which tables inherit from which (partitions), each table's primary key, and which
+//! functions are volatile.
+//!
+//! Relations are identified by their bare name, whatever the schema: a write to `s1.t`
+//! invalidates reads of `s2.t` too. That over-invalidates when two schemas share a table name,
+//! but it can never miss one, and it spares resolving every name through each session's
+//! `search_path` (results never cross `search_path`s anyway: it is part of the cache key).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog connection to {db} failed: {source}")]
+    Connect {
+        db: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("catalog connection to {0} timed out")]
+    Timeout(String),
+    #[error("catalog query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// A primary key usable for row-precise invalidation: one column of an integer type, so that
+/// every spelling of a value can be brought to one canonical form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntKey {
+    pub column: String,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Catalog {
+    /// Relation name → the names of the base tables it reads (itself for a table).
+    bases: HashMap<String, Vec<String>>,
+    /// Table name → names of tables whose rows it shares (ancestors and descendants).
+    family: HashMap<String, Vec<String>>,
+    /// Table name → integer primary key, when unambiguous across schemas.
+    keys: HashMap<String, IntKey>,
+    /// Function names with at least one overload that is not immutable. Stable functions
+    /// count too: one may read tables the cache cannot see it read.
+    volatile: HashSet<String>,
+    /// Every function name known, to tell "volatile" from "unknown".
+    functions: HashSet<String>,
+    pub loaded_at: Option<Instant>,
+}
+
+impl Catalog {
+    /// Load from the database at `url` (a postgres:// URL).
+    pub async fn load(url: &str, db: &str, timeout: Duration) -> Result<Catalog, CatalogError> {
+        let connect = tokio_postgres::connect(url, NoTls);
+        let (client, conn) = match tokio::time::timeout(timeout, connect).await {
+            Ok(r) => r.map_err(|source| CatalogError::Connect {
+                db: db.to_string(),
+                source,
+            })?,
+            Err(_) => return Err(CatalogError::Timeout(db.to_string())),
+        };
+        let task = tokio::spawn(conn);
+        let result = Self::query(&client).await;
+        drop(client);
+        task.abort();
+        result
+    }
+
+    async fn query(client: &tokio_postgres::Client) -> Result<Catalog, CatalogError> {
+        let mut cat = Catalog::default();
+        // Views and materialized views → the tables their rewrite rules read, recursively
+        // resolved below.
+        let rows = client
+            .query(
+                "SELECT DISTINCT v.relname::text, t.relname::text
+                   FROM pg_rewrite r
+                   JOIN pg_class v ON v.oid = r.ev_class
+                   JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass
+                   JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
+                  WHERE v.relkind IN ('v', 'm') AND t.oid <> v.oid",
+                &[],
+            )
+            .await?;
+        let mut direct: HashMap<String, Vec<String>> = HashMap::new();
+        for r in rows {
+            direct.entry(r.get(0)).or_default().push(r.get(1));
+        }
+        for view in direct.keys() {
+            let mut seen = HashSet::new();
+            let mut stack = vec![view.clone()];
+            while let Some(n) = stack.pop() {
+                if !seen.insert(n.clone()) {
+                    continue;
+                }
+                if let Some(next) = direct.get(&n) {
+                    stack.extend(next.iter().cloned());
+                }
+            }
+            cat.bases.insert(view.clone(), seen.into_iter().collect());
+        }
+        let rows = client
+            .query(
+                "SELECT c.relname::text, p.relname::text
+                   FROM pg_inherits i
+                   JOIN pg_class c ON c.oid = i.inhrelid
+                   JOIN pg_class p ON p.oid = i.inhparent",
+                &[],
+            )
+            .await?;
+        let mut edges: HashMap<String, Vec<String>> = HashMap::new();
+        for r in rows {
+            let (child, parent): (String, String) = (r.get(0), r.get(1));
+            edges.entry(child.clone()).or_default().push(parent.clone());
+            edges.entry(parent).or_default().push(child);
+        }
+        for start in edges.keys() {
+            let mut seen = HashSet::new();
+            let mut stack = vec![start.clone()];
+            while let Some(n) = stack.pop() {
+                if seen.insert(n.clone())
+                    && let Some(next) = edges.get(&n)
+                {
+                    stack.extend(next.iter().cloned());
+                }
+            }
+            cat.family.insert(start.clone(), seen.into_iter().collect());
+        }
+        let rows = client
+            .query(
+                "SELECT c.relname::text, count(*) OVER (PARTITION BY c.relname),
+                        a.attname::text, a.atttypid::oid::int8,
+                        array_length(i.indkey::int2[], 1)
+                   FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indrelid
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
+                  WHERE i.indisprimary",
+                &[],
+            )
+            .await?;
+        for r in rows {
+            let (name, same_name, column, typ, ncols): (String, i64, String, i64, i32) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            // int2, int4, int8 only, single column, and one table of that name.
+            if same_name == 1 && ncols == 1 && matches!(typ, 20 | 21 | 23) {
+                cat.keys.insert(name, IntKey { column });
+            }
+        }
+        let rows = client
+            .query(
+                "SELECT proname::text, bool_or(provolatile <> 'i') FROM pg_proc GROUP BY proname",
+                &[],
+            )
+            .await?;
+        for r in rows {
+            let (name, volatile): (String, bool) = (r.get(0), r.get(1));
+            if volatile {
+                cat.volatile.insert(name.clone());
+            }
+            cat.functions.insert(name);
+        }
+        cat.loaded_at = Some(Instant::now());
+        Ok(cat)
+    }
+
+    /// The base tables a read of relation `name` depends on (the name itself included).
+    pub fn read_dependencies(&self, name: &str) -> Vec<String> {
+        let mut out = vec![name.to_string()];
+        if let Some(b) = self.bases.get(name) {
+            out.extend(b.iter().cloned());
+        }
+        out
+    }
+
+    /// The names a write to table `name` must invalidate: itself and its inheritance family.
+    pub fn write_targets(&self, name: &str) -> Vec<String> {
+        match self.family.get(name) {
+            Some(f) => f.clone(),
+            None => vec![name.to_string()],
+        }
+    }
+
+    pub fn int_key(&self, table: &str) -> Option<&IntKey> {
+        self.keys.get(table)
+    }
+
+    /// `Some(true)` when every overload of `name` is immutable, `Some(false)` when one is not,
+    /// `None` when no such function exists.
+    pub fn function_is_safe(&self, name: &str) -> Option<bool> {
+        if self.volatile.contains(name) {
+            Some(false)
+        } else if self.functions.contains(name) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Reading a Bind message's parameters, for cache keys and row-precise invalidation.
+
+use crate::protocol::cstr_at;
+
+/// The parts of a Bind body after the portal and statement names.
+pub struct BindParams<'a> {
+    /// Everything from the parameter format codes on: formats, values, result formats. This is
+    /// exactly what distinguishes two executions of one statement for the cache key.
+    pub tail: &'a [u8],
+    formats: Vec<i16>,
+    values: Vec<Option<&'a [u8]>>,
+}
+
+impl<'a> BindParams<'a> {
+    pub fn parse(body: &'a [u8]) -> Option<BindParams<'a>> {
+        let (_, p1) = cstr_at(body, 0)?;
+        let (_, p2) = cstr_at(body, p1)?;
+        let tail = body.get(p2..)?;
+        let mut pos = 0usize;
+        let i16_at = |pos: &mut usize| -> Option<i16> {
+            let v = i16::from_be_bytes(tail.get(*pos..*pos + 2)?.try_into().ok()?);
+            *pos += 2;
+            Some(v)
+        };
+        let nformats = i16_at(&mut pos)?;
+        let mut formats = Vec::with_capacity(nformats.max(0) as usize);
+        for _ in 0..nformats {
+            formats.push(i16_at(&mut pos)?);
+        }
+        let nparams = i16_at(&mut pos)?;
+        let mut values = Vec::with_capacity(nparams.max(0) as usize);
+        for _ in 0..nparams {
+            let len = i32::from_be_bytes(tail.get(pos..pos + 4)?.try_into().ok()?);
+            pos += 4;
+            if len < 0 {
+                values.push(None);
+            } else {
+                let v = tail.get(pos..pos + len as usize)?;
+                pos += len as usize;
+                values.push(Some(v));
+            }
+        }
+        Some(BindParams {
+            tail,
+            formats,
+            values,
+        })
+    }
+
+    /// Parameter `n` (1-based) as a canonical integer, if it is one: text digits, or a binary
+    /// int2/int4/int8. Anything else is `None` and the caller falls back to table grain.
+    pub fn int_param(&self, n: usize) -> Option<i64> {
+        let value = (*self.values.get(n.checked_sub(1)?)?)?;
+        let format = match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            _ => *self.formats.get(n - 1)?,
+        };
+        if format == 0 {
+            canonical_int(std::str::from_utf8(value).ok()?)
+        } else {
+            match value.len() {
+                2 => Some(i16::from_be_bytes(value.try_into().ok()?) as i64),
+                4 => Some(i32::from_be_bytes(value.try_into().ok()?) as i64),
+                8 => Some(i64::from_be_bytes(value.try_into().ok()?)),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// The integer a text spells, the way Postgres' integer input would read it.
+pub fn canonical_int(s: &str) -> Option<i64> {
+    let t = s.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    t.parse::<i64>().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bind(formats: &[i16], values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut b = b"\0P_1\0".to_vec();
+        b.extend_from_slice(&(formats.len() as i16).to_be_bytes());
+        for f in formats {
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v);
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn text_and_binary_integers_canonicalise_alike() {
+        let body = bind(&[], &[Some(b" +0042"), None]);
+        let p = BindParams::parse(&body).unwrap();
+        assert_eq!(p.int_param(1), Some(42));
+        assert_eq!(p.int_param(2), None);
+        assert_eq!(p.int_param(3), None);
+        let body = bind(&[1], &[Some(&42i32.to_be_bytes())]);
+        assert_eq!(BindParams::parse(&body).unwrap().int_param(1), Some(42));
+    }
+
+    #[test]
+    fn truncated_bind_is_none_not_a_panic() {
+        let body = bind(&[0, 1], &[Some(b"1"), Some(b"2")]);
+        for cut in 0..body.len() {
+            let _ = BindParams::parse(&body[..cut]);
+        }
+    }
+}
