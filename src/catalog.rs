@@ -195,3 +195,18 @@ impl Catalog {
         }
     }
 }
+
+impl crate::analysis::FunctionVolatility for Catalog {
+    /// Stable counts as volatile here: a stable function may read tables the analysis cannot
+    /// see it read, so its results could not be invalidated.
+    fn volatility(&self, _schema: Option<&str>, name: &str) -> Option<crate::analysis::Volatility> {
+        use crate::analysis::Volatility;
+        self.function_is_safe(name).map(|safe| {
+            if safe {
+                Volatility::Immutable
+            } else {
+                Volatility::Volatile
+            }
+        })
+    }
+}

@@ -11,7 +11,9 @@
 //! - [`upstream`] opens and pools server connections;
 //! - [`cancel`] routes CancelRequests to the right server connection.
 
+pub mod analysis;
 pub mod auth;
+pub mod cache;
 pub mod cancel;
 pub mod catalog;
 pub mod config;

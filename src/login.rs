@@ -103,6 +103,7 @@ pub async fn serve<S: SplitStream>(
         return Err(LoginError::Refused("replication".into()));
     }
     let database = params.get("database").unwrap_or(&user).to_string();
+    tracing::trace!(user, database, "login");
     let mut reader = MessageReader::new(r, shared.config.server.max_message_size);
     let settings = Settings::from_startup(&params.0);
 
@@ -146,6 +147,7 @@ pub async fn serve<S: SplitStream>(
         .set(Some((server.addr.clone(), server.key)))
         .await;
 
+    tracing::trace!(user, database, "logged in");
     let relay = Relay::new(RelayStart {
         client: reader,
         client_w: w,
@@ -154,6 +156,9 @@ pub async fn serve<S: SplitStream>(
         mode: shared.config.pool.mode,
         settings,
         cancel: registration.slot.clone(),
+        cache: shared.cache.clone(),
+        database: database.clone(),
+        user: user.clone(),
     });
     match relay.run().await {
         Ok(()) => Ok(()),

@@ -17,6 +17,8 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     pub cancels: Arc<CancelRegistry>,
     pub client_slots: Arc<Semaphore>,
+    /// `None` when `cache.enabled` is false.
+    pub cache: Option<Arc<crate::relay::caching::CacheShared>>,
 }
 
 impl Shared {
@@ -26,7 +28,15 @@ impl Shared {
             config.pool.clone(),
             config.upstream.connect_timeout,
         );
+        let cache = config.cache.enabled.then(|| {
+            crate::relay::caching::CacheShared::new(
+                config.cache.clone(),
+                config.upstream_target(),
+                config.upstream.connect_timeout,
+            )
+        });
         Arc::new(Shared {
+            cache,
             client_slots: Arc::new(Semaphore::new(config.server.max_client_connections)),
             pools,
             cancels: Arc::new(CancelRegistry::default()),

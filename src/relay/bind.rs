@@ -47,6 +47,21 @@ impl<'a> BindParams<'a> {
         })
     }
 
+    /// Whether a text parameter spells a moment relative to now ('now', 'today', ...): a
+    /// result computed with it is not reusable later.
+    pub fn has_time_literal(&self) -> bool {
+        self.values.iter().enumerate().any(|(i, v)| {
+            let text = match self.formats.len() {
+                0 => true,
+                1 => self.formats[0] == 0,
+                _ => self.formats.get(i) == Some(&0),
+            };
+            text && v
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .is_some_and(crate::analysis::is_time_literal)
+        })
+    }
+
     /// Parameter `n` (1-based) as a canonical integer, if it is one: text digits, or a binary
     /// int2/int4/int8. Anything else is `None` and the caller falls back to table grain.
     pub fn int_param(&self, n: usize) -> Option<i64> {

@@ -8,6 +8,7 @@
 //! transaction and has no request in flight.
 
 pub mod bind;
+pub mod caching;
 mod expect;
 pub mod statements;
 
@@ -18,9 +19,10 @@ use crate::session::{Effect, Settings};
 use crate::upstream::pool::{Pooled, ServerPool};
 use crate::upstream::{ServerConn, UpstreamError};
 use bytes::{Buf, Bytes, BytesMut};
+use caching::{CacheShared, Fill, Invalidation, ReadOutcome};
 use expect::{Expect, Expectations, FailedParse};
 use statements::{ClientStatements, Statement, read_parse};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -71,7 +73,32 @@ pub struct Relay<R, W> {
     /// An error or rollback happened since the server was last idle.
     undone: bool,
     unnamed_on_server: bool,
+    cache: Option<Arc<CacheShared>>,
+    database: String,
+    user: String,
+    /// Extended-protocol messages held back until Sync, to answer the batch from the cache.
+    batch: Vec<Message>,
+    /// A miss whose response will be stored once it has been relayed.
+    fill: Option<Fill>,
+    pending_fill: Option<(
+        crate::cache::FillGuard,
+        crate::cache::Snapshot,
+        std::time::Duration,
+    )>,
+    /// Invalidations of the open transaction, applied when it commits.
+    pending_inv: Vec<Invalidation>,
+    /// Tables this transaction wrote: its reads of them must see its own writes.
+    tx_written: HashSet<String>,
+    /// The open transaction is REPEATABLE READ or SERIALIZABLE: its reads bypass the cache.
+    strict_tx: bool,
+    /// DDL ran in the open transaction: the catalog must be re-read at commit.
+    schema_dirty: bool,
+    /// The last CommandComplete was ROLLBACK.
+    last_tag_rollback: bool,
 }
+
+/// Extended-protocol messages held back at most, before they are forwarded anyway.
+const MAX_BATCH: usize = 16;
 
 /// What the login phase hands over.
 pub struct RelayStart<R, W> {
@@ -82,6 +109,9 @@ pub struct RelayStart<R, W> {
     pub mode: PoolMode,
     pub settings: Settings,
     pub cancel: Arc<CancelSlot>,
+    pub cache: Option<Arc<CacheShared>>,
+    pub database: String,
+    pub user: String,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
@@ -106,6 +136,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             pinned: None,
             undone: false,
             unnamed_on_server: false,
+            cache: s.cache,
+            database: s.database,
+            user: s.user,
+            batch: Vec::new(),
+            fill: None,
+            pending_fill: None,
+            pending_inv: Vec::new(),
+            tx_written: HashSet::new(),
+            strict_tx: false,
+            schema_dirty: false,
+            last_tag_rollback: false,
         }
     }
 
@@ -134,11 +175,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     Some(c) => (Some(&mut c.reader), Some(&mut c.writer)),
                     None => (None, None),
                 };
+                // While a response is being captured for the cache it stays in the buffer.
+                let write_client = !self.to_client.is_empty() && self.fill.is_none();
                 let (to_client, to_server) = (&self.to_client, &self.to_server);
                 let (client, client_w) = (&mut self.client, &mut self.client_w);
                 tokio::select! {
                     biased;
-                    r = client_w.write(to_client), if !to_client.is_empty() => Event::WroteClient(r),
+                    r = client_w.write(to_client), if write_client => Event::WroteClient(r),
                     r = write_some(sw, to_server), if has_server && !to_server.is_empty() => Event::WroteServer(r),
                     r = read_some(sr), if has_server && read_server => Event::Server(r),
                     r = client.read_message(), if read_client => Event::Client(r),
@@ -195,8 +238,58 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     /// Handle one client message. Returns false when the client said goodbye.
     async fn on_client(&mut self, msg: Message) -> Result<bool, RelayError> {
         let tag = msg.tag();
+        tracing::trace!(tag = %(tag as char), server = self.server.is_some(), queued = !self.expect.is_empty(), "client message");
         if tag == b'X' {
             return Ok(false);
+        }
+        if self.cache.is_some() && !self.skip_to_sync {
+            match tag {
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    self.batch.push(msg);
+                    if self.batch.len() > MAX_BATCH {
+                        self.flush_batch().await?;
+                    }
+                    return Ok(true);
+                }
+                b'S' if !self.batch.is_empty() => {
+                    if self.serve_batch().await? {
+                        return Ok(true);
+                    }
+                    self.flush_batch().await?;
+                }
+                b'Q' => {
+                    self.flush_batch().await?;
+                    if self.serve_query(&msg).await? {
+                        return Ok(true);
+                    }
+                }
+                _ => self.flush_batch().await?,
+            }
+        }
+        self.dispatch(msg).await
+    }
+
+    /// Forward the held-back batch through the normal path.
+    async fn flush_batch(&mut self) -> Result<(), RelayError> {
+        for m in std::mem::take(&mut self.batch) {
+            self.dispatch(m).await?;
+        }
+        Ok(())
+    }
+
+    /// Forward or answer one client message (after the cache had its say).
+    async fn dispatch(&mut self, msg: Message) -> Result<bool, RelayError> {
+        let tag = msg.tag();
+        if let Some((guard, snapshot, ttl)) = self.pending_fill.take() {
+            // Everything the client receives from here to ReadyForQuery is the response.
+            self.fill = Some(Fill {
+                guard,
+                snapshot,
+                start: self.to_client.len(),
+                ttl,
+                rows: 0,
+                spoiled: false,
+            });
         }
         if self.skip_to_sync && tag != b'S' {
             return Ok(true);
@@ -209,6 +302,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             match tag {
                 b'S' => {
                     self.skip_to_sync = false;
+                    self.fill = None;
                     let rfq = protocol::ready_for_query(b'I');
                     self.expect.push_synthetic(rfq, &mut self.to_client);
                     return Ok(true);
@@ -232,11 +326,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
                 let effects = crate::session::effects_of(&sql);
                 self.apply_effects(&effects);
+                self.note_statement(&sql, None).await;
                 self.forward(&msg, Expect::Query);
             }
             b'F' => self.forward(&msg, Expect::Query),
             b'P' => self.on_parse(msg)?,
-            b'B' => self.on_bind(msg)?,
+            b'B' => {
+                self.note_bind(&msg).await;
+                self.on_bind(msg)?
+            }
             b'D' => self.on_describe(msg)?,
             b'E' => {
                 let portal = cstr_at(msg.body(), 0)
@@ -471,11 +569,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     fn on_server(&mut self, msg: Message) {
         let tag = msg.tag();
+        tracing::trace!(tag = %(tag as char), "server message");
+        if let Some(f) = self.fill.as_mut() {
+            match tag {
+                b'D' => f.rows += 1,
+                b'Z' => {}
+                // Errors, partial results, session changes and notifications must not be
+                // replayed to someone else later.
+                b'E' | b's' | b'S' | b'A' | b'G' | b'H' | b'W' => f.spoiled = true,
+                _ => {}
+            }
+        }
+        if tag == b'Z' {
+            self.finish_fill();
+        }
         match tag {
             b'S' => self.server_conn().note_parameter(&msg),
             b'Z' => {
                 self.tx_status = msg.body().first().copied().unwrap_or(b'I');
                 self.copy_in = false;
+                if self.tx_status == b'I' {
+                    self.transaction_ended();
+                }
                 let undone = self.undone;
                 if self.tx_status == b'I' {
                     self.undone = false;
@@ -491,7 +606,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             b'C' => {
                 self.copy_in = false;
-                if msg.body().starts_with(b"ROLLBACK\0") {
+                self.last_tag_rollback = msg.body().starts_with(b"ROLLBACK\0");
+                if self.last_tag_rollback {
                     self.undone = true;
                 }
             }
@@ -510,6 +626,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         if let Some(Expect::Parse { hash: Some(h), .. }) = done {
             self.pool.mark_valid(h, self.settings.fingerprint());
         }
+        if let (Some(f), Some(c)) = (&self.fill, &self.cache)
+            && self.to_client.len() - f.start > c.config.max_result_bytes
+        {
+            // Too large to store: stop holding it back.
+            self.fill = None;
+        }
         for FailedParse { hash, client_name } in failed {
             match hash {
                 Some(h) => {
@@ -523,11 +645,268 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
     }
 
+    /// Whether reads may use the cache in the current transaction state (DESIGN.md,
+    /// "Freshness": READ COMMITTED transactions may, stricter ones may not).
+    fn cache_allowed_now(&self) -> bool {
+        // A pinned client may have temp tables shadowing names, or other private state the
+        // cache key does not capture: it is served by Postgres only.
+        self.pinned.is_none()
+            && self.expect.is_empty()
+            && match self.tx_status {
+                b'I' => true,
+                b'T' => !self.strict_tx && !self.settings.has("default_transaction_isolation"),
+                _ => false,
+            }
+    }
+
+    /// A simple Query: answer it from the cache if possible. Returns true when answered.
+    async fn serve_query(&mut self, msg: &Message) -> Result<bool, RelayError> {
+        let Some(cache) = self.cache.clone() else {
+            return Ok(false);
+        };
+        if !self.cache_allowed_now() {
+            return Ok(false);
+        }
+        let Some((sql, _)) = cstr_at(msg.body(), 0) else {
+            return Ok(false);
+        };
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            return Ok(false);
+        };
+        let Some(catalog) = cache.catalog(&self.database).await else {
+            return Ok(false);
+        };
+        let analysis = cache.analyze(&self.database, sql, &catalog);
+        let mut key = caching::key_prefix(&self.database, &self.user, self.settings.fingerprint());
+        key.update(b"Q");
+        key.update(sql.as_bytes());
+        let Some(plan) = caching::read_plan(&analysis, &catalog, key, None) else {
+            return Ok(false);
+        };
+        let Some(ttl) = caching::ttl_for(&cache.config, sql) else {
+            return Ok(false);
+        };
+        self.serve_plan(&cache, &plan, ttl, None).await
+    }
+
+    /// Look a planned read up; on a hit answer it (after `preamble`), on a miss arrange the fill.
+    async fn serve_plan(
+        &mut self,
+        cache: &CacheShared,
+        plan: &caching::ReadPlan,
+        ttl: std::time::Duration,
+        on_hit: Option<&(dyn Fn(&mut Self) + Send + Sync)>,
+    ) -> Result<bool, RelayError> {
+        if plan.tables.iter().any(|t| self.tx_written.contains(t)) {
+            return Ok(false);
+        }
+        let outcome = caching::lookup(cache, plan).await;
+        tracing::trace!(hit = matches!(outcome, ReadOutcome::Hit(_)), "cache lookup");
+        match outcome {
+            ReadOutcome::Hit(bytes) => {
+                if let Some(f) = on_hit {
+                    f(self);
+                }
+                self.expect.push_synthetic(bytes, &mut self.to_client);
+                let rfq = protocol::ready_for_query(self.tx_status);
+                self.expect.push_synthetic(rfq, &mut self.to_client);
+                Ok(true)
+            }
+            ReadOutcome::Fill(guard, snapshot) => {
+                self.pending_fill = Some((guard, snapshot, ttl));
+                Ok(false)
+            }
+            ReadOutcome::Forward => Ok(false),
+        }
+    }
+
+    /// At Sync: answer a held-back `[Parse] Bind [Describe portal] Execute` batch from the
+    /// cache if possible. Returns true when answered (the batch is consumed).
+    async fn serve_batch(&mut self) -> Result<bool, RelayError> {
+        let Some(cache) = self.cache.clone() else {
+            return Ok(false);
+        };
+        if !self.cache_allowed_now() {
+            return Ok(false);
+        }
+        let Some(shape) = BatchShape::of(&self.batch) else {
+            return Ok(false);
+        };
+        let parse = match shape.parse {
+            Some(i) => match read_parse(self.batch[i].body()) {
+                Some(p) if p.name.is_empty() || !self.statements.contains(p.name) => {
+                    let stmt = if p.name.is_empty() {
+                        Statement::unnamed(self.batch[i].raw().clone(), &p)
+                    } else {
+                        Statement::new(&p)
+                    };
+                    Some((Bytes::copy_from_slice(p.name), stmt))
+                }
+                _ => return Ok(false),
+            },
+            None => None,
+        };
+        let bind = &self.batch[shape.bind];
+        let Some((_, p1)) = cstr_at(bind.body(), 0) else {
+            return Ok(false);
+        };
+        let Some((stmt_name, _)) = cstr_at(bind.body(), p1) else {
+            return Ok(false);
+        };
+        let stmt = match &parse {
+            Some((name, s)) if name.as_ref() == stmt_name => s.clone(),
+            Some(_) => return Ok(false),
+            None if stmt_name.is_empty() => match &self.statements.unnamed {
+                Some(s) => s.clone(),
+                None => return Ok(false),
+            },
+            None => match self.statements.get(stmt_name) {
+                Some(s) => s.clone(),
+                None => return Ok(false),
+            },
+        };
+        let Some(params) = bind::BindParams::parse(bind.body()) else {
+            return Ok(false);
+        };
+        if params.has_time_literal() {
+            return Ok(false);
+        }
+        let Some(catalog) = cache.catalog(&self.database).await else {
+            return Ok(false);
+        };
+        let analysis = cache.analyze(&self.database, &stmt.sql, &catalog);
+        let mut key = caching::key_prefix(&self.database, &self.user, self.settings.fingerprint());
+        key.update(b"E");
+        key.update(stmt.sql.as_bytes());
+        key.update(&[0]);
+        key.update(&stmt.param_types);
+        key.update(&[0]);
+        key.update(params.tail);
+        key.update(&[parse.is_some() as u8, shape.describe as u8]);
+        let Some(plan) = caching::read_plan(&analysis, &catalog, key, Some(&params)) else {
+            return Ok(false);
+        };
+        let Some(ttl) = caching::ttl_for(&cache.config, &stmt.sql) else {
+            return Ok(false);
+        };
+        let register = move |relay: &mut Self| {
+            // The client's Parse takes effect as it would have on the server.
+            if let Some((name, s)) = parse.clone() {
+                if name.is_empty() {
+                    relay.statements.unnamed = Some(s);
+                    relay.unnamed_on_server = false;
+                } else {
+                    relay.statements.insert(name, s);
+                }
+            }
+        };
+        if self.serve_plan(&cache, &plan, ttl, Some(&register)).await? {
+            self.batch.clear();
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Store the captured response if it is complete and fit.
+    fn finish_fill(&mut self) {
+        let (Some(f), Some(cache)) = (self.fill.take(), self.cache.clone()) else {
+            return;
+        };
+        let len = self.to_client.len() - f.start;
+        tracing::trace!(spoiled = f.spoiled, len, "fill complete");
+        if f.spoiled
+            || len == 0
+            || len > cache.config.max_result_bytes
+            || f.rows > cache.config.max_result_rows
+        {
+            return;
+        }
+        let response = Bytes::copy_from_slice(&self.to_client[f.start..]);
+        let stored = cache.fill(f.guard, response, f.snapshot, f.rows, f.ttl);
+        tracing::trace!(stored, len, "cache fill");
+    }
+
+    /// Record what a statement about to run will invalidate, and its transaction effects.
+    async fn note_statement(&mut self, sql: &str, params: Option<&bind::BindParams<'_>>) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        let lower = sql.to_ascii_lowercase();
+        // Stricter isolation, and settings changed inside the transaction (SET LOCAL ROLE,
+        // SET search_path before COMMIT...) that the cache key does not carry yet: bypass the
+        // cache until the transaction ends.
+        let first = crate::session::scan::leading_words(sql, 1);
+        if lower.contains("repeatable read")
+            || lower.contains("serializable")
+            || matches!(first.first().map(String::as_str), Some("set" | "reset"))
+        {
+            self.strict_tx = true;
+        }
+        let Some(catalog) = cache.catalog(&self.database).await else {
+            return;
+        };
+        let analysis = cache.analyze(&self.database, sql, &catalog);
+        if let crate::analysis::Analysis::Ddl(d) = &*analysis {
+            self.schema_dirty = true;
+            if d.creates_temp {
+                self.pinned.get_or_insert("temporary relation");
+            }
+        }
+        let (inv, tables) = caching::invalidations(&analysis, &catalog, params);
+        self.pending_inv.extend(inv);
+        self.tx_written.extend(tables);
+    }
+
+    async fn note_bind(&mut self, msg: &Message) {
+        if self.cache.is_none() {
+            return;
+        }
+        let body = msg.body();
+        let Some((_, p1)) = cstr_at(body, 0) else {
+            return;
+        };
+        let Some((stmt, _)) = cstr_at(body, p1) else {
+            return;
+        };
+        let sql = if stmt.is_empty() {
+            self.statements.unnamed.as_ref().map(|s| s.sql.clone())
+        } else {
+            self.statements.get(stmt).map(|s| s.sql.clone())
+        };
+        if let (Some(sql), Some(params)) = (sql, bind::BindParams::parse(body)) {
+            self.note_statement(&sql, Some(&params)).await;
+        }
+    }
+
+    /// ReadyForQuery with status idle: what the transaction wrote is now visible to others.
+    fn transaction_ended(&mut self) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        // Only a final ROLLBACK undoes writes; anything else (even an error after a COMMIT in
+        // the same query string) may have committed them, so invalidate.
+        if !self.last_tag_rollback {
+            for inv in self.pending_inv.drain(..) {
+                cache.invalidate(&inv);
+            }
+            if self.schema_dirty {
+                cache.schema_changed(&self.database);
+            }
+        }
+        self.pending_inv.clear();
+        self.tx_written.clear();
+        self.strict_tx = false;
+        self.schema_dirty = false;
+    }
+
     /// Get a server connection for a client message with tag `tag`. On failure the client
     /// gets an error in protocol order and `false` is returned.
     async fn acquire(&mut self, tag: u8) -> Result<bool, RelayError> {
-        // Deliver what the client is owed before possibly waiting on the pool.
-        self.flush_client().await?;
+        // Deliver what the client is owed before possibly waiting on the pool (unless a
+        // response is being captured: its start offset in the buffer must stay valid).
+        if self.fill.is_none() {
+            self.flush_client().await?;
+        }
         let error = match self.pool.checkout().await {
             Ok(mut conn) => match sync_settings(&mut conn, &self.settings).await {
                 Ok(()) => {
@@ -552,6 +931,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 protocol::error_response(Severity::Error, &code, &format!("pgstash: {e}"))
             }
         };
+        // No response will be captured: drop the fill (and its guard, so that readers of
+        // the same key waiting behind it move on).
+        self.fill = None;
         self.expect.push_synthetic(error, &mut self.to_client);
         if matches!(tag, b'Q' | b'F' | b'S') {
             let rfq = protocol::ready_for_query(b'I');
@@ -691,5 +1073,43 @@ pub fn upstream_error_message(e: &UpstreamError, severity: Severity) -> Bytes {
             protocol::error_from_fields(&fields)
         }
         other => protocol::error_response(severity, other.sqlstate(), &format!("pgstash: {other}")),
+    }
+}
+
+/// Where the messages of a cacheable extended-protocol batch are.
+struct BatchShape {
+    parse: Option<usize>,
+    bind: usize,
+    describe: bool,
+}
+
+impl BatchShape {
+    /// `[Parse] Bind [Describe(portal "")] Execute(portal "", all rows)`, nothing else.
+    fn of(batch: &[Message]) -> Option<BatchShape> {
+        let mut i = 0;
+        let parse = (batch.first()?.tag() == b'P').then(|| {
+            i += 1;
+            0
+        });
+        let bind = i;
+        if batch.get(i)?.tag() != b'B' || !batch[i].body().starts_with(b"\0") {
+            return None;
+        }
+        i += 1;
+        let describe = batch
+            .get(i)
+            .is_some_and(|m| m.tag() == b'D' && m.body() == b"P\0");
+        if describe {
+            i += 1;
+        }
+        let exec = batch.get(i)?;
+        if exec.tag() != b'E' || exec.body() != b"\0\0\0\0\0" || i + 1 != batch.len() {
+            return None;
+        }
+        Some(BatchShape {
+            parse,
+            bind,
+            describe,
+        })
     }
 }

@@ -20,6 +20,9 @@ pub struct Statement {
     pub parse: Bytes,
     /// Session effects of running it (a prepared `SET`, `LISTEN`, ...).
     pub effects: Arc<[Effect]>,
+    /// The query text and parameter types, for cache analysis and keys.
+    pub sql: Arc<str>,
+    pub param_types: Bytes,
 }
 
 /// A parsed Parse message body.
@@ -52,6 +55,8 @@ impl Statement {
             parse: protocol::parse(&server_name, p.sql, p.param_types),
             server_name,
             effects: effects_of(&String::from_utf8_lossy(p.sql)).into(),
+            sql: String::from_utf8_lossy(p.sql).into(),
+            param_types: Bytes::copy_from_slice(p.param_types),
         }
     }
 
@@ -63,6 +68,8 @@ impl Statement {
             server_name: "".into(),
             parse: raw,
             effects: effects_of(&String::from_utf8_lossy(p.sql)).into(),
+            sql: String::from_utf8_lossy(p.sql).into(),
+            param_types: Bytes::copy_from_slice(p.param_types),
         }
     }
 }

@@ -47,6 +47,14 @@ impl Settings {
         self.hash
     }
 
+    /// Whether the client set `key` (case-insensitively), at startup or with `SET`.
+    pub fn has(&self, key: &str) -> bool {
+        self.startup
+            .iter()
+            .chain(self.sets.iter())
+            .any(|(k, _)| k.eq_ignore_ascii_case(key))
+    }
+
     /// Record an effect seen in a statement the server is executing.
     pub fn stage(&mut self, e: Effect) {
         if matches!(

@@ -15,6 +15,13 @@ pub struct Proxy {
 impl Proxy {
     /// Start pgstash in front of `pg` (upstream user `postgres`, trust), adjusted by `tweak`.
     pub fn start(pg: &PgCluster, tweak: impl FnOnce(&mut Config)) -> Proxy {
+        // PGSTASH_TEST_LOG=pgstash=debug shows the proxy's logs when a test needs a look.
+        if let Ok(filter) = std::env::var("PGSTASH_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let mut config = Config::default();
         config.upstream.url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
         config.pool.max_size = 4;
@@ -24,6 +31,11 @@ impl Proxy {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
+        let unix_socket = config
+            .server
+            .unix_socket_dir
+            .as_ref()
+            .map(|d| d.join(format!(".s.PGSQL.{}", addr.port())));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -41,6 +53,18 @@ impl Proxy {
             });
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
         });
+        // The TCP listener is bound above; the Unix socket only once the server runs.
+        if let Some(path) = unix_socket {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !path.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "pgstash did not create {}",
+                    path.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         Proxy {
             addr,
             stop: Some(tx),

@@ -5,6 +5,7 @@ mod support;
 mod fixture;
 
 mod auth;
+mod cache;
 mod clients;
 mod frontdoor;
 mod harness;

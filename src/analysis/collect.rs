@@ -1,0 +1,282 @@
+//! One walk over a statement's AST (sqlparser's derived visitor, so no node kind can be
+//! forgotten) that gathers what the read and write classifications need: relations read,
+//! CTE scoping, function calls, locking clauses and data-modifying statements anywhere
+//! (writable CTEs, the statement itself).
+
+use std::ops::ControlFlow;
+use std::ptr;
+
+use sqlparser::ast::{
+    Expr, ObjectName, Query, SetExpr, Statement, TableFactor, Value, Visit, Visitor,
+};
+
+use super::functions;
+use super::keys::{
+    fold, is_time_literal, name_parts, relation_parts, string_value, table_ref_from_parts,
+};
+use super::model::{BypassReason, FlushReason, FunctionVolatility, TableRef, TableWrite};
+use super::write;
+
+pub(crate) struct Collected {
+    /// Relations read, deduplicated, in order of first appearance.
+    pub tables: Vec<TableRef>,
+    /// Relation references including duplicates (a point read needs exactly one).
+    pub occurrences: usize,
+    /// The first reason found that makes a read uncacheable.
+    pub bypass: Option<BypassReason>,
+    /// Tables written by data-modifying statements found anywhere.
+    pub writes: Vec<TableWrite>,
+    /// A data-modifying statement whose target could not be named.
+    pub flush: Option<FlushReason>,
+}
+
+/// CTE names visible inside one query. While a non-recursive CTE body is being visited only
+/// the earlier CTEs are visible (a later name there means a real table); in the main body
+/// all are.
+struct Scope {
+    names: Vec<String>,
+    bodies: Vec<*const Query>,
+    recursive: bool,
+    visible: usize,
+}
+
+struct Collector<'f> {
+    funcs: &'f dyn FunctionVolatility,
+    scopes: Vec<Scope>,
+    /// A relation name already handled by `pre_visit_table_factor`.
+    handled_relation: Option<*const ObjectName>,
+    out: Collected,
+}
+
+/// Walks `node` (a statement or a query) and everything below it.
+pub(crate) fn collect<T: Visit>(node: &T, funcs: &dyn FunctionVolatility) -> Collected {
+    let mut collector = Collector {
+        funcs,
+        scopes: Vec::new(),
+        handled_relation: None,
+        out: Collected {
+            tables: Vec::new(),
+            occurrences: 0,
+            bypass: None,
+            writes: Vec::new(),
+            flush: None,
+        },
+    };
+    let _ = node.visit(&mut collector);
+    collector.out
+}
+
+impl Collector<'_> {
+    fn bypass(&mut self, reason: BypassReason) {
+        self.out.bypass.get_or_insert(reason);
+    }
+
+    fn is_cte(&self, name: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| s.names[..s.visible].iter().any(|n| n == name))
+    }
+
+    fn read_relation(&mut self, parts: Option<Vec<String>>) {
+        let Some(parts) = parts else {
+            return self.bypass(BypassReason::Unsupported);
+        };
+        if let [single] = parts.as_slice()
+            && self.is_cte(single)
+        {
+            return;
+        }
+        let Some(table) = table_ref_from_parts(parts) else {
+            return self.bypass(BypassReason::Unsupported);
+        };
+        if let Some(reason) = catalog_reason(&table) {
+            self.bypass(reason);
+        }
+        self.out.occurrences += 1;
+        if !self.out.tables.contains(&table) {
+            self.out.tables.push(table);
+        }
+    }
+
+    fn call(&mut self, name: &ObjectName) {
+        let Some(mut parts) = name_parts(name) else {
+            return self.bypass(BypassReason::Unsupported);
+        };
+        let Some(function) = parts.pop() else { return };
+        let schema = parts.pop();
+        if !parts.is_empty() {
+            return self.bypass(BypassReason::Unsupported);
+        }
+        if let Some(reason) = functions::check(schema.as_deref(), &function, self.funcs) {
+            self.bypass(reason);
+        }
+    }
+
+    /// `TABLE name` is a set-expression leaf holding plain strings, not a relation node, so
+    /// the visitor never reports it: find it here.
+    fn table_commands(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Table(table) => {
+                let parts = table.table_name.as_deref().and_then(|name| {
+                    let mut parts: Vec<String> = Vec::new();
+                    for part in table.schema_name.iter().map(String::as_str).chain([name]) {
+                        parts.push(table_command_part(part)?);
+                    }
+                    Some(parts)
+                });
+                self.read_relation(parts);
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                self.table_commands(left);
+                self.table_commands(right);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// sqlparser keeps `TABLE` names as strings without their quotes, so `Ids` may have been
+/// `"Ids"` or `Ids` (= `ids`). Only names that fold to themselves are unambiguous.
+fn table_command_part(part: &str) -> Option<String> {
+    (!part.bytes().any(|b| b.is_ascii_uppercase())).then(|| part.to_owned())
+}
+
+/// System catalogs and temp relations change without any write the proxy sees.
+fn catalog_reason(table: &TableRef) -> Option<BypassReason> {
+    match table.schema.as_deref() {
+        Some(s) if s.starts_with("pg_temp") => Some(BypassReason::TempTable),
+        Some("pg_catalog" | "information_schema" | "pg_toast") => Some(BypassReason::SystemCatalog),
+        _ if table.name.starts_with("pg_") => Some(BypassReason::SystemCatalog),
+        _ => None,
+    }
+}
+
+impl Visitor for Collector<'_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if !query.locks.is_empty() {
+            self.bypass(BypassReason::Locking);
+        }
+        if let Some(parent) = self.scopes.last_mut()
+            && let Some(i) = parent.bodies.iter().position(|b| ptr::eq(*b, query))
+        {
+            parent.visible = if parent.recursive {
+                parent.names.len()
+            } else {
+                i
+            };
+        }
+        let (names, bodies, recursive) = match &query.with {
+            Some(with) => (
+                with.cte_tables
+                    .iter()
+                    .map(|c| fold(&c.alias.name))
+                    .collect(),
+                with.cte_tables
+                    .iter()
+                    .map(|c| ptr::from_ref(c.query.as_ref()))
+                    .collect(),
+                with.recursive,
+            ),
+            None => (Vec::new(), Vec::new(), false),
+        };
+        let visible = names.len();
+        self.scopes.push(Scope {
+            names,
+            bodies,
+            recursive,
+            visible,
+        });
+        self.table_commands(&query.body);
+        // The first thing visited next is the first CTE body, which sets `visible` itself.
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        self.scopes.pop();
+        if let Some(parent) = self.scopes.last_mut()
+            && parent.bodies.iter().any(|b| ptr::eq(*b, query))
+        {
+            parent.visible = parent.names.len();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table {
+                name,
+                alias,
+                args,
+                sample,
+                ..
+            } => {
+                self.handled_relation = Some(ptr::from_ref(name));
+                if args.is_some() {
+                    // `FROM generate_series(1, 3)`: a function, not a relation.
+                    self.call(name);
+                } else {
+                    self.read_relation(
+                        relation_parts(name, alias.as_ref()).map(|(parts, _)| parts),
+                    );
+                }
+                if sample.is_some() {
+                    self.bypass(BypassReason::TableSample);
+                }
+            }
+            TableFactor::Function { name, .. } => self.call(name),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        if self.handled_relation.take() == Some(ptr::from_ref(relation)) {
+            return ControlFlow::Continue(());
+        }
+        // Any other relation node (DML targets, ...) counts as read: over-reporting only
+        // costs precision.
+        self.read_relation(name_parts(relation));
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        match expr {
+            Expr::Function(function) => self.call(&function.name),
+            Expr::Identifier(ident) if ident.quote_style.is_none() => {
+                let name = ident.value.to_ascii_lowercase();
+                if functions::is_bare_function_keyword(&name) {
+                    self.bypass(BypassReason::VolatileFunction(name));
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_value(&mut self, value: &Value) -> ControlFlow<()> {
+        if string_value(value).is_some_and(is_time_literal) {
+            self.bypass(BypassReason::TimeLiteral);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        if matches!(
+            statement,
+            Statement::Insert(_)
+                | Statement::Update { .. }
+                | Statement::Delete(_)
+                | Statement::Merge { .. }
+        ) {
+            match write::targets(statement) {
+                Some(writes) => self.out.writes.extend(writes),
+                None => {
+                    self.out.flush.get_or_insert(FlushReason::Unrecognised);
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}

@@ -1,0 +1,321 @@
+//! A small, infallible SQL lexer for the parts that must work on text sqlparser cannot
+//! handle: comments (for hints, which sqlparser drops), statement splitting and the leading
+//! keywords used by the lexical fallback. It understands just enough of PostgreSQL's lexical
+//! rules (quotes, E'' strings, dollar quoting, nested block comments) that semicolons, words
+//! and comments inside literals are never mistaken for syntax. Anything else is `Other`.
+
+/// One lexical item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Item<'a> {
+    /// An unquoted identifier or keyword, as written.
+    Word(&'a str),
+    /// A double-quoted identifier, `""` unescaped.
+    Quoted(String),
+    /// The body of a `--` or `/* */` comment.
+    Comment(&'a str),
+    Semi,
+    Dot,
+    Comma,
+    LParen,
+    RParen,
+    /// Literals, numbers, parameters, operators.
+    Other,
+}
+
+pub(crate) struct Lexer<'a> {
+    src: &'a str,
+    pos: usize,
+}
+
+impl<'a> Lexer<'a> {
+    pub(crate) fn new(src: &'a str) -> Self {
+        Self { src, pos: 0 }
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        self.src.as_bytes()
+    }
+
+    fn peek(&self, offset: usize) -> Option<u8> {
+        self.peek_at(self.pos + offset)
+    }
+
+    fn peek_at(&self, index: usize) -> Option<u8> {
+        self.bytes().get(index).copied()
+    }
+
+    /// Skips a single-quoted literal starting at `self.pos` (on the opening quote).
+    fn skip_string(&mut self, backslash_escapes: bool) {
+        let b = self.bytes();
+        let mut i = self.pos + 1;
+        while i < b.len() {
+            match b[i] {
+                b'\\' if backslash_escapes => i += 2,
+                b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+                b'\'' => {
+                    self.pos = i + 1;
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.pos = b.len();
+    }
+
+    /// At a `$`: a dollar-quoted string (`$tag$ ... $tag$`), else a parameter or operator.
+    fn skip_dollar(&mut self) {
+        let b = self.bytes();
+        let start = self.pos;
+        let mut i = start + 1;
+        // A tag is empty or an identifier that does not start with a digit (`$1` is a parameter).
+        let tag_ok = b.get(i).is_some_and(|&c| c == b'$' || is_ident_start(c));
+        if tag_ok {
+            while i < b.len() && b[i] != b'$' && is_ident_byte(b[i]) {
+                i += 1;
+            }
+        }
+        if !tag_ok || b.get(i) != Some(&b'$') {
+            self.pos = start + 1;
+            while self.peek(0).is_some_and(|c| c.is_ascii_digit()) {
+                self.pos += 1;
+            }
+            return;
+        }
+        let tag = &self.src[start..=i];
+        match self.src[i + 1..].find(tag) {
+            Some(end) => self.pos = i + 1 + end + tag.len(),
+            None => self.pos = b.len(),
+        }
+    }
+
+    /// At `/*`: a block comment, nested as PostgreSQL allows. Returns its body.
+    fn block_comment(&mut self) -> &'a str {
+        let b = self.bytes();
+        let body_start = self.pos + 2;
+        let mut depth = 1usize;
+        let mut i = body_start;
+        while i < b.len() {
+            if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                depth += 1;
+                i += 2;
+            } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                depth -= 1;
+                i += 2;
+                if depth == 0 {
+                    self.pos = i;
+                    return &self.src[body_start..i - 2];
+                }
+            } else {
+                i += 1;
+            }
+        }
+        self.pos = b.len();
+        &self.src[body_start..]
+    }
+}
+
+fn is_ident_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+}
+
+fn is_ident_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+impl<'a> Iterator for Lexer<'a> {
+    type Item = Item<'a>;
+
+    fn next(&mut self) -> Option<Item<'a>> {
+        while self.peek(0).is_some_and(|c| c.is_ascii_whitespace()) {
+            self.pos += 1;
+        }
+        let c = self.peek(0)?;
+        let item = match c {
+            b'-' if self.peek(1) == Some(b'-') => {
+                let start = self.pos + 2;
+                let end = self.src[start..]
+                    .find('\n')
+                    .map_or(self.src.len(), |n| start + n);
+                self.pos = end;
+                Item::Comment(&self.src[start..end])
+            }
+            b'/' if self.peek(1) == Some(b'*') => Item::Comment(self.block_comment()),
+            b'\'' => {
+                self.skip_string(false);
+                Item::Other
+            }
+            b'"' => {
+                let mut ident = String::new();
+                let mut i = self.pos + 1;
+                loop {
+                    match self.src[i..].find('"') {
+                        None => {
+                            ident.push_str(&self.src[i..]);
+                            self.pos = self.src.len();
+                            break;
+                        }
+                        Some(n) => {
+                            let quote = i + n;
+                            ident.push_str(&self.src[i..quote]);
+                            if self.peek_at(quote + 1) == Some(b'"') {
+                                ident.push('"');
+                                i = quote + 2;
+                            } else {
+                                self.pos = quote + 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Item::Quoted(ident)
+            }
+            b'$' => {
+                self.skip_dollar();
+                Item::Other
+            }
+            b';' => {
+                self.pos += 1;
+                Item::Semi
+            }
+            b'.' if !self.peek(1).is_some_and(|c| c.is_ascii_digit()) => {
+                self.pos += 1;
+                Item::Dot
+            }
+            b',' => {
+                self.pos += 1;
+                Item::Comma
+            }
+            b'(' => {
+                self.pos += 1;
+                Item::LParen
+            }
+            b')' => {
+                self.pos += 1;
+                Item::RParen
+            }
+            c if is_ident_start(c) => {
+                let start = self.pos;
+                while self.peek(0).is_some_and(is_ident_byte) {
+                    self.pos += 1;
+                }
+                let word = &self.src[start..self.pos];
+                if self.peek(0) == Some(b'\'') {
+                    // E'...' takes backslash escapes; B'', X'', N'', U&'' do not matter here.
+                    self.skip_string(word.eq_ignore_ascii_case("e"));
+                    Item::Other
+                } else {
+                    Item::Word(word)
+                }
+            }
+            c if c.is_ascii_digit() || c == b'.' => {
+                while self
+                    .peek(0)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_')
+                {
+                    self.pos += 1;
+                }
+                Item::Other
+            }
+            _ => {
+                // Operators and stray bytes; step over a whole UTF-8 character.
+                let len = self.src[self.pos..]
+                    .chars()
+                    .next()
+                    .map_or(1, char::len_utf8);
+                self.pos += len;
+                Item::Other
+            }
+        };
+        Some(item)
+    }
+}
+
+/// The statements of a text, split at top-level semicolons, without comments; empty
+/// statements are dropped.
+pub(crate) fn statements(src: &str) -> Vec<Vec<Item<'_>>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    for item in Lexer::new(src) {
+        match item {
+            Item::Comment(_) => {}
+            Item::Semi => {
+                if !current.is_empty() {
+                    out.push(std::mem::take(&mut current));
+                }
+            }
+            other => current.push(other),
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(s: &str) -> Vec<Item<'_>> {
+        Lexer::new(s).collect()
+    }
+
+    #[test]
+    fn strings_and_quotes_hide_their_contents() {
+        let got = items(r#"SELECT 'a;--b', E'x\';y', "we""ird;", $t$ ; $t$ , $1"#);
+        assert_eq!(
+            got,
+            vec![
+                Item::Word("SELECT"),
+                Item::Other,
+                Item::Comma,
+                Item::Other,
+                Item::Comma,
+                Item::Quoted("we\"ird;".into()),
+                Item::Comma,
+                Item::Other,
+                Item::Comma,
+                Item::Other,
+            ]
+        );
+    }
+
+    #[test]
+    fn nested_block_comments_and_line_comments() {
+        let got = items("/* a /* b */ c */ x -- tail\n y");
+        assert_eq!(
+            got,
+            vec![
+                Item::Comment(" a /* b */ c "),
+                Item::Word("x"),
+                Item::Comment(" tail"),
+                Item::Word("y"),
+            ]
+        );
+    }
+
+    #[test]
+    fn splits_statements_at_top_level_semicolons_only() {
+        let s = statements("BEGIN; SELECT ';'; ; DO $$ a; b $$;  -- c;\n");
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[2][0], Item::Word("DO"));
+    }
+
+    #[test]
+    fn unterminated_everything_does_not_panic() {
+        for s in [
+            "'abc",
+            "\"abc",
+            "$q$ abc",
+            "/* abc",
+            "E'\\",
+            "$",
+            "$1",
+            "é'",
+            "\u{1F600}",
+        ] {
+            let _ = items(s);
+            let _ = statements(s);
+        }
+    }
+}

@@ -1,0 +1,162 @@
+use super::*;
+
+#[test]
+fn time_functions_bypass_in_every_spelling() {
+    for sql in [
+        "SELECT now()",
+        "SELECT * FROM t WHERE ts > now() - interval '1 day'",
+        "SELECT current_timestamp",
+        "SELECT CURRENT_DATE",
+        "SELECT current_time(3)",
+        "SELECT localtime",
+        "SELECT localtimestamp",
+        "SELECT clock_timestamp()",
+        "SELECT statement_timestamp()",
+        "SELECT transaction_timestamp()",
+        "SELECT timeofday()",
+        "SELECT pg_catalog.now()",
+        "SELECT age(ts) FROM t",
+    ] {
+        assert!(
+            matches!(bypass(sql), BypassReason::VolatileFunction(_)),
+            "{sql}"
+        );
+    }
+}
+
+#[test]
+fn randomness_session_and_system_functions_bypass() {
+    for sql in [
+        "SELECT random()",
+        "SELECT setseed(0.5)",
+        "SELECT gen_random_uuid()",
+        "SELECT uuid_generate_v4()",
+        "SELECT current_user",
+        "SELECT session_user",
+        "SELECT user",
+        "SELECT current_role",
+        "SELECT current_schema",
+        "SELECT current_schemas(true)",
+        "SELECT current_database()",
+        "SELECT current_setting('x')",
+        "SELECT set_config('a', 'b', false)",
+        "SELECT pg_backend_pid()",
+        "SELECT txid_current()",
+        "SELECT pg_current_xact_id()",
+        "SELECT inet_client_addr()",
+        "SELECT pg_sleep(1)",
+        "SELECT pg_advisory_lock(1)",
+        "SELECT pg_try_advisory_lock(1)",
+        "SELECT pg_notify('c', 'x')",
+        "SELECT * FROM t WHERE owner = current_user",
+    ] {
+        assert!(
+            matches!(bypass(sql), BypassReason::VolatileFunction(_)),
+            "{sql}"
+        );
+    }
+}
+
+#[test]
+fn quoted_user_column_is_not_the_user_function() {
+    assert!(matches!(an(r#"SELECT "user" FROM t"#), Analysis::Read(_)));
+}
+
+#[test]
+fn sequence_functions_bypass() {
+    for (sql, name) in [
+        ("SELECT nextval('s')", "nextval"),
+        ("SELECT currval('s')", "currval"),
+        ("SELECT lastval()", "lastval"),
+        ("SELECT setval('s', 1)", "setval"),
+    ] {
+        assert_eq!(bypass(sql), BypassReason::SequenceFunction(name.into()));
+    }
+}
+
+#[test]
+fn time_literals_bypass() {
+    assert_eq!(
+        bypass("SELECT * FROM t WHERE ts > 'now'::timestamptz"),
+        BypassReason::TimeLiteral
+    );
+    assert_eq!(bypass("SELECT date 'today'"), BypassReason::TimeLiteral);
+    assert!(matches!(an("SELECT date '2024-01-01'"), Analysis::Read(_)));
+}
+
+#[test]
+fn common_builtins_need_no_catalog() {
+    let r = read(
+        "SELECT count(*), sum(a), avg(b), min(c), max(d), coalesce(e, 0), lower(f), upper(g), \
+         length(h), abs(i), round(j, 2), row_number() OVER (ORDER BY a), string_agg(f, ',') \
+         FROM t WHERE id = 1 GROUP BY e",
+    );
+    assert_eq!(r.tables, vec![t("t")]);
+}
+
+#[test]
+fn unknown_function_bypasses_without_catalog() {
+    assert_eq!(
+        bypass("SELECT my_func(1)"),
+        BypassReason::UnknownFunction("my_func".into())
+    );
+    assert_eq!(
+        bypass("SELECT app.f(x) FROM t"),
+        BypassReason::UnknownFunction("app.f".into())
+    );
+}
+
+#[test]
+fn catalog_decides_for_user_functions() {
+    let catalog = |schema: Option<&str>, name: &str| match (schema, name) {
+        (None, "slugify") => Some(Volatility::Immutable),
+        (Some("app"), "balance_of") => Some(Volatility::Stable),
+        (None, "bump") => Some(Volatility::Volatile),
+        _ => None,
+    };
+    assert!(matches!(
+        analyze("SELECT slugify(name) FROM t", &catalog),
+        Analysis::Read(_)
+    ));
+    assert_eq!(
+        analyze("SELECT app.balance_of(1)", &catalog),
+        Analysis::Bypass(BypassReason::StableFunction("app.balance_of".into()))
+    );
+    assert_eq!(
+        analyze("SELECT * FROM t WHERE x = bump()", &catalog),
+        Analysis::Bypass(BypassReason::VolatileFunction("bump".into()))
+    );
+}
+
+#[test]
+fn catalog_cannot_allow_a_denied_function() {
+    let everything_immutable = |_: Option<&str>, _: &str| Some(Volatility::Immutable);
+    assert!(matches!(
+        analyze("SELECT now()", &everything_immutable),
+        Analysis::Bypass(BypassReason::VolatileFunction(_))
+    ));
+}
+
+#[test]
+fn function_calls_in_subqueries_and_ctes_count() {
+    assert!(matches!(
+        bypass("WITH x AS (SELECT random() r) SELECT * FROM x"),
+        BypassReason::VolatileFunction(_)
+    ));
+    assert!(matches!(
+        bypass("SELECT * FROM t WHERE id IN (SELECT id FROM u WHERE ts < now())"),
+        BypassReason::VolatileFunction(_)
+    ));
+}
+
+#[test]
+fn syntax_reported_as_calls_is_allowed() {
+    assert!(matches!(
+        an("SELECT ARRAY(SELECT id FROM t), ROW(1, 2)"),
+        Analysis::Read(_)
+    ));
+    assert!(matches!(
+        an("SELECT a, GROUPING(a) FROM t GROUP BY ROLLUP (a)"),
+        Analysis::Read(_)
+    ));
+}

@@ -1,0 +1,204 @@
+//! Single-flight fills: the first miss of a key gets the [`FillGuard`]; concurrent misses
+//! of the same key wait for it ([`Pending`]) instead of querying upstream too. A filler
+//! that fails, is too slow or produced a stale result never leaves waiters stuck: they
+//! are woken (or time out) and go upstream themselves.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::l1::{Entry, Inner, Lookup};
+use super::{BuildMix, CacheKey, Generations};
+
+/// The miss path of [`L1::lookup`](super::L1::lookup): join the fill in flight for this
+/// key, or start one.
+#[cold]
+pub(super) fn miss(
+    this: &Arc<Inner>,
+    key: CacheKey,
+    gens: &Generations,
+    found_stale: bool,
+) -> Lookup {
+    let mut flights = this
+        .shard(key)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(flight) = flights.get(&key) {
+        if flight.started.elapsed() < this.wait_timeout {
+            return Lookup::Wait(Pending {
+                inner: Arc::clone(this),
+                key,
+                flight: Arc::clone(flight),
+                found_stale,
+            });
+        }
+        // The filler is overdue: go upstream alongside it rather than queue behind it.
+        return Lookup::Miss(FillGuard::follower(this, key, found_stale));
+    }
+    // A fill may have completed between our cache read and taking the lock (fillers
+    // insert before they leave the in-flight map).
+    if let Some(entry) = this.cache.get(&key)
+        && gens.is_current(&entry.snapshot)
+    {
+        return Lookup::Hit(entry);
+    }
+    let flight = Arc::new(Flight {
+        started: Instant::now(),
+        outcome: OnceLock::new(),
+        done: Notify::new(),
+    });
+    flights.insert(key, Arc::clone(&flight));
+    Lookup::Miss(FillGuard {
+        inner: Arc::clone(this),
+        key,
+        flight: Some(flight),
+        found_stale,
+    })
+}
+
+pub(super) type FlightShard = Mutex<HashMap<CacheKey, Arc<Flight>, BuildMix>>;
+
+/// A fill in progress that others can wait for.
+pub(super) struct Flight {
+    started: Instant,
+    /// `Some(entry)` if stored, `None` if the filler gave up or the fill was stale.
+    outcome: OnceLock<Option<Arc<Entry>>>,
+    done: Notify,
+}
+
+/// The answer after waiting: never "wait again".
+pub enum Resolved {
+    Hit(Arc<Entry>),
+    Miss(FillGuard),
+}
+
+/// What [`FillGuard::fill`] did, for metrics and the adaptive bypass.
+#[must_use]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FillOutcome {
+    Stored,
+    /// A generation moved between the snapshot and the fill: the result may predate a
+    /// committed write, so it was not stored.
+    Stale,
+    /// A zero TTL stores nothing.
+    NoTtl,
+}
+
+/// The right (and duty) to fill one key after a miss. Dropping it without filling wakes
+/// whoever waits for this fill; they then go upstream themselves.
+pub struct FillGuard {
+    inner: Arc<Inner>,
+    key: CacheKey,
+    /// `Some` if others may be waiting for this fill.
+    flight: Option<Arc<Flight>>,
+    found_stale: bool,
+}
+
+impl FillGuard {
+    pub(super) fn follower(inner: &Arc<Inner>, key: CacheKey, found_stale: bool) -> Self {
+        Self {
+            inner: Arc::clone(inner),
+            key,
+            flight: None,
+            found_stale,
+        }
+    }
+
+    /// Stores the entry unless a generation it depends on moved since its snapshot (the
+    /// fill race: a read that started before a write committed must not stay cached).
+    pub fn fill(mut self, mut entry: Entry, ttl: Duration, gens: &Generations) -> FillOutcome {
+        if ttl.is_zero() {
+            self.finish(None);
+            return FillOutcome::NoTtl;
+        }
+        if !gens.is_current(&entry.snapshot) {
+            self.finish(None);
+            return FillOutcome::Stale;
+        }
+        entry.ttl = ttl;
+        let entry = Arc::new(entry);
+        // A bump landing right here leaves a stale entry in the map; harmless, because
+        // every hit re-checks the snapshot.
+        self.inner.cache.insert(self.key, Arc::clone(&entry));
+        self.finish(Some(entry));
+        FillOutcome::Stored
+    }
+
+    /// Whether this miss replaced an entry that was found stale (an invalidation observed).
+    pub fn found_stale(&self) -> bool {
+        self.found_stale
+    }
+
+    /// Whether other lookups of this key are coalesced behind this fill.
+    pub fn leads(&self) -> bool {
+        self.flight.is_some()
+    }
+
+    fn finish(&mut self, outcome: Option<Arc<Entry>>) {
+        let Some(flight) = self.flight.take() else {
+            return;
+        };
+        {
+            let shard = self.inner.shard(self.key);
+            let mut flights = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            if flights
+                .get(&self.key)
+                .is_some_and(|f| Arc::ptr_eq(f, &flight))
+            {
+                flights.remove(&self.key);
+            }
+        }
+        let _ = flight.outcome.set(outcome);
+        flight.done.notify_waiters();
+    }
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+/// A lookup coalesced behind another task's fill.
+pub struct Pending {
+    inner: Arc<Inner>,
+    key: CacheKey,
+    flight: Arc<Flight>,
+    found_stale: bool,
+}
+
+impl Pending {
+    /// Waits for the fill (at most until `wait_timeout` after it started). Returns the
+    /// filled entry if it is still fresh, otherwise a guard to go upstream with.
+    pub async fn wait(self, gens: &Generations) -> Resolved {
+        let mut notified = pin!(self.flight.done.notified());
+        // Register before checking the outcome so a fill finishing in between still wakes us.
+        notified.as_mut().enable();
+        if self.flight.outcome.get().is_none() {
+            let deadline =
+                tokio::time::Instant::from_std(self.flight.started + self.inner.wait_timeout);
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.inner.wait_timeouts.fetch_add(1, Relaxed);
+                return Resolved::Miss(FillGuard::follower(
+                    &self.inner,
+                    self.key,
+                    self.found_stale,
+                ));
+            }
+        }
+        match self.flight.outcome.get() {
+            Some(Some(entry)) if gens.is_current(&entry.snapshot) => {
+                Resolved::Hit(Arc::clone(entry))
+            }
+            _ => Resolved::Miss(FillGuard::follower(&self.inner, self.key, self.found_stale)),
+        }
+    }
+
+    pub fn found_stale(&self) -> bool {
+        self.found_stale
+    }
+}

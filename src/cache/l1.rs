@@ -1,0 +1,236 @@
+//! L1: the in-process store of raw response messages, bounded by bytes, with a TTL per
+//! entry; misses go through the single-flight fills of [`super::fill`].
+//!
+//! Freshness is not this store's to decide: every hit is checked against [`Generations`],
+//! and a stale entry is dropped and reported as a miss. The check at fill time only keeps
+//! known-stale results out (and lets the caller count them).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::Expiry;
+use moka::ops::compute::Op;
+use moka::sync::Cache;
+
+use super::fill::{self, FillGuard, FlightShard, Pending, Resolved};
+use super::{BuildMix, CacheKey, Generations, Snapshot};
+
+/// Bookkeeping bytes charged per entry on top of the response: the entry itself and
+/// moka's per-entry nodes (measured roughly; the point is that tiny entries are not free).
+const ENTRY_OVERHEAD: usize = size_of::<Entry>() + 160;
+/// Shards of the in-flight map: misses of different keys rarely share a lock.
+const FLIGHT_SHARDS: usize = 64;
+
+/// One cached result.
+#[derive(Debug)]
+pub struct Entry {
+    /// The raw protocol messages to replay (RowDescription, DataRow…, CommandComplete).
+    pub response: Bytes,
+    pub rows: u64,
+    pub(super) snapshot: Snapshot,
+    pub(super) ttl: Duration,
+}
+
+impl Entry {
+    /// `snapshot` must have been taken before the query that produced `response` was sent.
+    pub fn new(response: Bytes, rows: u64, snapshot: Snapshot) -> Self {
+        Self {
+            response,
+            rows,
+            snapshot,
+            ttl: Duration::ZERO,
+        }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The TTL given at fill time.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn weight(&self) -> u32 {
+        let bytes = self.response.len() + self.snapshot.heap_size() + ENTRY_OVERHEAD;
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct L1Config {
+    /// Upper bound on the weighted size (response bytes plus overhead).
+    pub max_bytes: u64,
+    /// How long after a fill started others wait for it before going upstream themselves.
+    /// Bounds the cost of a slow or stuck filler for everyone else.
+    pub wait_timeout: Duration,
+}
+
+impl Default for L1Config {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 << 20,
+            wait_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The L1 store. Cheap to clone (shared inside).
+#[derive(Clone)]
+pub struct L1 {
+    inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub(super) cache: Cache<CacheKey, Arc<Entry>, BuildMix>,
+    flights: Box<[FlightShard]>,
+    pub(super) wait_timeout: Duration,
+    stale_removed: AtomicU64,
+    pub(super) wait_timeouts: AtomicU64,
+}
+
+/// The answer to [`L1::lookup`].
+pub enum Lookup {
+    /// Fresh entry: replay `response`.
+    Hit(Arc<Entry>),
+    /// Go upstream, then [`FillGuard::fill`] (or drop the guard if the result is not
+    /// cacheable: waiters are woken and go upstream themselves).
+    Miss(FillGuard),
+    /// Another task is filling this key: [`Pending::wait`] for it.
+    Wait(Pending),
+}
+
+struct PerEntryTtl;
+
+impl Expiry<CacheKey, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &CacheKey, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
+        Some(e.ttl)
+    }
+
+    // Replacing an entry must not inherit the old one's remaining time (moka's default).
+    fn expire_after_update(
+        &self,
+        _: &CacheKey,
+        e: &Arc<Entry>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(e.ttl)
+    }
+}
+
+impl L1 {
+    pub fn new(max_bytes: u64) -> Self {
+        Self::with_config(L1Config {
+            max_bytes,
+            ..L1Config::default()
+        })
+    }
+
+    pub fn with_config(config: L1Config) -> Self {
+        let hasher = BuildMix::new();
+        let cache = Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|_, e: &Arc<Entry>| e.weight())
+            .expire_after(PerEntryTtl)
+            .build_with_hasher(hasher.clone());
+        let flights = (0..FLIGHT_SHARDS)
+            .map(|_| Mutex::new(HashMap::with_hasher(hasher.clone())))
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                flights,
+                wait_timeout: config.wait_timeout,
+                stale_removed: AtomicU64::new(0),
+                wait_timeouts: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A hit only if the entry's snapshot is still current; a stale entry is removed and
+    /// the lookup continues as a miss. Synchronous: a hit is one map read, a few atomic
+    /// loads and an `Arc` clone.
+    #[inline]
+    pub fn lookup(&self, key: CacheKey, gens: &Generations) -> Lookup {
+        let mut found_stale = false;
+        if let Some(entry) = self.inner.cache.get(&key) {
+            if gens.is_current(&entry.snapshot) {
+                return Lookup::Hit(entry);
+            }
+            self.inner.remove_stale(key, &entry);
+            found_stale = true;
+        }
+        fill::miss(&self.inner, key, gens, found_stale)
+    }
+
+    /// [`L1::lookup`], waiting for a concurrent fill if there is one.
+    pub async fn get(&self, key: CacheKey, gens: &Generations) -> Resolved {
+        match self.lookup(key, gens) {
+            Lookup::Hit(entry) => Resolved::Hit(entry),
+            Lookup::Miss(guard) => Resolved::Miss(guard),
+            Lookup::Wait(pending) => pending.wait(gens).await,
+        }
+    }
+
+    /// Entries currently held (approximate until [`L1::run_pending_tasks`]).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.cache.entry_count()
+    }
+
+    /// Weighted bytes currently held (approximate until [`L1::run_pending_tasks`]).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.cache.weighted_size()
+    }
+
+    /// Entries found stale on lookup and removed.
+    pub fn stale_removed(&self) -> u64 {
+        self.inner.stale_removed.load(Relaxed)
+    }
+
+    /// Waits that gave up on a slow filler and went upstream.
+    pub fn wait_timeouts(&self) -> u64 {
+        self.inner.wait_timeouts.load(Relaxed)
+    }
+
+    /// Fills in progress that others may wait for.
+    pub fn fills_in_flight(&self) -> usize {
+        let shards = self.inner.flights.iter();
+        shards
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    /// Drops every entry (FLUSH). Freshness does not need it (`bump_all` suffices); memory
+    /// does.
+    pub fn clear(&self) {
+        self.inner.cache.invalidate_all();
+    }
+
+    /// Applies moka's deferred evictions and counters now (tests, metrics scrapes).
+    pub fn run_pending_tasks(&self) {
+        self.inner.cache.run_pending_tasks();
+    }
+}
+
+impl Inner {
+    pub(super) fn shard(&self, key: CacheKey) -> &FlightShard {
+        &self.flights[(key.0 as usize) % FLIGHT_SHARDS]
+    }
+
+    /// Removes the entry only if it is still the stale one we saw: a fresh fill that
+    /// replaced it in the meantime must survive.
+    #[cold]
+    fn remove_stale(&self, key: CacheKey, stale: &Arc<Entry>) {
+        self.stale_removed.fetch_add(1, Relaxed);
+        self.cache
+            .entry(key)
+            .and_compute_with(|current| match current {
+                Some(c) if Arc::ptr_eq(c.value(), stale) => Op::Remove,
+                _ => Op::Nop,
+            });
+    }
+}

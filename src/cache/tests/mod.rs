@@ -1,0 +1,256 @@
+//! Behaviour of generations and the L1 store together, as the proxy uses them.
+
+mod concurrency;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+const T: TableId = TableId(1);
+const U: TableId = TableId(2);
+const TTL: Duration = Duration::from_secs(60);
+
+fn key(n: u128) -> CacheKey {
+    CacheKey(n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
+}
+
+fn entry(gens: &Generations, deps: &[Dependency], body: &'static [u8]) -> Entry {
+    Entry::new(Bytes::from_static(body), 1, gens.snapshot(deps))
+}
+
+fn is_hit(l1: &L1, k: CacheKey, gens: &Generations) -> bool {
+    matches!(l1.lookup(k, gens), Lookup::Hit(_))
+}
+
+/// Miss, then fill with a snapshot taken now (as if upstream answered instantly).
+fn fill_now(
+    l1: &L1,
+    gens: &Generations,
+    k: CacheKey,
+    deps: &[Dependency],
+    ttl: Duration,
+) -> FillOutcome {
+    let Lookup::Miss(guard) = l1.lookup(k, gens) else {
+        panic!("expected a miss");
+    };
+    guard.fill(entry(gens, deps, b"rows"), ttl, gens)
+}
+
+#[test]
+fn hit_after_fill_returns_the_stored_bytes() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL),
+        FillOutcome::Stored
+    );
+    let Lookup::Hit(e) = l1.lookup(key(1), &gens) else {
+        panic!("expected a hit");
+    };
+    assert_eq!(&e.response[..], b"rows");
+    assert_eq!(e.ttl(), TTL);
+}
+
+#[test]
+fn entry_is_stale_after_bump_wide_and_is_removed() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let _ = fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL);
+    gens.bump_wide(T);
+    let Lookup::Miss(guard) = l1.lookup(key(1), &gens) else {
+        panic!("a stale entry must be a miss");
+    };
+    assert!(guard.found_stale());
+    assert_eq!(l1.stale_removed(), 1);
+    drop(guard);
+    l1.run_pending_tasks();
+    assert_eq!(l1.entry_count(), 0);
+}
+
+#[test]
+fn point_entry_survives_other_keys_but_not_its_key_or_wide() {
+    let (gens, l1) = (Generations::new(1 << 16), L1::new(1 << 20));
+    let point = [Dependency::Key(T, 42)];
+    let _ = fill_now(&l1, &gens, key(1), &point, TTL);
+    gens.bump_keys(T, &[7, 8, 9]);
+    gens.bump_wide(U);
+    assert!(
+        is_hit(&l1, key(1), &gens),
+        "other keys and tables must not invalidate"
+    );
+    gens.bump_keys(T, &[42]);
+    assert!(!is_hit(&l1, key(1), &gens), "its own key must invalidate");
+
+    let _ = fill_now(&l1, &gens, key(2), &point, TTL);
+    gens.bump_wide(T);
+    assert!(
+        !is_hit(&l1, key(2), &gens),
+        "wide(t) must invalidate point reads"
+    );
+}
+
+#[test]
+fn any_of_entry_is_invalidated_by_a_write_to_any_key() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let _ = fill_now(
+        &l1,
+        &gens,
+        key(1),
+        &[Dependency::AnyOf(U), Dependency::AnyOf(T)],
+        TTL,
+    );
+    gens.bump_keys(TableId(3), &[5]);
+    assert!(is_hit(&l1, key(1), &gens));
+    gens.bump_keys(T, &[123_456]);
+    assert!(!is_hit(&l1, key(1), &gens));
+}
+
+#[test]
+fn fill_is_rejected_when_a_write_committed_between_snapshot_and_fill() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let Lookup::Miss(guard) = l1.lookup(key(1), &gens) else {
+        panic!("expected a miss");
+    };
+    let e = entry(&gens, &[Dependency::Key(T, 1)], b"old rows"); // snapshot, query sent
+    gens.bump_keys(T, &[1]); // a writer commits while the read is upstream
+    assert_eq!(guard.fill(e, TTL, &gens), FillOutcome::Stale);
+    assert!(!is_hit(&l1, key(1), &gens));
+}
+
+#[test]
+fn bump_all_invalidates_everything_including_table_free_reads() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let _ = fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL);
+    let _ = fill_now(&l1, &gens, key(2), &[Dependency::Key(U, 1)], TTL);
+    let _ = fill_now(&l1, &gens, key(3), &[], TTL); // SELECT 1
+    gens.bump_wide(T);
+    assert!(
+        is_hit(&l1, key(3), &gens),
+        "a read of no table survives table bumps"
+    );
+    gens.bump_all();
+    for k in 1..=3 {
+        assert!(!is_hit(&l1, key(k), &gens));
+    }
+}
+
+#[test]
+fn bump_of_a_table_nobody_read_changes_nothing_and_later_reads_cache() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    gens.bump_wide(T);
+    gens.bump_keys(T, &[1]);
+    assert_eq!(gens.table_count(), 0, "bumps must not grow the table map");
+    let _ = fill_now(&l1, &gens, key(1), &[Dependency::Key(T, 1)], TTL);
+    assert!(is_hit(&l1, key(1), &gens));
+}
+
+#[test]
+fn suspended_store_serves_and_stores_nothing_and_resume_flushes() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let _ = fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL);
+    gens.suspend();
+    gens.bump_all(); // must not end the suspension
+    assert!(gens.is_suspended());
+    assert!(!is_hit(&l1, key(1), &gens));
+    assert_eq!(fill_now(&l1, &gens, key(2), &[], TTL), FillOutcome::Stale);
+    let during = gens.snapshot(&[Dependency::AnyOf(T)]);
+    gens.resume();
+    assert!(
+        !gens.is_current(&during),
+        "snapshots taken while suspended stay stale"
+    );
+    assert_eq!(fill_now(&l1, &gens, key(3), &[], TTL), FillOutcome::Stored);
+    assert!(is_hit(&l1, key(3), &gens));
+}
+
+#[test]
+fn snapshot_from_another_store_is_never_current() {
+    let (a, b) = (Generations::new(16), Generations::new(16));
+    assert!(!b.is_current(&a.snapshot(&[Dependency::AnyOf(T)])));
+}
+
+#[test]
+fn table_map_reset_makes_old_snapshots_stale() {
+    let gens = Generations::new(16).with_max_tables(2);
+    let old = gens.snapshot(&[Dependency::AnyOf(T), Dependency::Key(U, 1)]);
+    assert!(gens.is_current(&old));
+    let _ = gens.snapshot(&[Dependency::AnyOf(TableId(3))]); // third table: reset
+    assert_eq!(gens.table_resets(), 1);
+    assert!(!gens.is_current(&old));
+    gens.bump_wide(T); // reaches the new entry only
+    let new = gens.snapshot(&[Dependency::AnyOf(T)]);
+    assert!(gens.is_current(&new));
+}
+
+#[test]
+fn invalidations_applied_through_the_invalidator_trait() {
+    let gens = Generations::new(1024);
+    let sink: &dyn Invalidator = &gens;
+    let point = gens.snapshot(&[Dependency::Key(T, 9)]);
+    let table = gens.snapshot(&[Dependency::AnyOf(U)]);
+    sink.invalidate(&Invalidation::Keys(T, vec![9]));
+    assert!(!gens.is_current(&point));
+    assert!(gens.is_current(&table));
+    sink.invalidate(&Invalidation::Wide(U));
+    assert!(!gens.is_current(&table));
+}
+
+#[tokio::test]
+async fn each_entry_expires_after_its_own_ttl() {
+    let (gens, l1) = (Generations::new(16), L1::new(1 << 20));
+    let _ = fill_now(&l1, &gens, key(1), &[], Duration::from_millis(300));
+    let _ = fill_now(&l1, &gens, key(2), &[], Duration::from_secs(10));
+    assert!(is_hit(&l1, key(1), &gens));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!is_hit(&l1, key(1), &gens));
+    assert!(is_hit(&l1, key(2), &gens));
+}
+
+#[tokio::test]
+async fn replacing_an_entry_takes_the_new_entrys_ttl() {
+    let (gens, l1) = (Generations::new(16), L1::new(1 << 20));
+    let _ = fill_now(
+        &l1,
+        &gens,
+        key(1),
+        &[Dependency::AnyOf(T)],
+        Duration::from_millis(50),
+    );
+    gens.bump_wide(T);
+    let _ = fill_now(
+        &l1,
+        &gens,
+        key(1),
+        &[Dependency::AnyOf(T)],
+        Duration::from_secs(10),
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(is_hit(&l1, key(1), &gens));
+}
+
+#[test]
+fn weighted_size_stays_within_the_byte_bound() {
+    let (gens, max) = (Generations::new(16), 64 * 1024);
+    let l1 = L1::new(max);
+    for n in 0..100 {
+        let Lookup::Miss(guard) = l1.lookup(key(n), &gens) else {
+            panic!("expected a miss");
+        };
+        let body = Bytes::from(vec![b'x'; 4096]);
+        let _ = guard.fill(Entry::new(body, 1, gens.snapshot(&[])), TTL, &gens);
+    }
+    l1.run_pending_tasks();
+    assert!(l1.weighted_size() <= max, "{} > {max}", l1.weighted_size());
+    assert!(l1.entry_count() < 100 && l1.entry_count() > 0);
+}
+
+#[test]
+fn an_absurd_ttl_is_accepted_without_panic() {
+    let (gens, l1) = (Generations::new(16), L1::new(1 << 20));
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &[], Duration::MAX),
+        FillOutcome::Stored
+    );
+    l1.run_pending_tasks();
+    assert!(is_hit(&l1, key(1), &gens));
+}

@@ -1,0 +1,374 @@
+//! The query cache seen from clients: hits happen, and nothing stale or private is served.
+//!
+//! A hit is observed by changing a row *behind pgstash's back* (a direct connection to
+//! Postgres, which pgstash cannot see until the invalidation sources of a later issue exist):
+//! a read through pgstash that still returns the old value was answered from the cache.
+
+use crate::fixture::{Proxy, fresh_database};
+use crate::support::shared_pg;
+use tokio_postgres::Client;
+
+async fn setup(rows: i32) -> (Proxy, String, Client) {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "cache");
+    pg.psql_db(
+        &db,
+        &format!(
+            "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL, note text);
+             INSERT INTO t SELECT g, g * 10, 'n' || g FROM generate_series(1, {rows}) g;
+             CREATE VIEW tv AS SELECT id, v FROM t;"
+        ),
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
+    let direct = pg.client(&db).await;
+    (proxy, db, direct)
+}
+
+async fn v_of(c: &Client, sql: &str, id: i32) -> i32 {
+    c.query_one(sql, &[&id]).await.expect("read").get(0)
+}
+
+async fn simple_int(c: &Client, sql: &str) -> String {
+    c.simple_query(sql)
+        .await
+        .expect("simple read")
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_reads_are_answered_from_the_cache_in_both_protocols() {
+    let (proxy, db, direct) = setup(10).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    assert_eq!(v_of(&c, "SELECT v FROM t WHERE id = $1", 3).await, 30);
+    assert_eq!(simple_int(&c, "SELECT v FROM t WHERE id = 3").await, "30");
+    direct
+        .execute("UPDATE t SET v = 31 WHERE id = 3", &[])
+        .await
+        .expect("direct write");
+    // pgstash did not see that write: both protocols answer from the cache.
+    assert_eq!(v_of(&c, "SELECT v FROM t WHERE id = $1", 3).await, 30);
+    assert_eq!(simple_int(&c, "SELECT v FROM t WHERE id = 3").await, "30");
+    // Another client with the same settings shares the entries.
+    let other = proxy.connect("postgres", "", &db).await;
+    assert_eq!(v_of(&other, "SELECT v FROM t WHERE id = $1", 3).await, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_write_through_pgstash_invalidates_reads() {
+    let (proxy, db, _direct) = setup(10).await;
+    let reader = proxy.connect("postgres", "", &db).await;
+    let writer = proxy.connect("postgres", "", &db).await;
+    let count = "SELECT count(*)::int FROM t";
+    let sum = "SELECT coalesce(sum(v), 0)::int FROM t";
+    let view = "SELECT coalesce(sum(v), 0)::int FROM tv";
+    let qualified = "SELECT coalesce(sum(v), 0)::int FROM public.t";
+    let writes = [
+        "INSERT INTO t VALUES (100, 1, 'x')",
+        "UPDATE t SET v = v + 1 WHERE id = 100",
+        "UPDATE t SET v = v + 1 WHERE note = 'x'",
+        "DELETE FROM t WHERE id = 100",
+        "INSERT INTO t VALUES (101, 5, 'y') ON CONFLICT (id) DO UPDATE SET v = t.v + 1",
+        "INSERT INTO t VALUES (101, 5, 'y') ON CONFLICT (id) DO UPDATE SET v = t.v + 1",
+        "WITH d AS (DELETE FROM t WHERE id = 101 RETURNING *) SELECT count(*) FROM d",
+        "MERGE INTO t USING (SELECT 102 AS id) s ON t.id = s.id WHEN NOT MATCHED THEN INSERT VALUES (102, 7, 'm')",
+        "UPDATE public.t SET v = v * 2 WHERE id = 102",
+        "TRUNCATE t",
+        "INSERT INTO t SELECT g, g, 'z' FROM generate_series(1, 5) g",
+        "ALTER TABLE t ADD COLUMN extra int DEFAULT 0",
+        "CREATE OR REPLACE VIEW tv AS SELECT id, v * 100 AS v FROM t",
+    ];
+    for w in writes {
+        for q in [count, sum, view, qualified] {
+            simple_int(&reader, q).await; // make sure the read is cached
+        }
+        writer
+            .batch_execute(w)
+            .await
+            .unwrap_or_else(|e| panic!("{w}: {e}"));
+        let direct = shared_pg().client(&db).await;
+        for q in [count, sum, view, qualified] {
+            let expected = simple_int(&direct, q).await;
+            assert_eq!(
+                simple_int(&reader, q).await,
+                expected,
+                "after `{w}`, `{q}` is stale"
+            );
+        }
+    }
+    // COPY FROM through pgstash.
+    simple_int(&reader, count).await;
+    let sink = writer
+        .copy_in("COPY t (id, v, note) FROM STDIN")
+        .await
+        .expect("copy");
+    use futures_util::SinkExt;
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from_static(b"500\t1\tc\n501\t2\tc\n"))
+        .await
+        .expect("copy data");
+    sink.as_mut().finish().await.expect("copy done");
+    let direct = shared_pg().client(&db).await;
+    assert_eq!(
+        simple_int(&reader, count).await,
+        simple_int(&direct, count).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_and_uncommitted_writes_leave_no_trace() {
+    let (proxy, db, _direct) = setup(5).await;
+    let mut a = proxy.connect("postgres", "", &db).await;
+    let b = proxy.connect("postgres", "", &db).await;
+    let q = "SELECT v FROM t WHERE id = $1";
+    assert_eq!(v_of(&b, q, 1).await, 10);
+    let tx = a.transaction().await.expect("begin");
+    tx.execute("UPDATE t SET v = 99 WHERE id = 1", &[])
+        .await
+        .expect("update");
+    // The writer sees its own write; it must not be cached for anyone.
+    assert_eq!(
+        tx.query_one(q, &[&1])
+            .await
+            .expect("own read")
+            .get::<_, i32>(0),
+        99
+    );
+    assert_eq!(
+        v_of(&b, q, 1).await,
+        10,
+        "uncommitted data must not be visible"
+    );
+    tx.rollback().await.expect("rollback");
+    assert_eq!(v_of(&b, q, 1).await, 10);
+    assert_eq!(v_of(&a, q, 1).await, 10);
+    // And a commit is seen at once by the other client.
+    a.execute("UPDATE t SET v = 11 WHERE id = 1", &[])
+        .await
+        .expect("autocommit update");
+    assert_eq!(v_of(&b, q, 1).await, 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_functions_locking_reads_and_repeatable_read_bypass_the_cache() {
+    let (proxy, db, direct) = setup(5).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let cases = [
+        "SELECT v FROM t WHERE id = 2 AND now() IS NOT NULL",
+        "SELECT v FROM t WHERE id = 2 AND random() < 2",
+        "SELECT v FROM t WHERE id = 2 FOR UPDATE",
+        "SELECT v FROM t WHERE id = 2 FOR SHARE",
+    ];
+    for q in cases {
+        simple_int(&c, q).await;
+    }
+    direct
+        .execute("UPDATE t SET v = v + 1 WHERE id = 2", &[])
+        .await
+        .expect("direct");
+    let expected = simple_int(&direct, "SELECT v FROM t WHERE id = 2").await;
+    for q in cases {
+        assert_eq!(
+            simple_int(&c, q).await,
+            expected,
+            "`{q}` must not be cached"
+        );
+    }
+    // REPEATABLE READ: reads go to Postgres (and see the transaction's snapshot).
+    simple_int(&c, "SELECT v FROM t WHERE id = 3").await;
+    direct
+        .execute("UPDATE t SET v = v + 1 WHERE id = 3", &[])
+        .await
+        .expect("direct");
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .expect("begin");
+    let fresh = simple_int(&direct, "SELECT v FROM t WHERE id = 3").await;
+    assert_eq!(simple_int(&c, "SELECT v FROM t WHERE id = 3").await, fresh);
+    c.batch_execute("COMMIT").await.expect("commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_search_paths_databases_and_timezones_never_share_entries() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "privacy");
+    pg.psql_db(
+        &db,
+        "CREATE SCHEMA a; CREATE SCHEMA b;
+         CREATE TABLE a.s (x text); INSERT INTO a.s VALUES ('schema a');
+         CREATE TABLE b.s (x text); INSERT INTO b.s VALUES ('schema b');
+         CREATE TABLE secret (owner text, x text);
+         INSERT INTO secret VALUES ('md5user', 'md5 row'), ('scramuser', 'scram row');
+         ALTER TABLE secret ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON secret USING (owner = current_user);
+         GRANT USAGE ON SCHEMA a, b TO PUBLIC;
+         GRANT SELECT ON ALL TABLES IN SCHEMA a, b, public TO md5user, scramuser;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
+    let m = proxy.connect("md5user", "md5pass", &db).await;
+    let s = proxy.connect("scramuser", "scrampass", &db).await;
+    for _ in 0..2 {
+        assert_eq!(
+            simple_int(&m, "SELECT string_agg(x, ',') FROM secret").await,
+            "md5 row"
+        );
+        assert_eq!(
+            simple_int(&s, "SELECT string_agg(x, ',') FROM secret").await,
+            "scram row"
+        );
+    }
+    let pa = proxy.connect("postgres", "", &db).await;
+    let pb = proxy.connect("postgres", "", &db).await;
+    pa.batch_execute("SET search_path = a").await.expect("set");
+    pb.batch_execute("SET search_path = b").await.expect("set");
+    for _ in 0..2 {
+        assert_eq!(simple_int(&pa, "SELECT x FROM s").await, "schema a");
+        assert_eq!(simple_int(&pb, "SELECT x FROM s").await, "schema b");
+    }
+    pa.batch_execute("SET TimeZone = 'UTC'").await.expect("tz");
+    pb.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .expect("tz");
+    let q = "SELECT '2024-01-01 00:00:00+00'::timestamptz::text";
+    for _ in 0..2 {
+        assert_eq!(simple_int(&pa, q).await, "2024-01-01 00:00:00+00");
+        assert_eq!(simple_int(&pb, q).await, "2024-01-01 09:00:00+09");
+    }
+    // Two databases with the same table name and query text.
+    let db2 = fresh_database(pg, "privacy2");
+    pg.psql_db(&db2, "CREATE TABLE secret (owner text, x text); INSERT INTO secret VALUES ('postgres', 'other db');");
+    let c1 = proxy.connect("postgres", "", &db).await;
+    let c2 = proxy.connect("postgres", "", &db2).await;
+    for _ in 0..2 {
+        assert_eq!(
+            simple_int(&c1, "SELECT count(*)::text FROM secret").await,
+            "2"
+        );
+        assert_eq!(
+            simple_int(&c2, "SELECT count(*)::text FROM secret").await,
+            "1"
+        );
+    }
+    // After REVOKE through pgstash, the cached rows are not served to the revoked role.
+    assert_eq!(simple_int(&m, "SELECT x FROM a.s").await, "schema a");
+    pa.batch_execute("REVOKE SELECT ON a.s FROM md5user")
+        .await
+        .expect("revoke");
+    let err = m
+        .simple_query("SELECT x FROM a.s")
+        .await
+        .expect_err("revoked");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_reads_are_invalidated_row_by_row() {
+    let (proxy, db, direct) = setup(10).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let w = proxy.connect("postgres", "", &db).await;
+    let q = "SELECT v FROM t WHERE id = $1";
+    let range = "SELECT sum(v)::int FROM t WHERE id BETWEEN 1 AND 10";
+    assert_eq!(v_of(&c, q, 5).await, 50);
+    assert_eq!(v_of(&c, q, 6).await, 60);
+    simple_int(&c, range).await;
+    // Row 6 changes behind pgstash's back: a cached point read of 6 keeps the old value.
+    direct
+        .execute("UPDATE t SET v = 61 WHERE id = 6", &[])
+        .await
+        .expect("direct");
+    w.execute("UPDATE t SET v = 51 WHERE id = $1", &[&5])
+        .await
+        .expect("update by key");
+    assert_eq!(v_of(&c, q, 5).await, 51, "the written row is fresh");
+    assert_eq!(
+        v_of(&c, q, 6).await,
+        60,
+        "another row's point read is still a hit"
+    );
+    let fresh = simple_int(&direct, range).await;
+    assert_eq!(
+        simple_int(&c, range).await,
+        fresh,
+        "a range read over t is fresh"
+    );
+    // A write by a non-key column invalidates every read of t.
+    w.execute("UPDATE t SET v = v WHERE note = 'n9'", &[])
+        .await
+        .expect("non-key update");
+    assert_eq!(v_of(&c, q, 6).await, 61);
+    // Changing the key invalidates both keys.
+    assert_eq!(v_of(&c, q, 7).await, 70);
+    assert!(c.query_opt(q, &[&77]).await.expect("q").is_none());
+    w.execute("UPDATE t SET id = 77 WHERE id = 7", &[])
+        .await
+        .expect("key change");
+    assert!(c.query_opt(q, &[&7]).await.expect("q").is_none());
+    assert_eq!(v_of(&c, q, 77).await, 70);
+}
+
+#[test]
+fn pgbench_prepared_point_reads_return_each_rows_own_value() {
+    // Many clients, many values, one parameterised statement: every answer is checked by
+    // pgbench's \gset + \if against the value computed from the key.
+    let pg = shared_pg();
+    let db = fresh_database(pg, "pointbench");
+    pg.psql_db(&db, "CREATE TABLE acc (aid int PRIMARY KEY, bal int NOT NULL); INSERT INTO acc SELECT g, g * 7 FROM generate_series(1, 2000) g;");
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("check.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 2000)\nSELECT bal FROM acc WHERE aid = :aid \\gset\n\\if :bal != :aid * 7\nSELECT 1/0;\n\\endif\n",
+    )
+    .expect("script");
+    for mode in ["prepared", "extended", "simple"] {
+        let out = crate::fixture::run(
+            std::process::Command::new(pg.bin("pgbench"))
+                .args([
+                    "-n",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &proxy.port().to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .args(["-M", mode, "-c", "16", "-j", "2", "-t", "500", "-f"])
+                .arg(&script)
+                .arg(&db),
+        );
+        assert!(
+            out.contains("number of failed transactions: 0 "),
+            "{mode}: {out}"
+        );
+        assert!(
+            out.contains("actually processed: 8000/8000"),
+            "{mode}: {out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_hints_skip_the_cache_or_shorten_the_ttl() {
+    let (proxy, db, direct) = setup(5).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let skip = "SELECT /* pgstash: skip */ v FROM t WHERE id = 4";
+    let short = "SELECT /* pgstash: ttl=1s */ v FROM t WHERE id = 4";
+    assert_eq!(simple_int(&c, skip).await, "40");
+    assert_eq!(simple_int(&c, short).await, "40");
+    direct
+        .execute("UPDATE t SET v = 41 WHERE id = 4", &[])
+        .await
+        .expect("direct");
+    assert_eq!(simple_int(&c, skip).await, "41", "skip hint: never cached");
+    assert_eq!(simple_int(&c, short).await, "40", "within its ttl: a hit");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(simple_int(&c, short).await, "41", "after its ttl: fresh");
+}
