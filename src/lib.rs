@@ -17,6 +17,7 @@ pub mod cache;
 pub mod cancel;
 pub mod catalog;
 pub mod config;
+pub mod invalidation;
 pub mod login;
 pub mod protocol;
 pub mod relay;
