@@ -33,6 +33,9 @@ pub struct Config {
     pub pool: PoolConfig,
     pub auth: AuthConfig,
     pub cache: CacheConfig,
+    pub redis: RedisConfig,
+    pub invalidation: InvalidationConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -50,6 +53,140 @@ pub struct CacheConfig {
     pub max_result_bytes: usize,
     /// Results with more rows than this are not cached.
     pub max_result_rows: u64,
+    /// Per table or per query-text regex: a TTL, or never cache. The first matching rule
+    /// wins; a `/* pgstash: ... */` hint in the query beats every rule.
+    pub rules: Vec<CacheRule>,
+    /// Adaptive bypass: stop caching query fingerprints that do not pay.
+    pub adaptive: AdaptiveConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// A table the query reads, as `name` or `schema.name` (views count by their own name).
+    pub table: Option<String>,
+    /// A regular expression searched in the query text.
+    pub query: Option<String>,
+    /// Lifetime for matching queries.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// Never cache matching queries.
+    #[serde(default)]
+    pub never: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveConfig {
+    pub enabled: bool,
+    /// Calls seen before a fingerprint is judged.
+    pub min_calls: u64,
+    /// Below this hit ratio (0..1) a fingerprint is bypassed.
+    pub min_hit_ratio: f64,
+    /// Above this many invalidations (entries found stale, fills rejected) per lookup, the
+    /// query's tables change too often for caching to pay.
+    pub max_invalidation_ratio: f64,
+    /// Fingerprints whose mean upstream time is below this are not worth caching (0: off;
+    /// every hit saves at least a round trip).
+    #[serde(with = "humantime_serde")]
+    pub min_upstream_time: Duration,
+    /// A bypassed fingerprint is tried again after this long.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        AdaptiveConfig {
+            enabled: true,
+            min_calls: 200,
+            min_hit_ratio: 0.2,
+            max_invalidation_ratio: 0.5,
+            min_upstream_time: Duration::ZERO,
+            retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The shared tier. Without `url` there is no L2 and no cross-instance invalidation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; empty: no Redis.
+    pub url: Option<String>,
+    /// Each Redis operation gives up after this long (and counts as a failure).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// After a failure, Redis is left alone this long before it is tried again.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// While invalidations from other instances cannot be heard, L1 entries are served at
+    /// most this long; after that only Postgres answers until Redis is back.
+    #[serde(with = "humantime_serde")]
+    pub unheard_bound: Duration,
+    /// Prefix of every key and of the invalidation channel.
+    pub prefix: String,
+    /// Upper bound on an L2 value's lifetime (rules and hints are capped to it).
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            timeout: Duration::from_millis(250),
+            breaker_cooldown: Duration::from_secs(1),
+            unheard_bound: Duration::from_millis(500),
+            prefix: "pgstash:".into(),
+            max_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InvalidationSource {
+    /// Only writes relayed by pgstash invalidate.
+    #[default]
+    Proxy,
+    /// Triggers installed by `pgstash migrate up` NOTIFY every committed write.
+    Notify,
+    /// A logical replication slot streams every committed change.
+    Wal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InvalidationConfig {
+    pub source: InvalidationSource,
+    /// Databases the source watches; empty: the upstream URL's database.
+    pub databases: Vec<String>,
+    /// A source this far behind (or disconnected) stops the cache for its databases.
+    #[serde(with = "humantime_serde")]
+    pub max_lag: Duration,
+    /// Logical replication slot and publication (source = "wal").
+    pub slot: String,
+    pub publication: String,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig {
+            source: InvalidationSource::Proxy,
+            databases: Vec::new(),
+            max_lag: Duration::from_secs(1),
+            slot: "pgstash".into(),
+            publication: "pgstash".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// HTTP address for /metrics, /healthz and /readyz; empty: off.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for CacheConfig {
@@ -60,6 +197,8 @@ impl Default for CacheConfig {
             max_bytes: 256 * 1024 * 1024,
             max_result_bytes: 1024 * 1024,
             max_result_rows: 10_000,
+            rules: Vec::new(),
+            adaptive: AdaptiveConfig::default(),
         }
     }
 }
@@ -293,6 +432,10 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -309,7 +452,15 @@ impl Config {
         if let Some(u) = &overrides.upstream {
             fig = fig.merge(Serialized::default("upstream.url", u));
         }
-        let config: Config = fig.extract().map_err(Box::new)?;
+        if let Some(r) = &overrides.redis {
+            fig = fig.merge(Serialized::default("redis.url", r));
+        }
+        if let Some(m) = overrides.metrics {
+            fig = fig.merge(Serialized::default("metrics.listen", m));
+        }
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        // PGSTASH_REDIS__URL="" means no Redis, as an absent key does.
+        config.redis.url = config.redis.url.filter(|u| !u.is_empty());
         config.validate()?;
         Ok(config)
     }
@@ -345,6 +496,53 @@ impl Config {
         }
         if self.cache.default_ttl.is_zero() {
             return Err(invalid("cache.default_ttl", "must be above zero"));
+        }
+        for (i, r) in self.cache.rules.iter().enumerate() {
+            if r.table.is_some() == r.query.is_some() {
+                return Err(invalid(
+                    "cache.rules",
+                    format!("rule #{i}: give exactly one of `table` or `query`"),
+                ));
+            }
+            if r.never == r.ttl.is_some() {
+                return Err(invalid(
+                    "cache.rules",
+                    format!("rule #{i}: give exactly one of `ttl` or `never = true`"),
+                ));
+            }
+            if let Some(q) = &r.query {
+                regex::Regex::new(q).map_err(|e| {
+                    invalid("cache.rules", format!("rule #{i}: bad `query` regex: {e}"))
+                })?;
+            }
+            if r.ttl.is_some_and(|t| t.is_zero()) {
+                return Err(invalid(
+                    "cache.rules",
+                    format!("rule #{i}: ttl must be above zero"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.cache.adaptive.min_hit_ratio) {
+            return Err(invalid(
+                "cache.adaptive.min_hit_ratio",
+                "must be between 0 and 1",
+            ));
+        }
+        if let Some(u) = &self.redis.url {
+            let parsed =
+                url::Url::parse(u).map_err(|e| invalid("redis.url", format!("not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+                return Err(invalid("redis.url", "must start with redis:// or unix://"));
+            }
+        }
+        if self.redis.timeout.is_zero() {
+            return Err(invalid("redis.timeout", "must be above zero"));
+        }
+        if self.redis.max_ttl.is_zero() {
+            return Err(invalid("redis.max_ttl", "must be above zero"));
+        }
+        if self.invalidation.max_lag.is_zero() {
+            return Err(invalid("invalidation.max_lag", "must be above zero"));
         }
         if self.pool.checkout_timeout.is_zero() {
             return Err(invalid("pool.checkout_timeout", "must be above zero"));

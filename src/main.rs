@@ -17,6 +17,12 @@ struct Cli {
     /// Postgres to proxy, as postgres://user:password@host:port/db (upstream.url).
     #[arg(long)]
     upstream: Option<String>,
+    /// Redis for the shared tier, as redis://host:port (redis.url).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Address for the HTTP endpoint with /metrics, /healthz, /readyz (metrics.listen).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -32,6 +38,8 @@ fn main() -> ExitCode {
     let overrides = Overrides {
         listen: cli.listen,
         upstream: cli.upstream.clone(),
+        redis: cli.redis.clone(),
+        metrics: cli.metrics,
     };
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -22,26 +22,38 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Fails only on a Redis URL the client library rejects.
+    pub fn new(config: Config) -> Result<Arc<Self>, crate::redis_tier::TierError> {
         let pools = Pools::new(
             config.upstream_target(),
             config.pool.clone(),
             config.upstream.connect_timeout,
         );
-        let cache = config.cache.enabled.then(|| {
-            crate::relay::caching::CacheShared::new(
-                config.cache.clone(),
-                config.upstream_target(),
-                config.upstream.connect_timeout,
-            )
-        });
-        Arc::new(Shared {
+        let target = config.upstream_target();
+        let cache = match (config.cache.enabled, &config.redis.url) {
+            (false, _) => None,
+            (true, url) => {
+                let tier = url
+                    .as_deref()
+                    .map(|u| {
+                        crate::redis_tier::RedisTier::new(config.redis.clone(), u, &target.addr())
+                    })
+                    .transpose()?;
+                Some(crate::relay::caching::CacheShared::new(
+                    config.cache.clone(),
+                    tier,
+                    target,
+                    config.upstream.connect_timeout,
+                ))
+            }
+        };
+        Ok(Arc::new(Shared {
             cache,
             client_slots: Arc::new(Semaphore::new(config.server.max_client_connections)),
             pools,
             cancels: Arc::new(CancelRegistry::default()),
             config,
-        })
+        }))
     }
 }
 
@@ -52,7 +64,33 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let shared = Shared::new(config);
+    let shared = Shared::new(config).map_err(std::io::Error::other)?;
+    let mut background = Vec::new();
+    if let Some(cache) = &shared.cache
+        && let Some(tier) = &cache.tier
+    {
+        background.push(tokio::spawn(
+            tier.clone().subscribe_forever(cache.gens.clone()),
+        ));
+    }
+    if let Some(addr) = shared.config.metrics.listen {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (metrics.listen): {e}"),
+            )
+        })?;
+        let health: Arc<dyn crate::metrics::HealthReport> = match &shared.cache {
+            Some(c) => c.clone(),
+            None => Arc::new(NoCache),
+        };
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        background.push(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, health).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+    }
     let unix = match &shared.config.server.unix_socket_dir {
         Some(dir) => {
             let path = dir.join(format!(".s.PGSQL.{}", listener.local_addr()?.port()));
@@ -109,6 +147,9 @@ pub async fn run(
         }
     }
     maintenance.abort();
+    for task in background {
+        task.abort();
+    }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
     Ok(())
@@ -118,5 +159,14 @@ async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::Un
     match l {
         Some(l) => l.accept().await.map(|(s, _)| s),
         None => std::future::pending().await,
+    }
+}
+
+/// Health when the cache is off: nothing can be degraded.
+struct NoCache;
+
+impl crate::metrics::HealthReport for NoCache {
+    fn degraded(&self) -> Vec<String> {
+        Vec::new()
     }
 }

@@ -29,6 +29,9 @@ pub struct BypassConfig {
     pub probe_interval: Duration,
     /// Fingerprints tracked at most (least used ones are forgotten, and start over).
     pub max_fingerprints: u64,
+    /// Queries whose mean upstream time is below this do not pay for their memory (zero:
+    /// never judged on cost).
+    pub min_upstream: Duration,
 }
 
 impl Default for BypassConfig {
@@ -40,6 +43,7 @@ impl Default for BypassConfig {
             probe_calls: 1000,
             probe_interval: Duration::from_secs(60),
             max_fingerprints: 10_000,
+            min_upstream: Duration::ZERO,
         }
     }
 }
@@ -47,11 +51,13 @@ impl Default for BypassConfig {
 const CACHING: u8 = 0;
 const LOW_HIT_RATIO: u8 = 1;
 const INVALIDATED: u8 = 2;
+const CHEAP: u8 = 3;
 
 /// Bypass reasons, as metric labels.
 fn reason(code: u8) -> &'static str {
     match code {
         LOW_HIT_RATIO => "low_hit_ratio",
+        CHEAP => "cheap_upstream",
         _ => "invalidated_too_often",
     }
 }
@@ -91,6 +97,12 @@ impl QueryStats {
     }
 
     /// Time the query spent upstream (cached misses and bypassed calls alike).
+    /// Mean time a call of this query took upstream, once any was measured.
+    fn mean_upstream(&self) -> Option<Duration> {
+        let calls = self.upstream_calls.load(Relaxed);
+        (calls > 0).then(|| Duration::from_micros(self.upstream_micros.load(Relaxed) / calls))
+    }
+
     pub fn upstream(&self, took: Duration) {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.upstream_micros.fetch_add(micros, Relaxed);
@@ -218,6 +230,10 @@ impl Bypass {
             LOW_HIT_RATIO
         } else if invalidations as f64 > cfg.max_stale_ratio * lookups as f64 {
             INVALIDATED
+        } else if !cfg.min_upstream.is_zero()
+            && q.mean_upstream().is_some_and(|m| m < cfg.min_upstream)
+        {
+            CHEAP
         } else {
             return Ok(());
         };
@@ -252,7 +268,34 @@ mod tests {
             probe_calls: 1000,
             probe_interval: Duration::from_secs(60),
             max_fingerprints: 100,
+            min_upstream: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn queries_cheaper_upstream_than_the_bound_are_bypassed_when_configured() {
+        let b = Bypass::new(BypassConfig {
+            min_samples: 10,
+            min_upstream: Duration::from_millis(5),
+            ..config()
+        });
+        let q = b.stats(9);
+        for _ in 0..10 {
+            assert!(b.decide(&q).is_ok());
+            q.hit();
+            q.upstream(Duration::from_micros(100));
+        }
+        assert_eq!(b.decide(&q), Err("cheap_upstream"));
+        let slow = b.stats(10);
+        for _ in 0..10 {
+            assert!(b.decide(&slow).is_ok());
+            slow.hit();
+            slow.upstream(Duration::from_millis(50));
+        }
+        assert!(
+            b.decide(&slow).is_ok(),
+            "an expensive query keeps being cached"
+        );
     }
 
     /// Runs `n` calls through the decision, recording a hit for every `hit_every`-th one

@@ -6,11 +6,13 @@
 use crate::analysis::{self, Analysis, ColumnValue, DdlScope, KeyValue, TableWrite, WriteEffect};
 pub use crate::cache::Invalidation;
 use crate::cache::{
-    CacheKey, Dependency, Entry, FillGuard, FillOutcome, Generations, Invalidator, L1, Resolved,
-    Snapshot, TableId,
+    Bypass, BypassConfig, CacheKey, Dependency, Entry, FillGuard, FillOutcome, Generations,
+    Invalidator, L1, QueryStats, Resolved, Snapshot, TableId,
 };
 use crate::catalog::Catalog;
-use crate::config::{CacheConfig, UpstreamTarget};
+use crate::config::{CacheConfig, CacheRule, UpstreamTarget};
+use crate::metrics::metrics;
+use crate::redis_tier::{L2Lookup, RedisSnapshot, RedisTier};
 use crate::relay::bind::{BindParams, canonical_int};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,11 +24,17 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 pub struct CacheShared {
     pub config: CacheConfig,
     pub l1: L1,
-    pub gens: Generations,
+    pub gens: Arc<Generations>,
+    /// The shared tier, when `redis.url` is set.
+    pub tier: Option<Arc<RedisTier>>,
+    pub bypass: Option<Bypass>,
+    rules: Vec<Rule>,
+    /// Databases a change source cannot vouch for right now (see `invalidation`).
+    unhealthy: SourceHealth,
     upstream: UpstreamTarget,
     connect_timeout: Duration,
     catalogs: Mutex<HashMap<String, CatalogCell>>,
-    analyses: Mutex<HashMap<(String, u64), Arc<Analysis>>>,
+    analyses: Mutex<HashMap<(String, u64), Arc<Analyzed>>>,
 }
 
 /// A database's catalog, loaded once by whichever client needs it first (`None`: unreadable).
@@ -34,15 +42,124 @@ type CatalogCell = Arc<OnceCell<Option<Arc<Catalog>>>>;
 
 const MAX_MEMOISED_ANALYSES: usize = 50_000;
 
+/// A statement's analysis and what the configuration says about caching it, memoised by
+/// query text (rules and hints depend on nothing else).
+pub struct Analyzed {
+    pub analysis: Analysis,
+    pub policy: Policy,
+    /// Identifies the query for the adaptive bypass: a hash of its text.
+    pub fingerprint: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Policy {
+    /// Cache with this lifetime.
+    Cache(Duration),
+    /// Never cache (a `never` rule or a `skip` hint).
+    Never,
+}
+
+/// A compiled `[[cache.rules]]` entry.
+struct Rule {
+    matcher: RuleMatch,
+    policy: Policy,
+}
+
+enum RuleMatch {
+    /// `name` or `schema.name`, compared with the names the query reads.
+    Table {
+        schema: Option<String>,
+        name: String,
+    },
+    Query(regex::Regex),
+}
+
+impl Rule {
+    fn compile(r: &CacheRule) -> Option<Rule> {
+        let policy = match r.ttl {
+            Some(ttl) if !r.never => Policy::Cache(ttl),
+            _ => Policy::Never,
+        };
+        let matcher = match (&r.table, &r.query) {
+            (Some(t), _) => {
+                let t = t.to_ascii_lowercase();
+                match t.split_once('.') {
+                    Some((schema, name)) => RuleMatch::Table {
+                        schema: Some(schema.to_string()),
+                        name: name.to_string(),
+                    },
+                    None => RuleMatch::Table {
+                        schema: None,
+                        name: t,
+                    },
+                }
+            }
+            // Validated at load; a rule that no longer compiles is dropped, loudly.
+            (None, Some(q)) => match regex::Regex::new(q) {
+                Ok(re) => RuleMatch::Query(re),
+                Err(e) => {
+                    tracing::error!(error = %e, "cache rule ignored");
+                    return None;
+                }
+            },
+            (None, None) => return None,
+        };
+        Some(Rule { matcher, policy })
+    }
+
+    fn matches(&self, sql: &str, a: &Analysis) -> bool {
+        match &self.matcher {
+            RuleMatch::Query(re) => re.is_match(sql),
+            RuleMatch::Table { schema, name } => {
+                let Analysis::Read(r) = a else { return false };
+                r.tables.iter().any(|t| {
+                    t.name.eq_ignore_ascii_case(name)
+                        && match (schema, &t.schema) {
+                            (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+                            // A qualified rule does not match an unqualified name: it may
+                            // resolve to another schema through search_path.
+                            (Some(_), None) => false,
+                            (None, _) => true,
+                        }
+                })
+            }
+        }
+    }
+}
+
+/// Per-database health as reported by change sources: a count for the hot path, the set
+/// with reasons for everything else.
+#[derive(Default)]
+struct SourceHealth {
+    count: std::sync::atomic::AtomicUsize,
+    dbs: Mutex<HashMap<String, String>>,
+}
+
 impl CacheShared {
     pub fn new(
         config: CacheConfig,
+        tier: Option<Arc<RedisTier>>,
         upstream: UpstreamTarget,
         connect_timeout: Duration,
     ) -> Arc<Self> {
+        let a = &config.adaptive;
+        let bypass = a.enabled.then(|| {
+            Bypass::new(BypassConfig {
+                min_samples: a.min_calls,
+                min_hit_ratio: a.min_hit_ratio,
+                max_stale_ratio: a.max_invalidation_ratio,
+                min_upstream: a.min_upstream_time,
+                probe_interval: a.retry_after,
+                ..BypassConfig::default()
+            })
+        });
         Arc::new(CacheShared {
             l1: L1::new(config.max_bytes),
-            gens: Generations::new(1 << 20),
+            gens: Arc::new(Generations::new(1 << 20)),
+            rules: config.rules.iter().filter_map(Rule::compile).collect(),
+            bypass,
+            tier,
+            unhealthy: SourceHealth::default(),
             config,
             upstream,
             connect_timeout,
@@ -86,8 +203,9 @@ impl CacheShared {
             .retain(|(d, _), _| d != db);
     }
 
-    pub fn analyze(&self, db: &str, sql: &str, catalog: &Catalog) -> Arc<Analysis> {
-        let key = (db.to_string(), xxh3_64(sql.as_bytes()));
+    pub fn analyze(&self, db: &str, sql: &str, catalog: &Catalog) -> Arc<Analyzed> {
+        let fingerprint = xxh3_64(sql.as_bytes());
+        let key = (db.to_string(), fingerprint);
         if let Some(a) = self
             .analyses
             .lock()
@@ -96,7 +214,13 @@ impl CacheShared {
         {
             return a.clone();
         }
-        let a = Arc::new(analysis::analyze(sql, catalog));
+        let analysis = analysis::analyze(sql, catalog);
+        let policy = self.policy(sql, &analysis);
+        let a = Arc::new(Analyzed {
+            analysis,
+            policy,
+            fingerprint,
+        });
         let mut map = self.analyses.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_MEMOISED_ANALYSES {
             map.clear();
@@ -105,24 +229,132 @@ impl CacheShared {
         a
     }
 
-    /// Invalidate what a committed write touched.
+    /// Hints beat rules; the first matching rule beats the default.
+    fn policy(&self, sql: &str, a: &Analysis) -> Policy {
+        // Most queries carry no hint: a substring test spares the comment scan.
+        if sql.contains("pgstash:") {
+            let h = analysis::hints(sql);
+            if h.skip {
+                return Policy::Never;
+            }
+            if let Some(ttl) = h.ttl {
+                return Policy::Cache(ttl);
+            }
+        }
+        self.rules
+            .iter()
+            .find(|r| r.matches(sql, a))
+            .map(|r| r.policy)
+            .unwrap_or(Policy::Cache(self.config.default_ttl))
+    }
+
+    /// Apply a committed write locally (the relay publishes it to other instances).
     pub fn invalidate(&self, inv: &Invalidation) {
         self.gens.invalidate(inv);
     }
 
-    /// Store a captured response; says whether it was stored.
-    pub fn fill(
-        &self,
-        guard: FillGuard,
-        response: bytes::Bytes,
-        snapshot: Snapshot,
-        rows: u64,
-        ttl: Duration,
-    ) -> bool {
-        matches!(
-            guard.fill(Entry::new(response, rows, snapshot), ttl, &self.gens),
-            FillOutcome::Stored
-        )
+    /// Whether a change source vouches for `db` (always, when no source reported trouble).
+    #[inline]
+    pub fn source_healthy(&self, db: &str) -> bool {
+        self.unhealthy
+            .count
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 0
+            || !self
+                .unhealthy
+                .dbs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(db)
+    }
+
+    /// A change source's report. Back to healthy drops everything cached: entries filled
+    /// while the source was deaf may have missed invalidations.
+    pub fn set_source_health(&self, db: &str, healthy: bool, reason: &str) {
+        let mut dbs = self.unhealthy.dbs.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if healthy {
+            let was = dbs.remove(db).is_some();
+            if was {
+                self.gens.bump_all();
+            }
+            was
+        } else {
+            dbs.insert(db.to_string(), reason.to_string()).is_none()
+        };
+        self.unhealthy
+            .count
+            .store(dbs.len(), std::sync::atomic::Ordering::Release);
+        if changed {
+            if healthy {
+                tracing::info!(db, "change source caught up: caching resumes");
+            } else {
+                tracing::warn!(
+                    db,
+                    reason,
+                    "change source cannot vouch for freshness: not serving cached results"
+                );
+            }
+        }
+    }
+
+    /// Databases not served from the cache, with the reason.
+    pub fn unhealthy_sources(&self) -> Vec<(String, String)> {
+        let dbs = self.unhealthy.dbs.lock().unwrap_or_else(|p| p.into_inner());
+        dbs.iter().map(|(d, r)| (d.clone(), r.clone())).collect()
+    }
+
+    /// Store a captured response in L1 (and L2 when it had a Redis snapshot).
+    pub fn fill(&self, key: CacheKey, fill: Fill, response: bytes::Bytes) -> FillOutcome {
+        let outcome = fill.guard.fill(
+            Entry::new(response.clone(), fill.rows, fill.snapshot),
+            fill.ttl,
+            &self.gens,
+        );
+        let m = metrics();
+        match outcome {
+            FillOutcome::Stored => {
+                m.fills_stored.inc();
+                if let (Some(tier), Some(snap)) = (&self.tier, fill.redis) {
+                    tier.store(key, snap, response, fill.rows, fill.ttl);
+                }
+            }
+            FillOutcome::Stale => {
+                m.fills_stale.inc();
+                if let Some(s) = &fill.stats {
+                    s.invalidated();
+                }
+            }
+            FillOutcome::NoTtl => {}
+        }
+        outcome
+    }
+}
+
+impl crate::metrics::HealthReport for CacheShared {
+    fn degraded(&self) -> Vec<String> {
+        let m = metrics();
+        m.l1_bytes.set(self.l1.weighted_size() as i64);
+        m.l1_entries.set(self.l1.entry_count() as i64);
+        m.cache_suspended.set(i64::from(self.gens.is_suspended()));
+        let mut out = Vec::new();
+        if let Some(t) = &self.tier {
+            m.redis_breaker_open.set(i64::from(t.breaker_open()));
+            if t.breaker_open() {
+                out.push("redis: unavailable (circuit breaker open)".to_string());
+            }
+            if !t.is_subscribed() {
+                out.push("redis: invalidation channel not heard".to_string());
+            }
+        }
+        if self.gens.is_suspended() {
+            out.push("cache: L1 suspended (freshness cannot be proven)".to_string());
+        }
+        for (db, reason) in self.unhealthy_sources() {
+            out.push(format!(
+                "source: database {db} not served from cache: {reason}"
+            ));
+        }
+        out
     }
 }
 
@@ -285,40 +517,79 @@ pub fn read_plan(
 pub struct Fill {
     pub guard: FillGuard,
     pub snapshot: Snapshot,
+    /// The Redis generations seen before going upstream, when L2 was consulted.
+    pub redis: Option<RedisSnapshot>,
+    pub key: CacheKey,
+    pub stats: Option<Arc<QueryStats>>,
     /// Where in the client buffer this response starts.
     pub start: usize,
     pub ttl: Duration,
     pub rows: u64,
+    pub started: std::time::Instant,
     /// Set when something makes the response unfit to store (error, suspended portal,
     /// notification, parameter change, too large).
     pub spoiled: bool,
 }
 
+/// A miss that will be filled by the response to the forwarded request.
+pub struct PendingFill {
+    pub guard: FillGuard,
+    pub snapshot: Snapshot,
+    pub redis: Option<RedisSnapshot>,
+    pub key: CacheKey,
+    pub stats: Option<Arc<QueryStats>>,
+    pub ttl: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Tier {
+    L1,
+    L2,
+}
+
 /// Outcome of a lookup for a planned read.
 pub enum ReadOutcome {
-    Hit(bytes::Bytes),
-    Fill(FillGuard, Snapshot),
-    /// Another client is filling and did not finish in time, or the fingerprint is bypassed.
-    Forward,
+    Hit(bytes::Bytes, Tier),
+    Fill(PendingFill),
 }
 
-pub async fn lookup(shared: &CacheShared, plan: &ReadPlan) -> ReadOutcome {
-    match shared.l1.get(plan.key, &shared.gens).await {
-        Resolved::Hit(e) => ReadOutcome::Hit(e.response.clone()),
-        Resolved::Miss(guard) => ReadOutcome::Fill(guard, shared.gens.snapshot(&plan.deps)),
+/// L1, then L2. The local snapshot is taken before L2 is asked, so an invalidation that
+/// arrives while Redis answers makes the L1 copy of an L2 hit stale, never wrongly fresh.
+pub async fn lookup(
+    shared: &CacheShared,
+    plan: &ReadPlan,
+    ttl: Duration,
+    stats: Option<Arc<QueryStats>>,
+) -> ReadOutcome {
+    let guard = match shared.l1.get(plan.key, &shared.gens).await {
+        Resolved::Hit(e) => return ReadOutcome::Hit(e.response.clone(), Tier::L1),
+        Resolved::Miss(guard) => guard,
+    };
+    if guard.found_stale()
+        && let Some(s) = &stats
+    {
+        s.invalidated();
     }
-}
-
-/// The lifetime for a read's entry, from its `/* pgstash: ... */` hint or the default;
-/// `None` when the hint says to skip the cache.
-pub fn ttl_for(config: &CacheConfig, sql: &str) -> Option<Duration> {
-    // Most queries carry no hint: a substring test spares the comment scan.
-    if !sql.contains("pgstash:") {
-        return Some(config.default_ttl);
+    let snapshot = shared.gens.snapshot(&plan.deps);
+    let mut redis = None;
+    if let Some(tier) = &shared.tier {
+        match tier.lookup(plan.key, &plan.deps).await {
+            L2Lookup::Hit { response, rows } => {
+                metrics().hits_l2.inc();
+                let entry = Entry::new(response.clone(), rows, snapshot);
+                let _ = guard.fill(entry, ttl, &shared.gens);
+                return ReadOutcome::Hit(response, Tier::L2);
+            }
+            L2Lookup::Miss(snap) => redis = Some(snap),
+            L2Lookup::Unavailable => {}
+        }
     }
-    let h = analysis::hints(sql);
-    if h.skip {
-        return None;
-    }
-    Some(h.ttl.unwrap_or(config.default_ttl))
+    ReadOutcome::Fill(PendingFill {
+        guard,
+        snapshot,
+        redis,
+        key: plan.key,
+        stats,
+        ttl,
+    })
 }

@@ -12,8 +12,10 @@ pub mod caching;
 mod expect;
 pub mod statements;
 
+use crate::analysis::Analysis;
 use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
+use crate::metrics::{BypassReason, InvalidationOrigin, metrics};
 use crate::protocol::{self, Message, MessageReader, ProtocolError, Severity, cstr_at};
 use crate::session::{Effect, Settings};
 use crate::upstream::pool::{Pooled, ServerPool};
@@ -80,13 +82,12 @@ pub struct Relay<R, W> {
     batch: Vec<Message>,
     /// A miss whose response will be stored once it has been relayed.
     fill: Option<Fill>,
-    pending_fill: Option<(
-        crate::cache::FillGuard,
-        crate::cache::Snapshot,
-        std::time::Duration,
-    )>,
+    pending_fill: Option<caching::PendingFill>,
     /// Invalidations of the open transaction, applied when it commits.
     pending_inv: Vec<Invalidation>,
+    /// Committed invalidations still to be published to other instances; the client hears
+    /// of the commit only after they are (or publishing gave up).
+    to_publish: Vec<Invalidation>,
     /// Tables this transaction wrote: its reads of them must see its own writes.
     tx_written: HashSet<String>,
     /// The open transaction is REPEATABLE READ or SERIALIZABLE: its reads bypass the cache.
@@ -143,6 +144,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             fill: None,
             pending_fill: None,
             pending_inv: Vec::new(),
+            to_publish: Vec::new(),
             tx_written: HashSet::new(),
             strict_tx: false,
             schema_dirty: false,
@@ -210,6 +212,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                                 Err(e) => return self.server_lost(e.to_string()).await,
                             }
                         }
+                        self.publish_committed().await;
                     }
                     Ok(None) => {
                         return self
@@ -280,14 +283,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     /// Forward or answer one client message (after the cache had its say).
     async fn dispatch(&mut self, msg: Message) -> Result<bool, RelayError> {
         let tag = msg.tag();
-        if let Some((guard, snapshot, ttl)) = self.pending_fill.take() {
+        if let Some(p) = self.pending_fill.take() {
             // Everything the client receives from here to ReadyForQuery is the response.
             self.fill = Some(Fill {
-                guard,
-                snapshot,
+                guard: p.guard,
+                snapshot: p.snapshot,
+                redis: p.redis,
+                key: p.key,
+                stats: p.stats,
                 start: self.to_client.len(),
-                ttl,
+                ttl: p.ttl,
                 rows: 0,
+                started: std::time::Instant::now(),
                 spoiled: false,
             });
         }
@@ -664,9 +671,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(cache) = self.cache.clone() else {
             return Ok(false);
         };
-        if !self.cache_allowed_now() {
-            return Ok(false);
-        }
         let Some((sql, _)) = cstr_at(msg.body(), 0) else {
             return Ok(false);
         };
@@ -674,49 +678,92 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         let Some(catalog) = cache.catalog(&self.database).await else {
+            metrics().bypass(BypassReason::NoCatalog);
             return Ok(false);
         };
-        let analysis = cache.analyze(&self.database, sql, &catalog);
+        let analyzed = cache.analyze(&self.database, sql, &catalog);
         let mut key = caching::key_prefix(&self.database, &self.user, self.settings.fingerprint());
         key.update(b"Q");
         key.update(sql.as_bytes());
-        let Some(plan) = caching::read_plan(&analysis, &catalog, key, None) else {
+        let Some(plan) = caching::read_plan(&analyzed.analysis, &catalog, key, None) else {
+            if matches!(analyzed.analysis, Analysis::Bypass(_)) {
+                metrics().bypass(BypassReason::NotCacheable);
+            }
             return Ok(false);
         };
-        let Some(ttl) = caching::ttl_for(&cache.config, sql) else {
-            return Ok(false);
-        };
-        self.serve_plan(&cache, &plan, ttl, None).await
+        self.serve_plan(&cache, &plan, &analyzed, None).await
     }
 
-    /// Look a planned read up; on a hit answer it (after `preamble`), on a miss arrange the fill.
+    /// Look a planned read up; on a hit answer it (after `on_hit`), on a miss arrange the fill.
     async fn serve_plan(
         &mut self,
         cache: &CacheShared,
         plan: &caching::ReadPlan,
-        ttl: std::time::Duration,
+        analyzed: &caching::Analyzed,
         on_hit: Option<&(dyn Fn(&mut Self) + Send + Sync)>,
     ) -> Result<bool, RelayError> {
-        if plan.tables.iter().any(|t| self.tx_written.contains(t)) {
+        let started = std::time::Instant::now();
+        let m = metrics();
+        let ttl = match analyzed.policy {
+            caching::Policy::Cache(ttl) => ttl,
+            caching::Policy::Never => {
+                m.bypass(BypassReason::Rule);
+                return Ok(false);
+            }
+        };
+        if !self.cache_allowed_now() {
+            m.bypass(BypassReason::Transaction);
             return Ok(false);
         }
-        let outcome = caching::lookup(cache, plan).await;
-        tracing::trace!(hit = matches!(outcome, ReadOutcome::Hit(_)), "cache lookup");
+        if plan.tables.iter().any(|t| self.tx_written.contains(t)) {
+            m.bypass(BypassReason::ReadYourWrites);
+            return Ok(false);
+        }
+        if !cache.source_healthy(&self.database) {
+            m.bypass(BypassReason::SourceUnhealthy);
+            return Ok(false);
+        }
+        let stats = match &cache.bypass {
+            Some(b) => {
+                let stats = b.stats(analyzed.fingerprint);
+                if let Err(reason) = b.decide(&stats) {
+                    m.bypass_adaptive(reason);
+                    return Ok(false);
+                }
+                Some(stats)
+            }
+            None => None,
+        };
+        let outcome = caching::lookup(cache, plan, ttl, stats.clone()).await;
+        tracing::trace!(
+            hit = matches!(outcome, ReadOutcome::Hit(..)),
+            "cache lookup"
+        );
         match outcome {
-            ReadOutcome::Hit(bytes) => {
+            ReadOutcome::Hit(bytes, tier) => {
                 if let Some(f) = on_hit {
                     f(self);
                 }
                 self.expect.push_synthetic(bytes, &mut self.to_client);
                 let rfq = protocol::ready_for_query(self.tx_status);
                 self.expect.push_synthetic(rfq, &mut self.to_client);
+                if let Some(s) = &stats {
+                    s.hit();
+                }
+                if tier == caching::Tier::L1 {
+                    m.hits_l1.inc();
+                }
+                m.hit_seconds.observe(started.elapsed().as_secs_f64());
                 Ok(true)
             }
-            ReadOutcome::Fill(guard, snapshot) => {
-                self.pending_fill = Some((guard, snapshot, ttl));
+            ReadOutcome::Fill(pending) => {
+                if let Some(s) = &stats {
+                    s.miss();
+                }
+                m.misses.inc();
+                self.pending_fill = Some(pending);
                 Ok(false)
             }
-            ReadOutcome::Forward => Ok(false),
         }
     }
 
@@ -774,7 +821,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(catalog) = cache.catalog(&self.database).await else {
             return Ok(false);
         };
-        let analysis = cache.analyze(&self.database, &stmt.sql, &catalog);
+        let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
         let mut key = caching::key_prefix(&self.database, &self.user, self.settings.fingerprint());
         key.update(b"E");
         key.update(stmt.sql.as_bytes());
@@ -783,10 +830,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         key.update(&[0]);
         key.update(params.tail);
         key.update(&[parse.is_some() as u8, shape.describe as u8]);
-        let Some(plan) = caching::read_plan(&analysis, &catalog, key, Some(&params)) else {
-            return Ok(false);
-        };
-        let Some(ttl) = caching::ttl_for(&cache.config, &stmt.sql) else {
+        let Some(plan) = caching::read_plan(&analyzed.analysis, &catalog, key, Some(&params))
+        else {
+            if matches!(analyzed.analysis, Analysis::Bypass(_)) {
+                metrics().bypass(BypassReason::NotCacheable);
+            }
             return Ok(false);
         };
         let register = move |relay: &mut Self| {
@@ -800,7 +848,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 }
             }
         };
-        if self.serve_plan(&cache, &plan, ttl, Some(&register)).await? {
+        if self
+            .serve_plan(&cache, &plan, &analyzed, Some(&register))
+            .await?
+        {
             self.batch.clear();
             return Ok(true);
         }
@@ -812,6 +863,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let (Some(f), Some(cache)) = (self.fill.take(), self.cache.clone()) else {
             return;
         };
+        let took = f.started.elapsed();
+        metrics().upstream_seconds.observe(took.as_secs_f64());
+        if let Some(s) = &f.stats {
+            s.upstream(took);
+        }
         let len = self.to_client.len() - f.start;
         tracing::trace!(spoiled = f.spoiled, len, "fill complete");
         if f.spoiled
@@ -819,11 +875,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             || len > cache.config.max_result_bytes
             || f.rows > cache.config.max_result_rows
         {
+            metrics().fills_unfit.inc();
             return;
         }
         let response = Bytes::copy_from_slice(&self.to_client[f.start..]);
-        let stored = cache.fill(f.guard, response, f.snapshot, f.rows, f.ttl);
-        tracing::trace!(stored, len, "cache fill");
+        let outcome = cache.fill(f.key, f, response);
+        tracing::trace!(?outcome, len, "cache fill");
     }
 
     /// Record what a statement about to run will invalidate, and its transaction effects.
@@ -845,14 +902,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(catalog) = cache.catalog(&self.database).await else {
             return;
         };
-        let analysis = cache.analyze(&self.database, sql, &catalog);
-        if let crate::analysis::Analysis::Ddl(d) = &*analysis {
+        let analyzed = cache.analyze(&self.database, sql, &catalog);
+        if let Analysis::Ddl(d) = &analyzed.analysis {
             self.schema_dirty = true;
             if d.creates_temp {
                 self.pinned.get_or_insert("temporary relation");
             }
         }
-        let (inv, tables) = caching::invalidations(&analysis, &catalog, params);
+        let (inv, tables) = caching::invalidations(&analyzed.analysis, &catalog, params);
         self.pending_inv.extend(inv);
         self.tx_written.extend(tables);
     }
@@ -886,8 +943,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // Only a final ROLLBACK undoes writes; anything else (even an error after a COMMIT in
         // the same query string) may have committed them, so invalidate.
         if !self.last_tag_rollback {
-            for inv in self.pending_inv.drain(..) {
-                cache.invalidate(&inv);
+            metrics().invalidated(InvalidationOrigin::Proxy, self.pending_inv.len() as u64);
+            if cache.tier.is_some() {
+                // Redis first, then L1 (in `publish_committed`, before the client hears of
+                // the commit): a reader that snapshots L1 after our local bump must find
+                // Redis bumped too, or it could copy an old L2 value into L1 as fresh.
+                self.to_publish.append(&mut self.pending_inv);
+            } else {
+                for inv in &self.pending_inv {
+                    cache.invalidate(inv);
+                }
             }
             if self.schema_dirty {
                 cache.schema_changed(&self.database);
@@ -897,6 +962,23 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         self.tx_written.clear();
         self.strict_tx = false;
         self.schema_dirty = false;
+    }
+
+    /// Tell other instances what the transaction that just committed invalidated.
+    async fn publish_committed(&mut self) {
+        if self.to_publish.is_empty() {
+            return;
+        }
+        let invs = std::mem::take(&mut self.to_publish);
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if let Some(tier) = &cache.tier {
+            tier.publish(&invs).await;
+        }
+        for inv in &invs {
+            cache.invalidate(inv);
+        }
     }
 
     /// Get a server connection for a client message with tag `tag`. On failure the client
@@ -988,6 +1070,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     /// The client is gone: give the server connection back only if it is clean.
     async fn finish(&mut self) {
+        // A commit seen just before the end still invalidates.
+        self.publish_committed().await;
         self.cancel.set(None).await;
         let Some(mut conn) = self.server.take() else {
             return;

@@ -372,3 +372,314 @@ async fn query_hints_skip_the_cache_or_shorten_the_ttl() {
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(simple_int(&c, short).await, "41", "after its ttl: fresh");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_started_before_a_commit_does_not_stay_cached() {
+    let (proxy, db, direct) = setup(3).await;
+    // `gate` claims to be immutable (so the read is cacheable) but waits for an advisory
+    // lock the test holds: the read has taken its snapshot, and blocks until we let it go.
+    direct
+        .batch_execute(
+            "CREATE FUNCTION gate(x int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN x; END $$;",
+        )
+        .await
+        .expect("gate function");
+    let q = "SELECT gate(v) FROM t WHERE id = 1";
+    let locker = pg_client_for(&db).await;
+    locker
+        .execute("SELECT pg_advisory_lock(4242)", &[])
+        .await
+        .expect("lock");
+    let reader = proxy.connect("postgres", "", &db).await;
+    let read = tokio::spawn(async move { simple_int(&reader, q).await });
+    // Wait until the reader is blocked inside its query (snapshot taken, old row read).
+    wait_until_blocked(&direct, "gate(v)").await;
+    let writer = proxy.connect("postgres", "", &db).await;
+    writer
+        .execute("UPDATE t SET v = 11 WHERE id = 1", &[])
+        .await
+        .expect("write commits while the read is in flight");
+    locker
+        .execute("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .expect("unlock");
+    assert_eq!(
+        read.await.expect("reader"),
+        "10",
+        "the read saw its snapshot"
+    );
+    let c = proxy.connect("postgres", "", &db).await;
+    assert_eq!(
+        simple_int(&c, q).await,
+        "11",
+        "the pre-commit result must not have been stored"
+    );
+}
+
+async fn pg_client_for(db: &str) -> Client {
+    shared_pg().client(db).await
+}
+
+/// Polls pg_stat_activity until a backend running a query containing `needle` waits on a lock.
+async fn wait_until_blocked(direct: &Client, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0 AND pid <> pg_backend_pid()",
+                &[&needle],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reader never blocked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_by_table_and_by_query_text_set_ttl_or_forbid_caching() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "rules");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v int);
+         CREATE TABLE secret (id int PRIMARY KEY, v int);
+         INSERT INTO t VALUES (1, 10), (2, 20); INSERT INTO secret VALUES (1, 100);",
+    );
+    let proxy = Proxy::start(pg, |c| {
+        c.cache.rules = vec![
+            pgstash::config::CacheRule {
+                table: Some("public.secret".into()),
+                never: true,
+                ..Default::default()
+            },
+            pgstash::config::CacheRule {
+                query: Some("(?i)where id = 2".into()),
+                ttl: Some(std::time::Duration::from_secs(1)),
+                ..Default::default()
+            },
+        ]
+    });
+    let direct = pg.client(&db).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let qualified = "SELECT v FROM public.secret WHERE id = 1";
+    let short = "SELECT v FROM t WHERE id = 2";
+    let default = "SELECT v FROM t WHERE id = 1";
+    for q in [qualified, short, default] {
+        simple_int(&c, q).await;
+    }
+    direct
+        .batch_execute("UPDATE secret SET v = 101; UPDATE t SET v = v + 1")
+        .await
+        .expect("direct writes");
+    assert_eq!(simple_int(&c, qualified).await, "101", "never-cache rule");
+    assert_eq!(simple_int(&c, short).await, "20", "regex rule: cached");
+    assert_eq!(simple_int(&c, default).await, "10", "default ttl: cached");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(simple_int(&c, short).await, "21", "regex rule: 1 s ttl");
+    assert_eq!(
+        simple_int(&c, default).await,
+        "10",
+        "default ttl: still cached"
+    );
+    // A bad rule is refused at start, naming the key.
+    let mut bad = pgstash::config::Config::default();
+    bad.cache.rules = vec![pgstash::config::CacheRule {
+        query: Some("(".into()),
+        never: true,
+        ..Default::default()
+    }];
+    let err = bad.validate().expect_err("bad regex");
+    assert!(err.to_string().contains("cache.rules"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_that_never_hit_stop_being_cached_and_say_why() {
+    let (proxy, db, direct) = setup(500).await;
+    let proxy_metrics = crate::fixture::free_metrics_port();
+    drop(proxy);
+    let proxy = Proxy::start(shared_pg(), |c| {
+        c.cache.adaptive.min_calls = 50;
+        c.cache.adaptive.min_hit_ratio = 0.5;
+        c.metrics.listen = Some(proxy_metrics);
+    });
+    let c = proxy.connect("postgres", "", &db).await;
+    let q = "SELECT v FROM t WHERE id = $1";
+    let before = scrape_sum(
+        proxy_metrics,
+        "pgstash_cache_bypass_total{reason=\"low_hit_ratio\"}",
+    );
+    // Every call a different row: a 0 % hit ratio.
+    for id in 1..=120 {
+        assert_eq!(v_of(&c, q, id).await, id * 10);
+    }
+    let after = scrape_sum(
+        proxy_metrics,
+        "pgstash_cache_bypass_total{reason=\"low_hit_ratio\"}",
+    );
+    assert!(after > before, "the bypass is visible with its reason");
+    // Bypassed: a row changed behind pgstash's back is read fresh even though it was read
+    // (and would have been cached) before.
+    v_of(&c, q, 200).await;
+    direct
+        .execute("UPDATE t SET v = 1 WHERE id = 200", &[])
+        .await
+        .expect("direct");
+    assert_eq!(v_of(&c, q, 200).await, 1);
+}
+
+/// The value of a metric line (sum over every line starting with `name`).
+pub fn scrape_sum(addr: std::net::SocketAddr, name: &str) -> f64 {
+    scrape(addr, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn scrape(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    // The endpoint is bound once the proxy's runtime is up, shortly after `Proxy::start`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut s = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("metrics endpoint: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    };
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_counts_hits_misses_and_answers_health_probes() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "metrics");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 1);",
+    );
+    let addr = crate::fixture::free_metrics_port();
+    let proxy = Proxy::start(pg, |c| c.metrics.listen = Some(addr));
+    let c = proxy.connect("postgres", "", &db).await;
+    let hits = || scrape_sum(addr, "pgstash_cache_hits_total{tier=\"l1\"}");
+    let misses = || scrape_sum(addr, "pgstash_cache_misses_total");
+    let (h0, m0) = (hits(), misses());
+    simple_int(&c, "SELECT v FROM t WHERE id = 1").await;
+    simple_int(&c, "SELECT v FROM t WHERE id = 1").await;
+    assert!(misses() >= m0 + 1.0);
+    assert!(hits() >= h0 + 1.0);
+    let text = scrape(addr, "/metrics");
+    for family in [
+        "pgstash_l1_bytes",
+        "pgstash_hit_seconds_bucket",
+        "pgstash_upstream_seconds_bucket",
+        "pgstash_cache_fills_total{outcome=\"stored\"}",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    assert!(scrape(addr, "/healthz").contains("200 OK"));
+    assert!(scrape(addr, "/readyz").contains("ready"));
+    assert!(scrape(addr, "/nope").contains("404"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_under_write_churn_never_see_a_value_older_than_a_committed_one() {
+    // W5 in miniature: writers only increment and publish what they committed; a reader
+    // that starts after a commit must see at least that value. Both protocols, L1 and L2.
+    let redis = crate::support::shared_redis();
+    let pg = shared_pg();
+    let db = fresh_database(pg, "churn");
+    const ROWS: usize = 50;
+    pg.psql_db(
+        &db,
+        &format!(
+            "CREATE TABLE acc (aid int PRIMARY KEY, bal bigint NOT NULL);
+             INSERT INTO acc SELECT g, 0 FROM generate_series(1, {ROWS}) g;"
+        ),
+    );
+    let prefix = format!("churn{}:", std::process::id());
+    let proxy = Proxy::start(pg, |c| {
+        c.pool.max_size = 6;
+        c.redis.url = Some(redis.url());
+        c.redis.prefix = prefix.clone();
+    });
+    let committed: std::sync::Arc<Vec<std::sync::atomic::AtomicI64>> = std::sync::Arc::new(
+        (0..=ROWS)
+            .map(|_| std::sync::atomic::AtomicI64::new(0))
+            .collect(),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..2 {
+        let c = proxy.connect("postgres", "", &db).await;
+        let (committed, stop) = (committed.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let aid = (i * 7 % ROWS + 1) as i32;
+                i += 1;
+                let bal: i64 = c
+                    .query_one(
+                        "UPDATE acc SET bal = bal + 1 WHERE aid = $1 RETURNING bal",
+                        &[&aid],
+                    )
+                    .await
+                    .expect("write")
+                    .get(0);
+                committed[aid as usize].fetch_max(bal, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    for r in 0..6 {
+        let c = proxy.connect("postgres", "", &db).await;
+        let (committed, stop, reads) = (committed.clone(), stop.clone(), reads.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = r * 13;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let aid = i % ROWS + 1;
+                i += 1;
+                let floor = committed[aid].load(std::sync::atomic::Ordering::SeqCst);
+                let got: i64 = if r % 2 == 0 {
+                    c.query_one("SELECT bal FROM acc WHERE aid = $1", &[&(aid as i32)])
+                        .await
+                        .expect("read")
+                        .get(0)
+                } else {
+                    simple_int(&c, &format!("SELECT bal FROM acc WHERE aid = {aid}"))
+                        .await
+                        .parse()
+                        .expect("int")
+                };
+                assert!(
+                    got >= floor,
+                    "stale read of row {aid}: got {got}, but {floor} was committed before the read"
+                );
+                reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("no stale read, no error");
+    }
+    assert!(
+        reads.load(std::sync::atomic::Ordering::Relaxed) > 500,
+        "enough reads ran"
+    );
+}

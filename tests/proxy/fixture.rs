@@ -148,3 +148,8 @@ pub fn fresh_database(pg: &PgCluster, prefix: &str) -> String {
     pg.psql(&format!("CREATE DATABASE {name}"));
     name
 }
+
+/// A free local address for a proxy's metrics endpoint.
+pub fn free_metrics_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], crate::support::free_port()))
+}

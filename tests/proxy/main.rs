@@ -13,4 +13,5 @@ mod pgbench;
 mod psql;
 mod python;
 mod resilience;
+mod shared_tier;
 mod wrong_client;

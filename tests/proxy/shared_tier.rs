@@ -1,0 +1,171 @@
+//! The shared tier: L2 in Redis and invalidations between pgstash instances, with a real
+//! redis-server started by the harness (and killed by some tests).
+
+use crate::cache::{scrape, scrape_sum};
+use crate::fixture::{Proxy, free_metrics_port, fresh_database};
+use crate::support::{RedisServer, shared_pg, shared_redis};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+async fn v(c: &Client, id: i32) -> i32 {
+    c.query_one("SELECT v FROM t WHERE id = $1", &[&id])
+        .await
+        .expect("read")
+        .get(0)
+}
+
+fn table_db(prefix: &str, rows: i32) -> String {
+    let pg = shared_pg();
+    let db = fresh_database(pg, prefix);
+    pg.psql_db(
+        &db,
+        &format!(
+            "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
+             INSERT INTO t SELECT g, g * 10 FROM generate_series(1, {rows}) g;"
+        ),
+    );
+    db
+}
+
+fn with_redis(redis: &RedisServer, prefix: &str) -> impl FnOnce(&mut pgstash::config::Config) {
+    let (url, prefix) = (redis.url(), prefix.to_string());
+    move |c| {
+        c.redis.url = Some(url);
+        c.redis.prefix = prefix;
+        c.redis.unheard_bound = Duration::from_millis(300);
+        c.redis.breaker_cooldown = Duration::from_millis(200);
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_instance_is_never_read_stale_through_another() {
+    let redis = shared_redis();
+    let db = table_db("twoinst", 20);
+    let prefix = format!("two{}:", std::process::id());
+    let metrics_b = free_metrics_port();
+    let a = Proxy::start(shared_pg(), with_redis(redis, &prefix));
+    let b = Proxy::start(shared_pg(), |c| {
+        with_redis(redis, &prefix)(c);
+        c.metrics.listen = Some(metrics_b);
+    });
+    wait_for("both instances subscribed", async || {
+        !scrape(metrics_b, "/readyz").contains("not heard")
+    })
+    .await;
+    let ca = a.connect("postgres", "", &db).await;
+    let cb = b.connect("postgres", "", &db).await;
+    // L2 is shared: B's fill answers A's first read (proved by a change behind both).
+    assert_eq!(v(&cb, 2).await, 20);
+    let direct = shared_pg().client(&db).await;
+    direct
+        .execute("UPDATE t SET v = 21 WHERE id = 2", &[])
+        .await
+        .expect("direct");
+    let l2_before = scrape_sum(metrics_b, "pgstash_cache_hits_total{tier=\"l2\"}");
+    assert_eq!(v(&ca, 2).await, 20, "A answered from B's L2 entry");
+    assert!(scrape_sum(metrics_b, "pgstash_cache_hits_total{tier=\"l2\"}") > l2_before);
+    // Writes through A, reads through B (which has the rows in its L1): always fresh.
+    for round in 0..100 {
+        let id = round % 5 + 1;
+        v(&cb, id).await;
+        let new = 1000 + round;
+        ca.execute("UPDATE t SET v = $2 WHERE id = $1", &[&id, &new])
+            .await
+            .expect("write through A");
+        assert_eq!(v(&cb, id).await, new, "round {round}: B read stale");
+        // And a range read on B, filled before the write, is fresh after it.
+        let sum: i64 = cb
+            .query_one("SELECT sum(v) FROM t", &[])
+            .await
+            .expect("sum")
+            .get(0);
+        ca.execute("UPDATE t SET v = v + 1 WHERE id = 20", &[])
+            .await
+            .expect("wide write through A");
+        let after: i64 = cb
+            .query_one("SELECT sum(v) FROM t", &[])
+            .await
+            .expect("sum")
+            .get(0);
+        assert_eq!(after, sum + 1, "round {round}: B's range read stale");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_costs_no_client_an_error_nor_a_stale_read() {
+    let redis = RedisServer::start();
+    let db = table_db("rediskill", 10);
+    let metrics = free_metrics_port();
+    let proxy = Proxy::start(shared_pg(), |c| {
+        with_redis(&redis, "kill:")(c);
+        c.metrics.listen = Some(metrics);
+    });
+    wait_for("subscribed", async || {
+        !scrape(metrics, "/readyz").contains("not heard")
+    })
+    .await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let w = proxy.connect("postgres", "", &db).await;
+    let direct = shared_pg().client(&db).await;
+    assert_eq!(v(&c, 1).await, 10);
+
+    redis.stop();
+    // Reads and writes keep working; writes through pgstash are seen at once.
+    for i in 0..20 {
+        w.execute("UPDATE t SET v = $1 WHERE id = 1", &[&(100 + i)])
+            .await
+            .expect("write with redis down");
+        assert_eq!(v(&c, 1).await, 100 + i, "fresh with redis down");
+    }
+    // Deaf beyond the bound: L1 is not trusted, so a change behind pgstash's back shows.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(scrape(metrics, "/readyz").contains("suspended"));
+    v(&c, 3).await;
+    direct
+        .execute("UPDATE t SET v = 31 WHERE id = 3", &[])
+        .await
+        .expect("direct");
+    assert_eq!(
+        v(&c, 3).await,
+        31,
+        "no L1 hit while invalidations are unheard"
+    );
+
+    redis.restart();
+    wait_for("resubscribed", async || {
+        !scrape(metrics, "/readyz").contains("not heard")
+    })
+    .await;
+    // Hits resume: a fill, a change behind pgstash's back, and the cached value is served.
+    wait_for("hits resume", async || {
+        v(&c, 4).await;
+        let hits = scrape_sum(metrics, "pgstash_cache_hits_total");
+        v(&c, 4).await;
+        scrape_sum(metrics, "pgstash_cache_hits_total") > hits
+    })
+    .await;
+    direct
+        .execute("UPDATE t SET v = 41 WHERE id = 4", &[])
+        .await
+        .expect("direct");
+    assert_eq!(v(&c, 4).await, 40, "served from the cache again");
+    w.execute("UPDATE t SET v = 42 WHERE id = 4", &[])
+        .await
+        .expect("write");
+    assert_eq!(
+        v(&c, 4).await,
+        42,
+        "and invalidated by writes through pgstash"
+    );
+}
