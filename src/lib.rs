@@ -10,6 +10,9 @@
 //!   keep it on one (pinning);
 //! - [`upstream`] opens and pools server connections;
 //! - [`cancel`] routes CancelRequests to the right server connection.
+//!
+//! Beside the data path: [`migrate`] installs what pgstash needs inside a database (the
+//! NOTIFY triggers that [`invalidation`] listens to).
 
 pub mod analysis;
 pub mod auth;
@@ -20,6 +23,8 @@ pub mod config;
 pub mod invalidation;
 pub mod login;
 pub mod metrics;
+pub mod migrate;
+pub mod pg_error;
 pub mod protocol;
 pub mod redis_tier;
 pub mod relay;

@@ -31,6 +31,29 @@ struct Cli {
 enum Command {
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Install, list or remove what pgstash keeps inside the upstream database (schema
+    /// `pgstash`: the NOTIFY triggers of invalidation.source = "notify").
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+        /// Database to migrate (default: the database of upstream.url).
+        #[arg(long, global = true)]
+        database: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// List migrations: applied (when), pending, or edited after they were applied.
+    Status,
+    /// Revert the newest applied migrations.
+    Down {
+        /// How many to revert.
+        #[arg(long, default_value_t = 1)]
+        steps: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +74,9 @@ fn main() -> ExitCode {
     if let Some(Command::CheckConfig) = cli.command {
         println!("configuration OK (upstream {:?})", config.upstream_target());
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Migrate { action, database }) = cli.command {
+        return migrate(&config, action, database);
     }
     init_logging(&config);
     // One worker: a current-thread runtime, which skips the work-stealing machinery.
@@ -109,5 +135,86 @@ fn init_logging(config: &Config) {
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
+    }
+}
+
+fn migrate(config: &Config, action: MigrateAction, database: Option<String>) -> ExitCode {
+    use pgstash::migrate::{self, MigrationState};
+    let mut target = config.upstream_target();
+    if let Some(db) = database {
+        target.database = db;
+    }
+    let db = target.database.clone();
+    let url = pgstash::relay::caching::control_url(&target);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgstash: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        use anyhow::Context;
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| anyhow::anyhow!(pgstash::pg_error::describe(&e)))
+            .with_context(|| format!("connecting to database {db} at {}", target.addr()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        match action {
+            MigrateAction::Up => {
+                let done = migrate::up(&mut client)
+                    .await
+                    .with_context(|| format!("migrating database {db} up"))?;
+                if done.is_empty() {
+                    println!("{db}: up to date");
+                }
+                for m in done {
+                    println!("{db}: applied {}", m.file_stem());
+                }
+            }
+            MigrateAction::Down { steps } => {
+                let done = migrate::down(&mut client, steps)
+                    .await
+                    .with_context(|| format!("migrating database {db} down"))?;
+                if done.is_empty() {
+                    println!("{db}: nothing to revert");
+                }
+                for m in done {
+                    println!("{db}: reverted {}", m.file_stem());
+                }
+            }
+            MigrateAction::Status => {
+                let list = migrate::status(&client)
+                    .await
+                    .with_context(|| format!("reading migrations of database {db}"))?;
+                for m in list {
+                    let state = match m.state {
+                        MigrationState::Applied { at } => format!("applied {}", humantime::format_rfc3339_seconds(at)),
+                        MigrationState::Pending => "pending".into(),
+                        MigrationState::Edited { recorded, embedded, .. } => format!(
+                            "EDITED after it was applied (recorded checksum {recorded}, this pgstash has {embedded})"
+                        ),
+                        MigrationState::Unknown { at } => format!(
+                            "applied {} by a newer pgstash (unknown to this one)",
+                            humantime::format_rfc3339_seconds(at)
+                        ),
+                    };
+                    println!("{db}: {:04}_{} {state}", m.version, m.name);
+                }
+            }
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgstash: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -73,6 +73,10 @@ pub async fn run(
             tier.clone().subscribe_forever(cache.gens.clone()),
         ));
     }
+    let sources = tokio_util::sync::CancellationToken::new();
+    if let Some(cache) = &shared.cache {
+        start_change_source(&shared.config, cache, &sources).await?;
+    }
     if let Some(addr) = shared.config.metrics.listen {
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(
@@ -147,6 +151,7 @@ pub async fn run(
         }
     }
     maintenance.abort();
+    sources.cancel();
     for task in background {
         task.abort();
     }
@@ -169,4 +174,62 @@ impl crate::metrics::HealthReport for NoCache {
     fn degraded(&self) -> Vec<String> {
         Vec::new()
     }
+}
+
+/// Start the configured change source for each database it watches. Until a source says it
+/// is listening (and caught up), its databases are not served from the cache.
+async fn start_change_source(
+    config: &Config,
+    cache: &Arc<crate::relay::caching::CacheShared>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use crate::config::InvalidationSource;
+    use crate::invalidation::{ChangeSink, apply::CacheSink, notify};
+    use crate::metrics::InvalidationOrigin;
+    let source = config.invalidation.source;
+    if source == InvalidationSource::Proxy {
+        return Ok(());
+    }
+    let target = config.upstream_target();
+    let dbs = match config.invalidation.databases.as_slice() {
+        [] => vec![target.database.clone()],
+        dbs => dbs.to_vec(),
+    };
+    let origin = match source {
+        InvalidationSource::Notify => InvalidationOrigin::Notify,
+        _ => InvalidationOrigin::Wal,
+    };
+    let sink: Arc<dyn ChangeSink> = Arc::new(CacheSink {
+        cache: Arc::clone(cache),
+        origin,
+    });
+    for db in dbs {
+        let mut t = target.clone();
+        t.database = db.clone();
+        let conninfo = crate::relay::caching::control_url(&t);
+        sink.set_healthy(&db, false, "change source starting");
+        match source {
+            InvalidationSource::Notify => {
+                notify::ensure_installed_at(&conninfo, &db, config.upstream.connect_timeout)
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::other(format!("invalidation.source = \"notify\": {e}"))
+                    })?;
+                let (sink, cancel) = (Arc::clone(&sink), cancel.clone());
+                tokio::spawn(async move {
+                    let cfg = notify::ListenerConfig::default();
+                    if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
+                        tracing::error!(error = %e, "NOTIFY listener cannot start");
+                    }
+                });
+            }
+            InvalidationSource::Wal => {
+                return Err(std::io::Error::other(
+                    "invalidation.source = \"wal\" is not available in this build yet; use \"notify\" or \"proxy\"",
+                ));
+            }
+            InvalidationSource::Proxy => return Ok(()),
+        }
+    }
+    Ok(())
 }

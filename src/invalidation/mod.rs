@@ -4,6 +4,9 @@
 //! triggers in `migrations/`, or the logical replication stream) into [`Change`]s and hands
 //! them to a [`ChangeSink`], which maps them onto the cache's generations.
 
+pub mod apply;
+pub mod notify;
+
 use std::time::SystemTime;
 
 /// A table as Postgres names it.

@@ -191,6 +191,12 @@ impl CacheShared {
         .clone()
     }
 
+    /// The catalog of `db` if it is loaded (no waiting: for callers that must not block).
+    pub fn loaded_catalog(&self, db: &str) -> Option<Arc<Catalog>> {
+        let map = self.catalogs.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(db)?.get()?.clone()
+    }
+
     /// Forget what we know of `db`'s schema (after DDL), and the analyses that used it.
     pub fn schema_changed(&self, db: &str) {
         self.catalogs
@@ -358,7 +364,8 @@ impl crate::metrics::HealthReport for CacheShared {
     }
 }
 
-fn control_url(t: &UpstreamTarget) -> String {
+/// A tokio-postgres connection string for control-plane connections to `t`.
+pub fn control_url(t: &UpstreamTarget) -> String {
     let mut url = format!(
         "host={} port={} user={} dbname={}",
         t.host,
@@ -381,7 +388,7 @@ pub fn table_id(name: &str) -> TableId {
     TableId(xxh3_64(name.as_bytes()))
 }
 
-fn key_hash(k: i64) -> u64 {
+pub fn key_hash(k: i64) -> u64 {
     xxh3_64(&k.to_be_bytes())
 }
 
