@@ -2,45 +2,74 @@
 # benches/run.sh — pgstash benchmark harness.
 #
 # Measures pgbench throughput, latency and CPU cost through several "targets"
-# (Postgres directly, pgstash, pgbouncer, ...) against one throwaway Postgres
-# cluster, and writes a markdown report (BENCHMARKS.md by default).
+# (Postgres directly, pgstash with and without its cache, pgbouncer, pgpool-II
+# with its query cache) against one throwaway Postgres cluster, and writes a
+# markdown report (BENCHMARKS.md by default) that starts with a check list of
+# the performance targets of DESIGN.md, computed from the run.
 #
 # This is a measurement, not a test: it exits 0 even when some target is
 # unavailable or a run fails; those show up in the report instead.
 #
 # Knobs (environment variables):
-#   WORKLOADS  workloads to run            (default "W2 W4"; known: W1..W5)
-#   MODES      pgbench query modes         (default "simple extended")
+#   WORKLOADS  workloads to run            (default "SELECT1 W1 W2 W3 W4 W5")
+#              W1..W5 as in DESIGN.md; SELECT1 is a reference row: `SELECT 1`
+#              against direct only, -M simple only (the cheapest round trip).
+#   MODES      pgbench query modes         (default "simple extended prepared")
+#              "prepared" applies to W1 only (DESIGN.md asks -M prepared for
+#              W1); the other workloads run the remaining modes. SELECT1
+#              always runs -M simple.
 #   CLIENTS    client counts               (default "1 32")
 #   DURATION   seconds per pgbench run     (default 10)
-#   TARGETS    what to benchmark           (default "direct pgstash pgbouncer")
+#   TARGETS    what to benchmark
+#              (default "direct pgstash pgstash-nocache pgbouncer pgpool")
+#              pgstash-nocache is pgstash with PGSTASH_CACHE__ENABLED=false;
+#              pgpool is pgpool-II (apt package pgpool2) with its shmem query cache.
 #   SCALE      pgbench scale factor        (default 10)
+#   CHECK_CLIENTS client count the target check list looks at (default 32)
 #   OUT        report path                 (default <repo>/BENCHMARKS.md)
 #   KEEP_TMP=1 keep the temp dir (pgbench logs, server logs) for debugging
 #   BENCH_PGSTASH_BIN use this pgstash binary instead of `cargo build --release`
+#              (cargo honours CARGO_BUILD_JOBS, e.g. CARGO_BUILD_JOBS=1)
+#   BENCH_METRICS how pgstash is told where to serve Prometheus metrics, which
+#              the harness scrapes before and after each pgstash run for the
+#              cache hit ratio (default "auto"):
+#                auto          env:PGSTASH_METRICS__LISTEN if this pgstash
+#                              accepts it, else flag:--metrics if accepted,
+#                              else no metrics (hit ratio "n/a")
+#                env:NAME      pass the address in environment variable NAME
+#                flag:--NAME   pass it as `--NAME ADDR`
+#                off           don't ask for metrics
+#              The address is 127.0.0.1:<free port>, one per pgstash instance.
 #   PGSTASH_*  passed through to pgstash (its own config variables) and
-#              recorded in the report; POOL__MAX_SIZE and LOG__LEVEL are fixed.
-#              (Hence BENCH_PGSTASH_BIN: pgstash rejects unknown PGSTASH_ keys.)
+#              recorded in the report; POOL__MAX_SIZE, LOG__LEVEL and
+#              METRICS__LISTEN are set by the harness.
+#              (Hence BENCH_*: pgstash rejects unknown PGSTASH_ keys.)
 #
 # Example: TARGETS="direct pgbouncer" DURATION=3 benches/run.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-WORKLOADS="${WORKLOADS:-W2 W4}"
-MODES="${MODES:-simple extended}"
+WORKLOADS="${WORKLOADS:-SELECT1 W1 W2 W3 W4 W5}"
+MODES="${MODES:-simple extended prepared}"
 CLIENTS="${CLIENTS:-1 32}"
 DURATION="${DURATION:-10}"
-TARGETS="${TARGETS:-direct pgstash pgbouncer}"
+TARGETS="${TARGETS:-direct pgstash pgstash-nocache pgbouncer pgpool}"
 SCALE="${SCALE:-10}"
+CHECK_CLIENTS="${CHECK_CLIENTS:-32}"
 OUT="${OUT:-$ROOT/BENCHMARKS.md}"
 KEEP_TMP="${KEEP_TMP:-0}"
 BENCH_PGSTASH_BIN="${BENCH_PGSTASH_BIN:-}"
+BENCH_METRICS="${BENCH_METRICS:-auto}"
 
 # The exact command line, recorded in the report so a run can be reproduced.
-PASSTHROUGH="$(compgen -e | grep '^PGSTASH_' | grep -v -e '^PGSTASH_POOL__MAX_SIZE$' -e '^PGSTASH_LOG__LEVEL$' |
+PASSTHROUGH="$(compgen -e | grep '^PGSTASH_' |
+  grep -v -e '^PGSTASH_POOL__MAX_SIZE$' -e '^PGSTASH_LOG__LEVEL$' -e '^PGSTASH_METRICS__LISTEN$' |
   while read -r v; do printf '%s=%q ' "$v" "${!v}"; done || true)"
-COMMAND="${PASSTHROUGH}WORKLOADS=\"$WORKLOADS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION TARGETS=\"$TARGETS\" SCALE=$SCALE${BENCH_PGSTASH_BIN:+ BENCH_PGSTASH_BIN=$BENCH_PGSTASH_BIN} benches/run.sh"
+COMMAND="${PASSTHROUGH}WORKLOADS=\"$WORKLOADS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION TARGETS=\"$TARGETS\" SCALE=$SCALE"
+[[ "$CHECK_CLIENTS" != 32 ]] && COMMAND+=" CHECK_CLIENTS=$CHECK_CLIENTS"
+[[ "$BENCH_METRICS" != auto ]] && COMMAND+=" BENCH_METRICS=$BENCH_METRICS"
+COMMAND+="${BENCH_PGSTASH_BIN:+ BENCH_PGSTASH_BIN=$BENCH_PGSTASH_BIN} benches/run.sh"
 
 CLK_TCK="$(getconf CLK_TCK)"
 IS_ROOT=0; [[ "$(id -u)" -eq 0 ]] && IS_ROOT=1
@@ -53,12 +82,15 @@ PGPORT=""
 PG_PID=""          # postmaster pid
 USED_PORTS=()      # ports handed out by free_port (not yet listening maybe)
 declare -A T_PORT=() T_PID=() T_STATUS=()   # per target: port, pid, "ok"/reason
+declare -A T_METRICS=()  # per pgstash target: host:port of its /metrics, if any
 NOTES=()           # free-form lines for the report's notes section
+declare -A NOTED=() # keys of notes already made (note_once)
 CHILD_PID=""       # long-running foreground job (pgbench, cargo), see run_child
 
 log()  { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die()  { log "FATAL: $*"; exit 1; }
 note() { NOTES+=("$*"); log "note: $*"; }
+note_once() { local k=$1; shift; [[ -n "${NOTED[$k]:-}" ]] && return 0; NOTED[$k]=1; note "$*"; }
 has()  { [[ " $1 " == *" $2 "* ]]; }   # has "list words" word
 
 # ---------------------------------------------------------------------------
@@ -72,7 +104,7 @@ cleanup() {
   for t in "${!T_PID[@]}"; do
     [[ "$t" == direct ]] && continue      # direct is Postgres, stopped below
     pid="${T_PID[$t]}"
-    [[ -n "$pid" ]] && stop_pid "$pid"
+    [[ -n "$pid" ]] && stop_target_pid "$t" "$pid"
   done
   if [[ -n "$PGDATA" && -f "$PGDATA/postmaster.pid" ]]; then
     as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null 2>&1 \
@@ -97,6 +129,13 @@ stop_pid() {
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
+}
+
+# Stop a target's process: its own stop_<target> if it has one (pgpool needs a
+# shutdown that takes its children along), else stop_pid.
+stop_target_pid() {
+  local fn="stop_${1//-/_}"
+  if declare -F "$fn" >/dev/null; then "$fn" "$2"; else stop_pid "$2"; fi
 }
 
 # Run a long command in the background and wait for it: bash defers traps
@@ -200,8 +239,29 @@ install_tools() {
       T_STATUS[pgbouncer]="apt-get install pgbouncer failed"
     fi
   fi
-  # Hooks for future targets (pgpool2 for pgpool-II's query cache, redis for
-  # an application-side cache) go here, following the pgbouncer pattern.
+  # pgpool-II likewise. Debian's pgpool2 package also installs a system
+  # service; we never use it (our instance has its own config and ports).
+  if has "$TARGETS" pgpool && ! find_pgpool; then
+    log "installing pgpool2"
+    if ! apt_install pgpool2 || ! find_pgpool; then
+      T_STATUS[pgpool]="apt-get install pgpool2 failed"
+    fi
+  fi
+  # curl scrapes pgstash's /metrics; without it hit ratios are just "n/a".
+  if { has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache; } &&
+     [[ "$BENCH_METRICS" != off ]] && ! command -v curl >/dev/null; then
+    log "installing curl"
+    apt_install curl || true
+  fi
+  # Hooks for future targets (redis for an application-side cache) go here,
+  # following the pgbouncer pattern.
+}
+
+PGPOOL_BIN=""
+find_pgpool() {
+  PGPOOL_BIN="$(command -v pgpool || true)"
+  [[ -z "$PGPOOL_BIN" && -x /usr/sbin/pgpool ]] && PGPOOL_BIN=/usr/sbin/pgpool
+  [[ -n "$PGPOOL_BIN" ]]
 }
 
 # ---------------------------------------------------------------------------
@@ -215,7 +275,9 @@ start_postgres() {
   as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres -A trust -E UTF8 --locale=C -N \
     >"$WORK/initdb.log" 2>&1 || { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
   # fsync/synchronous_commit off: we measure the proxy, not the disk.
-  # max_connections covers 32 direct clients + 2 pools of 40 + slack.
+  # max_connections covers 32 direct clients, pools of 40 for pgstash,
+  # pgstash-nocache and pgbouncer, pgpool's children (one connection each)
+  # and slack.
   cat >>"$PGDATA/postgresql.conf" <<EOF
 
 # --- added by benches/run.sh ---
@@ -225,7 +287,7 @@ unix_socket_directories = '$WORK/sock'
 fsync = off
 synchronous_commit = off
 full_page_writes = off
-max_connections = 200
+max_connections = 300
 shared_buffers = 256MB
 EOF
   # initdb -A trust already trusts every local and 127.0.0.1 connection.
@@ -262,10 +324,14 @@ start_direct() {
 }
 
 PGSTASH_BUILT=0
+PGSTASH_BUILD_ERR=""
 build_pgstash() {
   [[ $PGSTASH_BUILT -eq 1 ]] && return 0
+  [[ -n "$PGSTASH_BUILD_ERR" ]] && return 1
   if [[ -n "$BENCH_PGSTASH_BIN" ]]; then
-    [[ -x "$BENCH_PGSTASH_BIN" ]] || { T_STATUS[pgstash]="BENCH_PGSTASH_BIN=$BENCH_PGSTASH_BIN is not executable"; return 1; }
+    if [[ ! -x "$BENCH_PGSTASH_BIN" ]]; then
+      PGSTASH_BUILD_ERR="BENCH_PGSTASH_BIN=$BENCH_PGSTASH_BIN is not executable"; return 1
+    fi
     PGSTASH_BUILT=1; return 0
   fi
   BENCH_PGSTASH_BIN="$ROOT/target/release/pgstash"
@@ -273,41 +339,104 @@ build_pgstash() {
   # shellcheck disable=SC2016  # $1 is expanded by the inner bash
   if ! run_child bash -c 'cd "$1" && exec cargo build --release' _ "$ROOT" >"$WORK/cargo-build.log" 2>&1; then
     tail -n 40 "$WORK/cargo-build.log" >&2
-    T_STATUS[pgstash]="cargo build --release failed"
+    PGSTASH_BUILD_ERR="cargo build --release failed"
     return 1
   fi
   if [[ ! -x "$BENCH_PGSTASH_BIN" ]]; then
-    T_STATUS[pgstash]="target/release/pgstash missing after build"
+    PGSTASH_BUILD_ERR="target/release/pgstash missing after build"
     return 1
   fi
   PGSTASH_BUILT=1
 }
 
-start_pgstash() {
-  local port
-  [[ $PGSTASH_BUILT -eq 1 ]] || build_pgstash || return 1
+# How pgstash is asked to serve /metrics, resolved once from BENCH_METRICS:
+# METRICS_HOW is "env:NAME", "flag:--NAME" or "" (none; METRICS_WHY says why).
+# "auto" asks the binary itself (`check-config` rejects unknown PGSTASH_ keys
+# and unknown flags), so the harness starts scraping as soon as pgstash
+# accepts the setting, without another change here.
+METRICS_HOW=""
+METRICS_WHY=""
+METRICS_RESOLVED=0
+resolve_metrics() {
+  [[ $METRICS_RESOLVED -eq 1 ]] && return 0
+  METRICS_RESOLVED=1
+  local up="postgres://postgres@127.0.0.1:${PGPORT:-5432}/postgres" probe=127.0.0.1:9
+  case "$BENCH_METRICS" in
+    off) METRICS_WHY="metrics disabled (BENCH_METRICS=off)" ;;
+    env:?*|flag:--?*) METRICS_HOW="$BENCH_METRICS" ;;
+    auto)
+      if ! (cd "$WORK" && "$BENCH_PGSTASH_BIN" --upstream "$up" check-config) >/dev/null 2>&1; then
+        METRICS_WHY="\`pgstash check-config\` fails even without a metrics setting, so support for one could not be probed"
+      elif (cd "$WORK" && env PGSTASH_METRICS__LISTEN="$probe" "$BENCH_PGSTASH_BIN" --upstream "$up" check-config) >/dev/null 2>&1; then
+        METRICS_HOW="env:PGSTASH_METRICS__LISTEN"
+      elif (cd "$WORK" && "$BENCH_PGSTASH_BIN" --metrics "$probe" --upstream "$up" check-config) >/dev/null 2>&1; then
+        METRICS_HOW="flag:--metrics"
+      else
+        METRICS_WHY="this pgstash accepts neither PGSTASH_METRICS__LISTEN nor --metrics (no metrics endpoint yet)"
+      fi ;;
+    *) METRICS_WHY="BENCH_METRICS=$BENCH_METRICS not understood (want auto, off, env:NAME or flag:--NAME)" ;;
+  esac
+  if [[ -z "$METRICS_HOW" ]]; then
+    note "pgstash cache hit ratio n/a: $METRICS_WHY"
+  elif ! command -v curl >/dev/null; then
+    METRICS_WHY="curl is not installed"; METRICS_HOW=""
+    note "pgstash cache hit ratio n/a: $METRICS_WHY"
+  else
+    log "pgstash metrics via ${METRICS_HOW}"
+  fi
+}
+
+start_pgstash()         { start_pgstash_as pgstash; }
+# The same binary with its cache off: the baseline for "caching must never
+# lose" (W2/W4 with the cache on should be within 5 % of this).
+start_pgstash_nocache() { start_pgstash_as pgstash-nocache PGSTASH_CACHE__ENABLED=false; }
+
+# start_pgstash_as TARGET [VAR=value...]: one pgstash instance named TARGET,
+# with extra environment for it.
+start_pgstash_as() {
+  local t=$1; shift
+  local port mport log="$WORK/$t.log" extra_env=("$@") margs=() _
+  build_pgstash || { T_STATUS[$t]="$PGSTASH_BUILD_ERR"; return 1; }
+  resolve_metrics
   free_port port
-  log "starting pgstash on port $port"
+  T_METRICS[$t]=""
+  if [[ -n "$METRICS_HOW" ]]; then
+    free_port mport
+    T_METRICS[$t]="127.0.0.1:$mport"
+    case "$METRICS_HOW" in
+      env:*)  extra_env+=("${METRICS_HOW#env:}=127.0.0.1:$mport") ;;
+      flag:*) margs=("${METRICS_HOW#flag:}" "127.0.0.1:$mport") ;;
+    esac
+  fi
+  log "starting $t on port $port${T_METRICS[$t]:+ (metrics ${T_METRICS[$t]})}"
   # Pool of 40 to match pgbouncer's default_pool_size; transaction pooling is
   # pgstash's default. warn-level logs so logging doesn't skew the numbers.
   # Started from the empty temp dir so nothing in the caller's cwd matters;
-  # exec keeps $! the pgstash pid.
-  (cd "$WORK" && PGSTASH_POOL__MAX_SIZE=40 PGSTASH_LOG__LEVEL=warn exec \
+  # exec env execs pgstash, so $! is the pgstash pid.
+  (cd "$WORK" && exec env PGSTASH_POOL__MAX_SIZE=40 PGSTASH_LOG__LEVEL=warn "${extra_env[@]}" \
     "$BENCH_PGSTASH_BIN" --listen "127.0.0.1:$port" \
-      --upstream "postgres://postgres@127.0.0.1:$PGPORT/postgres") \
-      >>"$WORK/pgstash.log" 2>&1 &
-  T_PID[pgstash]=$!
-  T_PORT[pgstash]=$port
-  if ! wait_for_port "$port" 30 "${T_PID[pgstash]}"; then
-    tail -n 30 "$WORK/pgstash.log" >&2
-    if kill -0 "${T_PID[pgstash]}" 2>/dev/null; then
-      stop_pid "${T_PID[pgstash]}"
-      T_STATUS[pgstash]="pgstash did not accept connections within 30s"
+      --upstream "postgres://postgres@127.0.0.1:$PGPORT/postgres" "${margs[@]}") \
+      >>"$log" 2>&1 &
+  T_PID[$t]=$!
+  T_PORT[$t]=$port
+  if ! wait_for_port "$port" 30 "${T_PID[$t]}"; then
+    tail -n 30 "$log" >&2
+    if kill -0 "${T_PID[$t]}" 2>/dev/null; then
+      stop_pid "${T_PID[$t]}"
+      T_STATUS[$t]="$t did not accept connections within 30s"
     else
-      T_STATUS[pgstash]="pgstash exited before accepting connections"
+      T_STATUS[$t]="$t exited before accepting connections"
     fi
-    T_STATUS[pgstash]+="; log tail: $(tail -n 3 "$WORK/pgstash.log" | tr '\n' ' ' | cut -c1-300)"
+    T_STATUS[$t]+="; log tail: $(tail -n 3 "$log" | tr '\n' ' ' | cut -c1-300)"
     return 1
+  fi
+  if [[ -n "${T_METRICS[$t]}" ]]; then
+    # Give the metrics listener up to 5s more; not fatal (runs then say n/a).
+    for _ in $(seq 1 25); do
+      [[ -n "$(metrics_counters "${T_METRICS[$t]}")" ]] && return 0
+      sleep 0.2
+    done
+    log "$t: no pgstash_cache_* counters at http://${T_METRICS[$t]}/metrics"
   fi
 }
 
@@ -357,13 +486,126 @@ EOF
   fi
 }
 
+# pgpool-II as a throwaway instance: raw mode (no replication), one backend
+# (our Postgres), no health/streaming checks, no load balancing, pooled
+# backend connections, and its in-memory query cache in shared memory.
+# Everything (config, pid, sockets, status file, oid maps) lives in
+# $WORK/pgpool. pcp is not listened for on TCP (pcp_listen_addresses='').
+start_pgpool() {
+  local port pcp_port dir="$WORK/pgpool" pid="" c maxc=0 children _ why bg
+  find_pgpool || { T_STATUS[pgpool]="${T_STATUS[pgpool]:-pgpool (Debian package pgpool2) not installed}"; return 1; }
+  for c in $CLIENTS; do (( c > maxc )) && maxc=$c; done
+  # One child per client connection; a client beyond num_init_children waits
+  # in the listen queue, so keep headroom over the largest client count.
+  children=$(( maxc + 8 > 40 ? maxc + 8 : 40 ))
+  free_port port
+  free_port pcp_port
+  rm -rf "$dir"
+  mkdir -p "$dir/sock" "$dir/oiddir"
+  : >"$dir/pcp.conf"
+  : >"$dir/pool_passwd"
+  cat >"$dir/pool_hba.conf" <<EOF
+local all all trust
+host all all 127.0.0.1/32 trust
+EOF
+  cat >"$dir/pgpool.conf" <<EOF
+# --- written by benches/run.sh ---
+backend_clustering_mode = 'raw'
+listen_addresses = '127.0.0.1'
+port = $port
+socket_dir = '$dir/sock'
+pcp_listen_addresses = ''
+pcp_port = $pcp_port
+pcp_socket_dir = '$dir/sock'
+wd_ipc_socket_dir = '$dir/sock'
+pid_file_name = '$dir/pgpool.pid'
+logdir = '$dir'
+backend_hostname0 = '127.0.0.1'
+backend_port0 = $PGPORT
+backend_weight0 = 1
+backend_flag0 = 'DISALLOW_TO_FAILOVER'
+enable_pool_hba = on
+pool_passwd = '$dir/pool_passwd'
+num_init_children = $children
+max_pool = 1
+connection_cache = on
+reserved_connections = 0
+load_balance_mode = off
+use_watchdog = off
+sr_check_period = 0
+health_check_period = 0
+failover_on_backend_error = off
+log_destination = 'stderr'
+logging_collector = off
+log_min_messages = warning
+log_connections = off
+log_statement = off
+memory_cache_enabled = on
+memqcache_method = 'shmem'
+memqcache_total_size = 64MB
+memqcache_expire = 0
+memqcache_auto_cache_invalidation = on
+memqcache_oiddir = '$dir/oiddir'
+EOF
+  [[ $IS_ROOT -eq 1 ]] && chown -R postgres: "$dir"
+  log "starting pgpool on port $port ($children children)"
+  # -n: stay in the foreground (we background it), logging to stderr. Its
+  # pid (the parent of all its children) comes from the pidfile: with
+  # runuser in between, $! is not pgpool.
+  as_pg "$PGPOOL_BIN" -n -f "$dir/pgpool.conf" -F "$dir/pcp.conf" -a "$dir/pool_hba.conf" \
+    >>"$dir/pgpool.log" 2>&1 &
+  bg=$!
+  for _ in $(seq 1 100); do
+    # (pgpool may pad the file with NUL bytes: keep digits only)
+    [[ -s "$dir/pgpool.pid" ]] && pid="$(head -n1 "$dir/pgpool.pid" | tr -cd '0-9')"
+    [[ -n "$pid" ]] && break
+    kill -0 "$bg" 2>/dev/null || break   # pgpool exited early
+    sleep 0.1
+  done
+  T_PID[pgpool]="$pid"
+  T_PORT[pgpool]=$port
+  if [[ -z "$pid" ]] || ! wait_for_port "$port" 30 "$pid"; then
+    tail -n 20 "$dir/pgpool.log" >&2 2>/dev/null || true
+    why="$(grep -E 'FATAL|ERROR|PANIC' "$dir/pgpool.log" 2>/dev/null | tail -n 2 | tr '\n' ' ' | cut -c1-300 || true)"
+    [[ -z "$why" ]] && why="$(tail -n 2 "$dir/pgpool.log" 2>/dev/null | tr '\n' ' ' | cut -c1-300 || true)"
+    T_STATUS[pgpool]="pgpool did not accept connections${why:+; log: $why}"
+    [[ -n "$pid" ]] && stop_pgpool "$pid"
+    return 1
+  fi
+  # The point of this target is the query cache: say so if it isn't on.
+  if [[ -z "$(pgpool_counters "$port")" ]]; then
+    note "pgpool answers, but \`SHOW pool_cache\` does not: its query cache may be off, hit ratios are n/a"
+  fi
+}
+
+# pgpool: SIGINT is its "fast" shutdown, which takes the children along.
+# If the parent had to be killed, kill the children it leaves behind too.
+stop_pgpool() {
+  local pid=$1 _ kids
+  kill -0 "$pid" 2>/dev/null || return 0
+  kids="$(child_pids "$pid")"
+  kill -INT "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  stop_pid "$pid"
+  # shellcheck disable=SC2086  # a list of pids
+  [[ -n "$kids" ]] && kill -KILL $kids 2>/dev/null
+  return 0
+}
+
+# Pids whose parent is $1.
+child_pids() {
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v p="$1" '
+    { i = 0; s = $0; while ((j = index(substr(s, i + 1), ")")) > 0) i += j
+      split(substr(s, i + 2), f, " "); if (f[2] == p) printf "%s ", substr(s, 1, index(s, " ") - 1) }'
+}
+
 start_target() {
-  local t=$1
-  if ! declare -F "start_$t" >/dev/null; then
+  local t=$1 fn="start_${1//-/_}"
+  if ! declare -F "$fn" >/dev/null; then
     T_STATUS[$t]="unknown target"; return 1
   fi
   if [[ -n "${T_STATUS[$t]:-}" && "${T_STATUS[$t]}" != ok ]]; then return 1; fi
-  if "start_$t"; then T_STATUS[$t]=ok; return 0; fi
+  if "$fn"; then T_STATUS[$t]=ok; return 0; fi
   T_STATUS[$t]="${T_STATUS[$t]:-failed to start}"
   return 1
 }
@@ -434,6 +676,26 @@ EOF
 \set aid random(1, 10000)
 UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
 EOF
+  cat >"$d/select1.sql" <<'EOF'
+SELECT 1;
+EOF
+}
+
+# Modes a workload runs in: MODES, except that -M prepared is for W1 only
+# (DESIGN.md) and the SELECT1 reference is always -M simple only.
+workload_modes() {
+  local m out=()
+  if [[ "$1" == SELECT1 ]]; then echo simple; return 0; fi
+  for m in $MODES; do
+    [[ "$m" == prepared && "$1" != W1 ]] && continue
+    out+=("$m")
+  done
+  echo "${out[*]}"
+}
+
+# Whether workload $1 runs against target $2 (SELECT1: direct only).
+workload_runs_on() {
+  [[ "$1" != SELECT1 || "$2" == direct ]]
 }
 
 # Sets WL_ARGS (pgbench arguments selecting the workload).
@@ -445,7 +707,8 @@ workload_args() {
     W3) WL_ARGS=(-f "$d/w3_aggregate.sql") ;;
     W4) WL_ARGS=(-b tpcb-like) ;;
     W5) WL_ARGS=(-f "$d/w1_point_select.sql@95" -f "$d/w5_update.sql@5") ;;
-    *)  die "unknown workload $1 (known: W1 W2 W3 W4 W5)" ;;
+    SELECT1) WL_ARGS=(-f "$d/select1.sql") ;;
+    *)  die "unknown workload $1 (known: SELECT1 W1 W2 W3 W4 W5)" ;;
   esac
 }
 
@@ -457,30 +720,83 @@ workload_desc() {
     W2) echo 'pgbench builtin select-only (`-S`): point select over all accounts' ;;
     W3) echo 'aggregate: `\set n random(1,20) * 50000`; `SELECT bid, count(*), sum(abalance) FROM pgbench_accounts WHERE aid <= :n GROUP BY bid` (custom script)' ;;
     W4) echo 'pgbench builtin tpcb-like (read/write transaction of 5 statements)' ;;
-    W5) echo 'W1 point select weighted 95 + `UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid` weighted 5' ;;
+    W5) echo 'read-mostly with churn: W1 point select weighted 95 + `UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid` weighted 5 (`-f w1.sql@95 -f w5_update.sql@5`)' ;;
+    SELECT1) echo 'reference: `SELECT 1` straight to Postgres (direct only, `-M simple` only), the cheapest possible round trip' ;;
   esac
+}
+
+# ---------------------------------------------------------------------------
+# Cache hit counters. Each prints "hits misses" (cumulative since the target
+# started) or nothing when they can't be read; never fails.
+# ---------------------------------------------------------------------------
+
+# pgstash: Prometheus text from http://ADDR/metrics; sums over label values.
+# A sample is `name{labels} value [timestamp]`; label values may hold spaces.
+metrics_counters() {
+  { curl -fsS --max-time 3 "http://$1/metrics" 2>/dev/null || true; } | awk '
+    /^#/ || NF < 2 { next }
+    {
+      name = $1; sub(/\{.*/, "", name)
+      if (name != "pgstash_cache_hits_total" && name != "pgstash_cache_misses_total") next
+      rest = $0
+      if (index(rest, "}") > 0) { while ((j = index(rest, "}")) > 0) rest = substr(rest, j + 1) }
+      else rest = substr(rest, index(rest, " ") + 1)
+      split(rest, v, " ")
+      if (name == "pgstash_cache_hits_total") h += v[1]; else m += v[1]
+      seen = 1
+    }
+    END { if (seen) printf "%.0f %.0f\n", h, m }'
+}
+
+# pgpool: SHOW pool_cache — num_cache_hits, and num_selects (the SELECTs that
+# were not hits: cache_hit_ratio = hits / (hits + selects)).
+pgpool_counters() {
+  { "$PG_BIN/psql" -X -At -F ' ' -h 127.0.0.1 -p "$1" -U postgres -d postgres \
+      -c 'SHOW pool_cache' 2>/dev/null || true; } | awk 'NF >= 2 && $1 ~ /^[0-9]+$/ { print $1, $2; exit }'
+}
+
+# hit_counters TARGET: the counters of a target that has a cache; returns 1
+# (printing nothing) for targets without one.
+hit_counters() {
+  case "$1" in
+    pgstash|pgstash-nocache) [[ -n "${T_METRICS[$1]:-}" ]] && metrics_counters "${T_METRICS[$1]}"; return 0 ;;
+    pgpool) pgpool_counters "${T_PORT[pgpool]}"; return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# hit_ratio "h0 m0" "h1 m1": Δhits / (Δhits + Δmisses), or nothing.
+hit_ratio() {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    if (split(a, x, " ") < 2 || split(b, y, " ") < 2) exit
+    dh = y[1] - x[1]; dm = y[2] - x[2]
+    if (dh >= 0 && dm >= 0 && dh + dm > 0) printf "%.4f\n", dh / (dh + dm) }'
 }
 
 # ---------------------------------------------------------------------------
 # One pgbench run; appends a row to $RESULTS.
 # Columns: workload mode clients target tps tx p50_ms p99_ms failed
-#          proxy_cpu_us pg_cpu_us status
+#          proxy_cpu_us pg_cpu_us hit_ratio status
+# hit_ratio: a fraction; "n/a" for a cache whose counters couldn't be read
+# (or that counted no lookups); empty for targets without a cache.
 # ---------------------------------------------------------------------------
 RESULTS=""
 run_one() {
   local wl=$1 mode=$2 clients=$3 t=$4
   local jobs=1 dir out rc pg0 pg1 px0 px1 tps tx failed p50 p99 pxcpu pgcpu status=ok
+  local cached=0 c0="" c1="" hit=""
   (( clients >= 2 && clients % 2 == 0 )) && jobs=2   # 2 cores on the bench box
   dir="$WORK/runs/${wl}_${mode}_c${clients}_${t}"
   mkdir -p "$dir"
   workload_args "$wl"
 
   if ! ensure_alive "$t"; then
-    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t%s\n' "$wl" "$mode" "$clients" "$t" "target down" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t%s\n' "$wl" "$mode" "$clients" "$t" "target down" >>"$RESULTS"
     return 0
   fi
 
   log "run $wl mode=$mode clients=$clients target=$t (${DURATION}s)"
+  if c0="$(hit_counters "$t")"; then cached=1; fi
   pg0=$(tree_ticks "$PG_PID"); px0=$(tree_ticks "${T_PID[$t]}")
   # timeout guards against a proxy that hangs; -n everywhere for fairness.
   if run_child timeout $(( DURATION + 60 )) "$PG_BIN/pgbench" -n -M "$mode" -c "$clients" -j "$jobs" \
@@ -493,6 +809,22 @@ run_one() {
   # Give exiting backends a moment to be reaped into the postmaster's cutime.
   sleep 0.5
   pg1=$(tree_ticks "$PG_PID"); px1=$(tree_ticks "${T_PID[$t]}")
+  if [[ $cached -eq 1 ]]; then
+    c1="$(hit_counters "$t")"
+    hit="$(hit_ratio "$c0" "$c1")"
+    if [[ -z "$hit" ]]; then
+      hit="n/a"
+      if [[ "$t" == pgpool ]]; then
+        note_once "hit-$t" "pgpool hit ratio n/a: \`SHOW pool_cache\` gave no usable counters (before: '${c0}', after: '${c1}')"
+      elif [[ -n "${T_METRICS[$t]:-}" ]]; then
+        if [[ -z "$c0" || -z "$c1" ]]; then
+          note_once "hit-$t" "$t hit ratio n/a: no pgstash_cache_hits_total/pgstash_cache_misses_total at http://${T_METRICS[$t]}/metrics"
+        else
+          note_once "hit0-$t" "$t hit ratio n/a for runs where its metrics counted no cache lookups (first: $wl/$mode/c$clients)"
+        fi
+      fi
+    fi
+  fi
 
   out="$dir/pgbench.out"
   tps=$(awk '/^tps = .*without initial connection time/ {print $3}' "$out")
@@ -524,19 +856,131 @@ run_one() {
   else
     pxcpu=""; pgcpu=""
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-    "$wl" "$mode" "$clients" "$t" "$tps" "$tx" "${p50:-}" "${p99:-}" "$failed" "$pxcpu" "$pgcpu" "$status" >>"$RESULTS"
-  log "  tps=${tps:-?} p50=${p50:-?}ms p99=${p99:-?}ms failed=$failed cpu/tx: target=${pxcpu:-?}us postgres=${pgcpu:-?}us [$status]"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$wl" "$mode" "$clients" "$t" "$tps" "$tx" "${p50:-}" "${p99:-}" "$failed" "$pxcpu" "$pgcpu" "$hit" "$status" >>"$RESULTS"
+  log "  tps=${tps:-?} p50=${p50:-?}ms p99=${p99:-?}ms failed=$failed cpu/tx: target=${pxcpu:-?}us postgres=${pgcpu:-?}us${hit:+ hit ratio=$hit} [$status]"
   # pgbench logs can be large (one line per transaction); drop them now.
   [[ "$KEEP_TMP" == 1 ]] || rm -f "$dir"/tx.*
 }
 
 # ---------------------------------------------------------------------------
+# Target check list (DESIGN.md "Performance targets", "Caching must never
+# lose"), computed from $RESULTS at CHECK_CLIENTS clients.
+# ---------------------------------------------------------------------------
+declare -A R_TPS=() R_PXCPU=() R_PGCPU=() R_HIT=() R_STATUS=()
+load_results() {
+  local wl mode c t tps tx p50 p99 failed pxcpu pgcpu hit status k
+  # Unit separator instead of tab: read collapses runs of whitespace IFS
+  # characters, which would shift the empty fields of a "target down" row.
+  while IFS=$'\037' read -r wl mode c t tps tx p50 p99 failed pxcpu pgcpu hit status; do
+    k="$wl|$mode|$c|$t"
+    R_TPS[$k]="$tps"; R_PXCPU[$k]="$pxcpu"; R_PGCPU[$k]="$pgcpu"; R_HIT[$k]="$hit"; R_STATUS[$k]="$status"
+  done < <(tr '\t' '\037' <"$RESULTS")
+}
+
+CHECK_LINES=()
+declare -A CHECK_COUNT=([met]=0 ["NOT met"]=0 [n/a]=0)
+add_check() {   # VERDICT LABEL DETAIL
+  CHECK_LINES+=("- **$1** — $2${3:+ — $3}")
+  CHECK_COUNT[$1]=$(( ${CHECK_COUNT[$1]} + 1 ))
+}
+
+# fetch FIELD:WORKLOAD:MODE:TARGET — the field (tps, pxcpu, pgcpu, hit) of
+# that run at CHECK_CLIENTS clients: sets V, or sets WHY and returns 1.
+fetch() {
+  local field wl mode t key
+  IFS=: read -r field wl mode t <<<"$1"
+  key="$wl|$mode|$CHECK_CLIENTS|$t"
+  V=""; WHY=""
+  if [[ -z "${R_STATUS[$key]+x}" ]]; then
+    if ! has "$TARGETS" "$t"; then WHY="$t not in TARGETS"
+    elif [[ "${T_STATUS[$t]:-}" != ok ]]; then WHY="$t unavailable"
+    else WHY="no $wl -M $mode run with $CHECK_CLIENTS clients"; fi
+    return 1
+  fi
+  if [[ "${R_STATUS[$key]}" != ok ]]; then
+    WHY="$wl -M $mode, $CHECK_CLIENTS clients, $t: ${R_STATUS[$key]}"; return 1
+  fi
+  case "$field" in
+    tps)   V="${R_TPS[$key]}" ;;
+    pxcpu) V="${R_PXCPU[$key]}" ;;
+    pgcpu) V="${R_PGCPU[$key]}" ;;
+    hit)   V="${R_HIT[$key]}"; [[ "$V" == n/a ]] && V="" ;;
+  esac
+  if [[ -z "$V" ]]; then
+    WHY="no $field for $wl -M $mode, $CHECK_CLIENTS clients, $t"
+    [[ "$field" == hit && "$t" == pgstash* && -n "$METRICS_WHY" ]] && WHY="hit ratio n/a: $METRICS_WHY"
+    return 1
+  fi
+}
+
+# cmp_check LABEL SPEC_A OP FACTOR SPEC_B UNIT: met when A OP FACTOR × B
+# (OP is >=, > or <).
+cmp_check() {
+  local label=$1 sa=$2 op=$3 f=$4 sb=$5 unit=$6 a b v
+  fetch "$sa" || { add_check n/a "$label" "$WHY"; return 0; }; a=$V
+  fetch "$sb" || { add_check n/a "$label" "$WHY"; return 0; }; b=$V
+  if awk -v a="$a" -v b="$b" -v f="$f" -v op="$op" \
+       'BEGIN { r = f * b; exit !(op == ">=" ? a >= r : (op == ">" ? a > r : a < r)) }'; then
+    v=met
+  else
+    v="NOT met"
+  fi
+  add_check "$v" "$label" "$(awk -v a="$a" -v b="$b" -v u="$unit" \
+    'BEGIN { printf "%.1f %s vs %.1f %s (%s×)", a, u, b, u, (b + 0 == 0 ? "∞" : sprintf("%.2f", a / b)) }')"
+}
+
+# min_check LABEL SPEC MIN: met when the value is at least MIN (a fraction,
+# shown as a percentage).
+min_check() {
+  local label=$1 spec=$2 min=$3 v
+  fetch "$spec" || { add_check n/a "$label" "$WHY"; return 0; }
+  if awk -v a="$V" -v m="$min" 'BEGIN { exit !(a >= m) }'; then v=met; else v="NOT met"; fi
+  add_check "$v" "$label" "$(awk -v a="$V" 'BEGIN { printf "%.1f %%", 100 * a }')"
+}
+
+target_checks() {
+  local m wl
+  for m in simple extended; do
+    cmp_check "W1 -M $m: pgstash ≥ 3× direct TPS" "tps:W1:$m:pgstash" ">=" 3 "tps:W1:$m:direct" TPS
+  done
+  cmp_check "W1 -M prepared: pgstash > direct TPS" "tps:W1:prepared:pgstash" ">" 1 "tps:W1:prepared:direct" TPS
+  for m in simple extended prepared; do
+    cmp_check "W1 -M $m: pgstash ≥ 1.3× pgpool TPS" "tps:W1:$m:pgstash" ">=" 1.3 "tps:W1:$m:pgpool" TPS
+  done
+  cmp_check "W1 -M simple: pgstash ≥ \`SELECT 1\` straight to Postgres (SELECT1 reference)" \
+    "tps:W1:simple:pgstash" ">=" 1 "tps:SELECT1:simple:direct" TPS
+  for m in simple extended; do
+    cmp_check "W3 -M $m: pgstash ≥ 1000× direct TPS" "tps:W3:$m:pgstash" ">=" 1000 "tps:W3:$m:direct" TPS
+    cmp_check "W3 -M $m: pgstash > pgpool TPS" "tps:W3:$m:pgstash" ">" 1 "tps:W3:$m:pgpool" TPS
+  done
+  for m in simple extended; do
+    min_check "W5 -M $m: pgstash hit ratio ≥ 90 %" "hit:W5:$m:pgstash" 0.9
+    cmp_check "W5 -M $m: pgstash ≥ 2× direct TPS" "tps:W5:$m:pgstash" ">=" 2 "tps:W5:$m:direct" TPS
+  done
+  for wl in W2 W4; do
+    for m in simple extended; do
+      cmp_check "$wl -M $m: pgstash within 5 % of pgstash-nocache TPS (≥ 0.95×)" \
+        "tps:$wl:$m:pgstash" ">=" 0.95 "tps:$wl:$m:pgstash-nocache" TPS
+    done
+  done
+  for m in simple extended prepared; do
+    cmp_check "W1 -M $m: pgstash CPU per transaction (≈ per hit) < 1/5 of Postgres CPU per query under direct" \
+      "pxcpu:W1:$m:pgstash" "<" 0.2 "pgcpu:W1:$m:direct" "µs"
+  done
+}
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
+# hit ratio cell: fraction → percentage; "n/a" as is; empty → "—".
+AWK_FMT_HIT='function hitfmt(x) { return x == "" ? "—" : (x == "n/a" ? "n/a" : sprintf("%.1f %%", 100 * x)) }'
+
 write_report() {
-  local tmp="$OUT.tmp.$$" wl t reason load_end
+  local tmp="$OUT.tmp.$$" wl t reason load_end line
   load_end="$(cut -d' ' -f1-3 /proc/loadavg)"
+  load_results
+  target_checks
   {
     echo "# pgstash benchmarks"
     echo
@@ -548,14 +992,24 @@ write_report() {
     echo
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- Machine: $(nproc) CPUs, $(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo); load average at start $LOAD_START, at end $load_end"
-    echo "- PostgreSQL: $PG_VERSION (private cluster: fsync=off, synchronous_commit=off, full_page_writes=off, shared_buffers=256MB, max_connections=200; pgbench scale $SCALE)"
-    if has "$TARGETS" pgstash; then
-      echo "- pgstash: \`${BENCH_PGSTASH_BIN#"$ROOT/"}\` ($( [[ "${T_STATUS[pgstash]:-}" == ok ]] && echo "source $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'with no git commit yet')" || echo "unavailable")), PGSTASH_POOL__MAX_SIZE=40, transaction pooling (default)"
+    echo "- PostgreSQL: $PG_VERSION (private cluster: fsync=off, synchronous_commit=off, full_page_writes=off, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE)"
+    if has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache; then
+      echo "- pgstash: \`${BENCH_PGSTASH_BIN#"$ROOT/"}\` ($( [[ $PGSTASH_BUILT -eq 1 ]] && echo "source $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'with no git commit yet')" || echo "unavailable")), PGSTASH_POOL__MAX_SIZE=40, transaction pooling (default); \`pgstash-nocache\` is the same binary with PGSTASH_CACHE__ENABLED=false"
+      if [[ -n "$METRICS_HOW" ]]; then
+        echo "- pgstash hit ratio: Δpgstash_cache_hits_total / (Δhits + Δpgstash_cache_misses_total) over each run, summed over labels, scraped from \`http://127.0.0.1:<port>/metrics\` (address passed as ${METRICS_HOW/:/ })"
+      else
+        echo "- pgstash hit ratio: n/a — ${METRICS_WHY:-not measured}"
+      fi
     fi
     if has "$TARGETS" pgbouncer; then
       echo "- pgbouncer: $( [[ "${T_STATUS[pgbouncer]:-}" == ok ]] && pgbouncer --version 2>/dev/null | head -n1 || echo unavailable), pool_mode=transaction, default_pool_size=40"
     fi
-    echo "- Each run: \`pgbench -n -T $DURATION -M <mode> -c <clients> -j <1|2>\`, no re-initialisation between runs (W4 modifies data)."
+    if has "$TARGETS" pgpool && [[ "${T_STATUS[pgpool]:-}" != ok ]]; then
+      echo "- pgpool: unavailable (see below)"
+    elif has "$TARGETS" pgpool; then
+      echo "- pgpool: $("$PGPOOL_BIN" --version 2>&1 | head -n1), num_init_children=$(awk -F"= *" '/^num_init_children/ {print $2}' "$WORK/pgpool/pgpool.conf" 2>/dev/null), backend_clustering_mode=raw, one backend, connection_cache=on, max_pool=1, load_balance_mode=off, memory_cache_enabled=on (memqcache_method=shmem, auto invalidation on writes); hit ratio from \`SHOW pool_cache\`: Δnum_cache_hits / (Δnum_cache_hits + Δnum_selects)"
+    fi
+    echo "- Each run: \`pgbench -n -T $DURATION -M <mode> -c <clients> -j <1|2>\`, no re-initialisation between runs (W4 and W5 modify data). \`-M prepared\` runs for W1 only; SELECT1 runs against direct with \`-M simple\` only."
     echo
     for t in $TARGETS; do
       if [[ "${T_STATUS[$t]:-}" != ok ]]; then
@@ -563,14 +1017,20 @@ write_report() {
         echo
       fi
     done
+    echo "## Targets"
+    echo
+    echo "From DESIGN.md, checked against this run at $CHECK_CLIENTS clients: ${CHECK_COUNT[met]} met, ${CHECK_COUNT["NOT met"]} NOT met, ${CHECK_COUNT[n/a]} n/a (not measured in this run, with the reason)."
+    echo
+    for line in "${CHECK_LINES[@]}"; do echo "$line"; done
+    echo
     for wl in $WORKLOADS; do
       echo "## $wl"
       echo
       workload_desc "$wl"
       echo
-      echo "| target | mode | clients | TPS | TPS/direct | p50 ms | p99 ms | p50/direct | p99/direct | proxy CPU µs/tx (direct: Postgres) | Postgres CPU µs/tx | failed tx | status |"
-      echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-      awk -F'\t' -v wl="$wl" '
+      echo "| target | mode | clients | TPS | TPS/direct | p50 ms | p99 ms | p50/direct | p99/direct | proxy CPU µs/tx (direct: Postgres) | Postgres CPU µs/tx | hit ratio | failed tx | status |"
+      echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+      awk -F'\t' -v wl="$wl" "$AWK_FMT_HIT"'
         function ratio(a, b) { return (a == "" || b == "" || b + 0 == 0) ? "—" : sprintf("%.2f", a / b) }
         function dash(x) { return x == "" ? "—" : x }
         $1 == wl {
@@ -582,17 +1042,44 @@ write_report() {
           for (i = 1; i <= n; i++) {
             split(row[i], f, "\t"); key = f[2] SUBSEP f[3]
             tps = f[5] == "" ? "—" : sprintf("%.1f", f[5])
-            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
               f[4], f[2], f[3], tps, ratio(f[5], dt[key]), dash(f[7]), dash(f[8]),
-              ratio(f[7], d50[key]), ratio(f[8], d99[key]), dash(f[10]), dash(f[11]), dash(f[9]), f[12]
+              ratio(f[7], d50[key]), ratio(f[8], d99[key]), dash(f[10]), dash(f[11]), hitfmt(f[12]), dash(f[9]), f[13]
           }
         }' "$RESULTS"
       echo
     done
+    if has "$WORKLOADS" W1; then
+      echo "## CPU per query (W1)"
+      echo
+      echo "CPU time per transaction (one W1 query) of each target's process tree, next to what Postgres itself spends per W1 query when queried directly (the \`direct\` run of the same mode and client count). A cache hit should cost far less than Postgres executing the query (target: pgstash < 1/5). A proxy's own CPU covers hits and misses alike, so for pgstash it is an upper bound on the cost of a hit."
+      echo
+      echo "| mode | clients | target | target CPU µs/tx | Postgres CPU µs/tx (same run) | target + Postgres µs/tx | target CPU ÷ Postgres CPU per query under direct | hit ratio |"
+      echo "|---|---:|---|---:|---:|---:|---:|---:|"
+      awk -F'\t' "$AWK_FMT_HIT"'
+        function dash(x) { return x == "" ? "—" : x }
+        $1 == "W1" {
+          key = $2 SUBSEP $3
+          if ($4 == "direct") dpg[key] = $11
+          n++; row[n] = $0
+        }
+        END {
+          for (i = 1; i <= n; i++) {
+            split(row[i], f, "\t"); key = f[2] SUBSEP f[3]
+            name = f[4] == "direct" ? "direct (Postgres itself)" : f[4]
+            sum = (f[4] == "direct" || f[10] == "" || f[11] == "") ? dash(f[11]) : sprintf("%.1f", f[10] + f[11])
+            r = (f[10] == "" || dpg[key] == "" || dpg[key] + 0 == 0) ? "—" : sprintf("%.3f", f[10] / dpg[key])
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", f[2], f[3], name, dash(f[10]), dash(f[11]), sum, r, hitfmt(f[12])
+          }
+        }' "$RESULTS"
+      echo
+    fi
     echo "## Method and caveats"
     echo
     echo "- TPS is pgbench's \"tps (without initial connection time)\". Latencies are p50/p99 over every transaction in pgbench's per-transaction log (\`--log\`), failed/skipped transactions excluded; ratios compare with the \`direct\` row of the same workload, mode and client count."
-    echo "- \"proxy CPU µs/tx\" is utime+stime of the proxy process (all threads, from /proc/<pid>/stat, clock ticks of $CLK_TCK Hz) over the run divided by transactions processed; for \`direct\` it is Postgres's CPU. \"Postgres CPU µs/tx\" is the same for the whole Postgres cluster (postmaster plus live children, plus exited backends via the postmaster's cutime/cstime), including background processes."
+    echo "- \"proxy CPU µs/tx\" is utime+stime of the proxy's process tree (all threads; for pgpool its parent and all its children; from /proc/<pid>/stat, clock ticks of $CLK_TCK Hz) over the run divided by transactions processed; for \`direct\` it is Postgres's CPU. \"Postgres CPU µs/tx\" is the same for the whole Postgres cluster (postmaster plus live children, plus exited backends via the postmaster's cutime/cstime), including background processes."
+    echo "- Hit ratio: the share of cache lookups that were hits during the run (\"n/a\": the target's counters could not be read or counted no lookups; \"—\": no cache). The target check list compares the runs with $CHECK_CLIENTS clients; \"within 5 %\" is one-sided (the cache may be faster than no cache)."
+    echo "- Caches start cold: each target's cache is warmed only by the runs themselves (pgstash entries live 60 s by default, so later modes and client counts of the same workload may find them warm; pgpool's have no expiry). Short runs are dominated by cold misses, W3 most of all (each miss is an aggregate over up to 1M rows, 32 of them at once at 32 clients)."
     echo "- pgbench, the proxy and Postgres share the same $(nproc) CPUs, so a proxy's CPU competes with Postgres's; numbers on a small or busy machine are noisy."
     if [[ ${#NOTES[@]} -gt 0 ]]; then
       echo
@@ -609,8 +1096,9 @@ write_report() {
 main() {
   local t wl mode c
   LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
-  for wl in $WORKLOADS; do case "$wl" in W1|W2|W3|W4|W5) ;; *) die "unknown workload $wl";; esac; done
+  for wl in $WORKLOADS; do case "$wl" in SELECT1|W1|W2|W3|W4|W5) ;; *) die "unknown workload $wl (known: SELECT1 W1 W2 W3 W4 W5)";; esac; done
   for mode in $MODES; do case "$mode" in simple|extended|prepared) ;; *) die "unknown mode $mode";; esac; done
+  [[ "$CHECK_CLIENTS" =~ ^[0-9]+$ ]] || die "CHECK_CLIENTS must be a number"
 
   install_tools
   WORK="$(mktemp -d /tmp/pgstash-bench.XXXXXX)"
@@ -621,21 +1109,27 @@ main() {
   log "temp dir $WORK"
 
   # Build before starting Postgres: a long compile shouldn't overlap anything.
-  if has "$TARGETS" pgstash; then build_pgstash || log "pgstash unavailable: ${T_STATUS[pgstash]}"; fi
+  if has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache; then
+    build_pgstash || log "pgstash unavailable: $PGSTASH_BUILD_ERR"
+  fi
+  if has "$WORKLOADS" SELECT1 && ! has "$TARGETS" direct; then
+    note "SELECT1 (the reference row) runs only against direct, which is not in TARGETS"
+  fi
 
   start_postgres
   write_workload_scripts
   for t in $TARGETS; do
-    start_target "$t" || log "target $t unavailable: ${T_STATUS[$t]}"
+    start_target "$t" || { log "target $t unavailable: ${T_STATUS[$t]}"; note "target $t unavailable: ${T_STATUS[$t]}"; }
   done
 
   # Targets innermost, so the rows compared with each other ran back to back
   # under the most similar conditions (and direct, if listed first, first).
   for wl in $WORKLOADS; do
-    for mode in $MODES; do
+    for mode in $(workload_modes "$wl"); do
       for c in $CLIENTS; do
         for t in $TARGETS; do
           [[ "${T_STATUS[$t]:-}" == ok ]] || continue
+          workload_runs_on "$wl" "$t" || continue
           run_one "$wl" "$mode" "$c" "$t"
         done
       done

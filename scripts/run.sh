@@ -134,8 +134,8 @@ if [[ -z "$upstream" ]]; then
     ensure_servers
     start_postgres
     start_redis
-    # pgstash has no Redis cache yet; once it does, uncomment:
-    # export PGSTASH_REDIS__URL="redis://127.0.0.1:$redisport"
+    # The throwaway Redis is the shared tier (L2 and invalidations between instances).
+    [[ -n "${PGSTASH_REDIS__URL:-}" ]] || export PGSTASH_REDIS__URL="redis://127.0.0.1:$redisport"
 fi
 [[ -n "$have_listen" ]] || args+=(--listen "$listen")
 [[ -n "$have_upstream" ]] || args+=(--upstream "$upstream")
@@ -145,6 +145,7 @@ cat >&2 <<MSG
 
   upstream:       $upstream
   connect with:   psql "postgres://postgres@$listen/postgres"
+  redis (L2):     ${PGSTASH_REDIS__URL:-none}
   benchmark with: $pgbench_bin -n -S -c 4 -T 10 "postgres://postgres@$listen/postgres"
   (Ctrl-C stops pgstash$( [[ -n "$pg_started" ]] && echo " and the throwaway servers"))
 

@@ -65,7 +65,8 @@ pub struct L1Config {
     /// Upper bound on the weighted size (response bytes plus overhead).
     pub max_bytes: u64,
     /// How long after a fill started others wait for it before going upstream themselves.
-    /// Bounds the cost of a slow or stuck filler for everyone else.
+    /// Bounds the cost of a stuck filler for everyone else. Generous: a waiter's own query
+    /// would take as long as the filler's, and a filler that gives up wakes its waiters.
     pub wait_timeout: Duration,
 }
 
@@ -73,7 +74,7 @@ impl Default for L1Config {
     fn default() -> Self {
         Self {
             max_bytes: 256 << 20,
-            wait_timeout: Duration::from_secs(2),
+            wait_timeout: Duration::from_secs(30),
         }
     }
 }

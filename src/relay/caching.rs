@@ -34,7 +34,8 @@ pub struct CacheShared {
     upstream: UpstreamTarget,
     connect_timeout: Duration,
     catalogs: Mutex<HashMap<String, CatalogCell>>,
-    analyses: Mutex<HashMap<(String, u64), Arc<Analyzed>>>,
+    /// Keyed by (hash of the database name, hash of the query text).
+    analyses: Mutex<HashMap<(u64, u64), Arc<Analyzed>>>,
 }
 
 /// A database's catalog, loaded once by whichever client needs it first (`None`: unreadable).
@@ -49,6 +50,8 @@ pub struct Analyzed {
     pub policy: Policy,
     /// Identifies the query for the adaptive bypass: a hash of its text.
     pub fingerprint: u64,
+    /// The text, to tell a hash collision from a memo hit.
+    sql: Box<str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -173,6 +176,10 @@ impl CacheShared {
     pub async fn catalog(&self, db: &str) -> Option<Arc<Catalog>> {
         let cell = {
             let mut map = self.catalogs.lock().unwrap_or_else(|p| p.into_inner());
+            // The hot path: loaded already, no allocation.
+            if let Some(c) = map.get(db).and_then(|cell| cell.get()) {
+                return c.clone();
+            }
             map.entry(db.to_string()).or_default().clone()
         };
         cell.get_or_init(|| async {
@@ -206,17 +213,18 @@ impl CacheShared {
         self.analyses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(d, _), _| d != db);
+            .retain(|(d, _), _| *d != xxh3_64(db.as_bytes()));
     }
 
     pub fn analyze(&self, db: &str, sql: &str, catalog: &Catalog) -> Arc<Analyzed> {
         let fingerprint = xxh3_64(sql.as_bytes());
-        let key = (db.to_string(), fingerprint);
+        let key = (xxh3_64(db.as_bytes()), fingerprint);
         if let Some(a) = self
             .analyses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
+            && *a.sql == *sql
         {
             return a.clone();
         }
@@ -226,6 +234,7 @@ impl CacheShared {
             analysis,
             policy,
             fingerprint,
+            sql: sql.into(),
         });
         let mut map = self.analyses.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_MEMOISED_ANALYSES {
