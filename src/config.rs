@@ -175,7 +175,7 @@ impl Default for InvalidationConfig {
         InvalidationConfig {
             source: InvalidationSource::Proxy,
             databases: Vec::new(),
-            max_lag: Duration::from_secs(1),
+            max_lag: Duration::from_secs(5),
             slot: "pgstash".into(),
             publication: "pgstash".into(),
         }

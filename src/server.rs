@@ -203,7 +203,7 @@ async fn start_change_source(
         cache: Arc::clone(cache),
         origin,
     });
-    for db in dbs {
+    for (index, db) in dbs.into_iter().enumerate() {
         let mut t = target.clone();
         t.database = db.clone();
         let conninfo = crate::relay::caching::control_url(&t);
@@ -224,9 +224,26 @@ async fn start_change_source(
                 });
             }
             InvalidationSource::Wal => {
-                return Err(std::io::Error::other(
-                    "invalidation.source = \"wal\" is not available in this build yet; use \"notify\" or \"proxy\"",
-                ));
+                use crate::invalidation::wal;
+                let mut cfg = wal::WalConfig::new(crate::upstream::ConnectParams {
+                    addr: t.addr(),
+                    user: t.user.clone(),
+                    database: db.clone(),
+                    password: t.password.clone(),
+                    timeout: config.upstream.connect_timeout,
+                });
+                // One slot per database (a slot belongs to one database).
+                cfg.slot = match index {
+                    0 => config.invalidation.slot.clone(),
+                    i => format!("{}_{i}", config.invalidation.slot),
+                };
+                cfg.publication = config.invalidation.publication.clone();
+                cfg.max_lag = config.invalidation.max_lag;
+                cfg.validate().map_err(|e| {
+                    std::io::Error::other(format!("invalidation.slot / publication: {e}"))
+                })?;
+                let (sink, cancel) = (Arc::clone(&sink), cancel.clone());
+                tokio::spawn(wal::run(cfg, sink, cancel));
             }
             InvalidationSource::Proxy => return Ok(()),
         }

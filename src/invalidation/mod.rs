@@ -5,7 +5,14 @@
 //! them to a [`ChangeSink`], which maps them onto the cache's generations.
 
 pub mod apply;
+mod changes;
+mod lag;
+pub mod lsn;
 pub mod notify;
+pub mod pgoutput;
+mod replication;
+mod setup;
+pub mod wal;
 
 use std::time::SystemTime;
 

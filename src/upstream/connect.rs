@@ -134,11 +134,11 @@ impl ServerConn {
     }
 }
 
-fn startup_packet(user: &str, database: &str) -> BytesMut {
+fn startup_packet(user: &str, database: &str, extra: &[(&str, &str)]) -> BytesMut {
     let mut b = BytesMut::with_capacity(64);
     b.put_i32(0);
     b.put_i32(196608);
-    for (k, v) in [("user", user), ("database", database)] {
+    for &(k, v) in [("user", user), ("database", database)].iter().chain(extra) {
         b.put_slice(k.as_bytes());
         b.put_u8(0);
         b.put_slice(v.as_bytes());
@@ -160,7 +160,17 @@ fn password_message(payload: &[u8]) -> BytesMut {
 
 /// Open and authenticate a server connection.
 pub async fn connect(p: &ConnectParams) -> Result<ServerConn, UpstreamError> {
-    match tokio::time::timeout(p.timeout, connect_inner(p)).await {
+    connect_with(p, &[]).await
+}
+
+/// [`connect`] with extra startup parameters, e.g. `replication=database` for the WAL change
+/// source or an `application_name` that makes its connections recognisable in
+/// `pg_stat_activity`.
+pub async fn connect_with(
+    p: &ConnectParams,
+    extra: &[(&str, &str)],
+) -> Result<ServerConn, UpstreamError> {
+    match tokio::time::timeout(p.timeout, connect_inner(p, extra)).await {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Timeout {
             addr: p.addr.clone(),
@@ -169,7 +179,10 @@ pub async fn connect(p: &ConnectParams) -> Result<ServerConn, UpstreamError> {
     }
 }
 
-async fn connect_inner(p: &ConnectParams) -> Result<ServerConn, UpstreamError> {
+async fn connect_inner(
+    p: &ConnectParams,
+    extra: &[(&str, &str)],
+) -> Result<ServerConn, UpstreamError> {
     let stream = TcpStream::connect(&p.addr)
         .await
         .map_err(|source| UpstreamError::Connect {
@@ -180,7 +193,7 @@ async fn connect_inner(p: &ConnectParams) -> Result<ServerConn, UpstreamError> {
     stream.set_nodelay(true).ok();
     let (r, mut w) = stream.into_split();
     let mut reader = MessageReader::new(r, MAX_SERVER_MESSAGE);
-    w.write_all(&startup_packet(&p.user, &p.database))
+    w.write_all(&startup_packet(&p.user, &p.database, extra))
         .await
         .map_err(|e| UpstreamError::Lost(e.into()))?;
 

@@ -4,4 +4,4 @@
 mod connect;
 pub mod pool;
 
-pub use connect::{BackendKey, ConnectParams, ServerConn, UpstreamError, connect};
+pub use connect::{BackendKey, ConnectParams, ServerConn, UpstreamError, connect, connect_with};

@@ -17,4 +17,5 @@ mod python;
 mod resilience;
 mod shared_tier;
 mod sources;
+mod wal;
 mod wrong_client;

@@ -1,5 +1,6 @@
-//! Writes pgstash cannot see, heard from Postgres itself (invalidation.source = "notify"):
-//! cached reads through pgstash become fresh shortly after such writes commit.
+//! Writes pgstash cannot see, heard from Postgres itself (invalidation.source = "notify" or
+//! "wal"): cached reads through pgstash become fresh shortly after such writes commit, and
+//! while a source is down nothing is served from the cache.
 
 use crate::fixture::{Proxy, fresh_database};
 use crate::support::shared_pg;
@@ -37,31 +38,110 @@ async fn fresh_soon(c: &Client, sql: &str, want: &str) {
     }
 }
 
-async fn notify_proxy(db: &str) -> (Proxy, Client, Client) {
+#[derive(Clone, Copy, PartialEq)]
+enum Src {
+    Notify,
+    Wal,
+}
+
+/// A proxy with the source watching `db`; drops its replication slot (if any) when done.
+struct Watched {
+    proxy: Option<Proxy>,
+    slot: Option<String>,
+    db: String,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        drop(self.proxy.take());
+        if let Some(slot) = &self.slot {
+            // The walsender may take a moment to let go of the slot after pgstash stopped.
+            for _ in 0..100 {
+                let out = shared_pg().psql_db(
+                    &self.db,
+                    &format!(
+                        "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots
+                         WHERE slot_name = '{slot}' AND NOT active"
+                    ),
+                );
+                let left = shared_pg().psql_db(
+                    &self.db,
+                    &format!(
+                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                    ),
+                );
+                if out.contains('1') || left.trim().ends_with('0') {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+async fn watched(db: &str, src: Src) -> (Watched, Client, Client) {
     let pg = shared_pg();
-    let mut c = pg.client(db).await;
-    pgstash::migrate::up(&mut c).await.expect("migrate up");
-    let db_owned = db.to_string();
+    let mut direct = pg.client(db).await;
+    match src {
+        Src::Notify => {
+            pgstash::migrate::up(&mut direct).await.expect("migrate up");
+            direct
+                .batch_execute("CREATE TABLE probe (v int); INSERT INTO probe VALUES (0)")
+                .await
+                .expect("probe");
+        }
+        Src::Wal => direct
+            // Unlogged: its writes are not in the WAL, so the source cannot see them.
+            .batch_execute("CREATE UNLOGGED TABLE probe (v int); INSERT INTO probe VALUES (0)")
+            .await
+            .expect("probe"),
+    }
+    let slot = (src == Src::Wal).then(|| {
+        format!(
+            "t_{}",
+            db.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        )
+        .to_ascii_lowercase()
+    });
+    let (db_owned, slot_cfg) = (db.to_string(), slot.clone());
     let proxy = Proxy::start(pg, move |c| {
-        c.invalidation.source = pgstash::config::InvalidationSource::Notify;
+        c.invalidation.source = match src {
+            Src::Notify => pgstash::config::InvalidationSource::Notify,
+            Src::Wal => pgstash::config::InvalidationSource::Wal,
+        };
         c.invalidation.databases = vec![db_owned];
+        if let Some(s) = slot_cfg {
+            c.invalidation.slot = s;
+        }
     });
     let through = proxy.connect("postgres", "", db).await;
-    // The source reports healthy once it listens; until then nothing is cached. Wait until
-    // a repeated read is a hit (a change behind pgstash's back does not show at once).
-    (proxy, through, c)
+    let w = Watched {
+        proxy: Some(proxy),
+        slot,
+        db: db.to_string(),
+    };
+    (w, through, direct)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_behind_pgstash_invalidate_through_notify() {
+    writes_behind_pgstash_invalidate(Src::Notify).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_behind_pgstash_invalidate_through_the_wal() {
+    writes_behind_pgstash_invalidate(Src::Wal).await;
+}
+
+async fn writes_behind_pgstash_invalidate(src: Src) {
     let pg = shared_pg();
-    let db = fresh_database(pg, "notifysrc");
+    let db = fresh_database(pg, "srcwrites");
     pg.psql_db(
         &db,
         "CREATE TABLE parent (id int PRIMARY KEY, v int);
          CREATE TABLE child (id int PRIMARY KEY, pid int REFERENCES parent ON DELETE CASCADE ON UPDATE CASCADE, v int);
          INSERT INTO parent VALUES (1, 1), (2, 2); INSERT INTO child VALUES (10, 1, 0), (20, 2, 0);
-         CREATE TABLE audit (n int); INSERT INTO audit VALUES (0);
+         CREATE TABLE audit (id int PRIMARY KEY DEFAULT 1, n int); INSERT INTO audit VALUES (1, 0);
          CREATE TABLE src (id int PRIMARY KEY, v int); INSERT INTO src VALUES (1, 0);
          CREATE FUNCTION bump_audit() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN UPDATE audit SET n = n + 1; RETURN NULL; END $$;
@@ -73,8 +153,8 @@ async fn writes_behind_pgstash_invalidate_through_notify() {
          INSERT INTO part VALUES (1, 1);
          CREATE MATERIALIZED VIEW mv AS SELECT sum(v) AS s FROM src;",
     );
-    let (_proxy, c, direct) = notify_proxy(&db).await;
-    wait_until_caching(&c, &direct).await;
+    let (_w, c, direct) = watched(&db, src).await;
+    wait_until_caching(&c, &direct, src).await;
     let cached = "SELECT count(*) FROM child";
     let reads = [
         (cached, "2"),
@@ -131,6 +211,10 @@ async fn writes_behind_pgstash_invalidate_through_notify() {
         .await
         .expect("parent");
     fresh_soon(&c, "SELECT sum(v) FROM part", "111").await;
+    if src == Src::Wal {
+        // REFRESH MATERIALIZED VIEW and DDL are not in the logical replication stream.
+        return;
+    }
     // A materialized view refresh.
     direct
         .batch_execute("REFRESH MATERIALIZED VIEW mv")
@@ -145,81 +229,73 @@ async fn writes_behind_pgstash_invalidate_through_notify() {
     fresh_soon(&c, "SELECT w FROM src WHERE id = 1", "7").await;
 }
 
-/// A write the triggers cannot see (replica role skips ordinary triggers).
-fn hidden(v: i32) -> String {
-    format!(
-        "SET session_replication_role = replica; UPDATE probe SET v = {v}; RESET session_replication_role"
-    )
+/// A write of `probe` the source cannot see: replica role skips ordinary triggers (notify);
+/// probe is unlogged (wal).
+fn hidden(v: i32, src: Src) -> String {
+    match src {
+        Src::Notify => format!(
+            "SET session_replication_role = replica; UPDATE probe SET v = {v}; RESET session_replication_role"
+        ),
+        Src::Wal => format!("UPDATE probe SET v = {v}"),
+    }
 }
 
-/// Until the source is up nothing is cached; wait until a read of `probe` is a hit.
-async fn wait_until_caching(c: &Client, direct: &Client) {
-    direct
-        .batch_execute("CREATE TABLE IF NOT EXISTS probe (v int); INSERT INTO probe SELECT 0 WHERE NOT EXISTS (SELECT FROM probe)")
-        .await
-        .expect("probe table");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut n = 10;
+/// Until the source is up nothing is cached: wait until a read of `probe` is a hit.
+async fn wait_until_caching(c: &Client, direct: &Client, src: Src) {
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        let before: i32 = one(c, "SELECT v FROM probe").await.parse().expect("int");
         direct
-            .batch_execute(&format!("UPDATE probe SET v = {n}"))
-            .await
-            .expect("w");
-        fresh_soon(c, "SELECT v FROM probe", &n.to_string()).await;
-        direct
-            .batch_execute(&hidden(n + 1))
+            .batch_execute(&hidden(before + 1, src))
             .await
             .expect("hidden write");
-        if one(c, "SELECT v FROM probe").await == n.to_string() {
+        if one(c, "SELECT v FROM probe").await == before.to_string() {
             return; // served from the cache: the source is up
         }
         assert!(Instant::now() < deadline, "the change source never came up");
-        n += 10;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_listener_stops_the_cache_until_it_is_back() {
+async fn a_lost_notify_listener_stops_the_cache_until_it_is_back() {
+    a_lost_source_stops_the_cache_until_it_is_back(Src::Notify, "pgstash-notify").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_replication_connection_stops_the_cache_until_it_is_back() {
+    a_lost_source_stops_the_cache_until_it_is_back(Src::Wal, "pgstash_wal").await;
+}
+
+async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &str) {
     let pg = shared_pg();
-    let db = fresh_database(pg, "notifykill");
-    let (_proxy, c, direct) = notify_proxy(&db).await;
-    wait_until_caching(&c, &direct).await;
-    let q = "SELECT v FROM probe";
-    // Kill the listener's backend: until it is back, nothing is served from the cache.
+    let db = fresh_database(pg, "srckill");
+    let (_w, c, direct) = watched(&db, src).await;
     direct
-        .batch_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgstash-notify'",
-        )
+        .batch_execute("CREATE TABLE seen (id int PRIMARY KEY DEFAULT 1, v int); INSERT INTO seen VALUES (1, 1)")
+        .await
+        .expect("seen");
+    wait_until_caching(&c, &direct, src).await;
+    let q = "SELECT v FROM probe";
+    direct
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{application}'"
+        ))
         .await
         .expect("terminate");
-    // The reconnect takes ≥ 100 ms of backoff: right away, reads go to Postgres.
     direct
-        .batch_execute(&hidden(500))
+        .batch_execute(&hidden(500, src))
         .await
-        .expect("hidden write");
-    assert_eq!(
-        one(&c, q).await,
-        "500",
-        "no cached answer while the source is down"
-    );
-    // Back: caching and invalidation work again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        one(&c, q).await;
-        direct
-            .batch_execute(&hidden(600))
-            .await
-            .expect("hidden write");
-        if one(&c, q).await == "500" {
-            break;
-        }
-        direct.batch_execute(&hidden(500)).await.expect("reset");
-        assert!(Instant::now() < deadline, "the source never came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .expect("hidden");
+    // As soon as the source notices (it reports before reconnecting), reads go to Postgres.
+    fresh_soon(&c, q, "500").await;
+    // Back: caching works again...
+    wait_until_caching(&c, &direct, src).await;
+    // ...and so does invalidation.
+    assert_eq!(one(&c, "SELECT v FROM seen").await, "1");
     direct
-        .batch_execute("UPDATE probe SET v = 700")
+        .batch_execute("UPDATE seen SET v = 2")
         .await
         .expect("w");
-    fresh_soon(&c, q, "700").await;
+    fresh_soon(&c, "SELECT v FROM seen", "2").await;
 }
