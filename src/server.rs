@@ -123,6 +123,7 @@ pub async fn run(
                     stream.set_nodelay(true).ok();
                     let shared = shared.clone();
                     tracker.spawn(async move {
+                        let _open = ClientGauge::open();
                         if let Err(e) = crate::login::serve(stream, shared, peer.ip().is_loopback()).await {
                             tracing::info!(%peer, error = %e, "client connection ended");
                         }
@@ -138,6 +139,7 @@ pub async fn run(
                 Ok(stream) => {
                     let shared = shared.clone();
                     tracker.spawn(async move {
+                        let _open = ClientGauge::open();
                         if let Err(e) = crate::login::serve(stream, shared, true).await {
                             tracing::info!(error = %e, "unix-socket client connection ended");
                         }
@@ -184,6 +186,7 @@ async fn start_change_source(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     use crate::config::InvalidationSource;
+    use crate::invalidation::leader::StartSource;
     use crate::invalidation::{ChangeSink, apply::CacheSink, notify};
     use crate::metrics::InvalidationOrigin;
     let source = config.invalidation.source;
@@ -215,13 +218,17 @@ async fn start_change_source(
                     .map_err(|e| {
                         std::io::Error::other(format!("invalidation.source = \"notify\": {e}"))
                     })?;
-                let (sink, cancel) = (Arc::clone(&sink), cancel.clone());
-                tokio::spawn(async move {
-                    let cfg = notify::ListenerConfig::default();
-                    if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
-                        tracing::error!(error = %e, "NOTIFY listener cannot start");
-                    }
+                let listen_db = db.clone();
+                let start: StartSource = Arc::new(move |sink, cancel| {
+                    let (conninfo, db) = (conninfo.clone(), listen_db.clone());
+                    Box::pin(async move {
+                        let cfg = notify::ListenerConfig::default();
+                        if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
+                            tracing::error!(error = %e, "NOTIFY listener cannot start");
+                        }
+                    })
                 });
+                spawn_source(cache, "notify", db, &sink, start, cancel);
             }
             InvalidationSource::Wal => {
                 use crate::invalidation::wal;
@@ -242,11 +249,55 @@ async fn start_change_source(
                 cfg.validate().map_err(|e| {
                     std::io::Error::other(format!("invalidation.slot / publication: {e}"))
                 })?;
-                let (sink, cancel) = (Arc::clone(&sink), cancel.clone());
-                tokio::spawn(wal::run(cfg, sink, cancel));
+                let start: StartSource =
+                    Arc::new(move |sink, cancel| Box::pin(wal::run(cfg.clone(), sink, cancel)));
+                spawn_source(cache, "wal", db, &sink, start, cancel);
             }
             InvalidationSource::Proxy => return Ok(()),
         }
     }
     Ok(())
+}
+
+/// Counts a client connection in `pgstash_clients` for as long as it lives.
+struct ClientGauge;
+
+impl ClientGauge {
+    fn open() -> ClientGauge {
+        crate::metrics::metrics().clients.inc();
+        ClientGauge
+    }
+}
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        crate::metrics::metrics().clients.dec();
+    }
+}
+
+/// Run a database's change source here, or, with Redis, wherever the election puts it.
+fn spawn_source(
+    cache: &Arc<crate::relay::caching::CacheShared>,
+    kind: &'static str,
+    db: String,
+    sink: &Arc<dyn crate::invalidation::ChangeSink>,
+    start: crate::invalidation::leader::StartSource,
+    cancel: &tokio_util::sync::CancellationToken,
+) {
+    let (sink, cancel) = (Arc::clone(sink), cancel.clone());
+    match &cache.tier {
+        Some(tier) => {
+            tokio::spawn(crate::invalidation::leader::run(
+                Arc::clone(tier),
+                kind,
+                db,
+                sink,
+                start,
+                cancel,
+            ));
+        }
+        None => {
+            tokio::spawn(start(sink, cancel));
+        }
+    }
 }

@@ -7,6 +7,7 @@
 pub mod apply;
 mod changes;
 mod lag;
+pub mod leader;
 pub mod lsn;
 pub mod notify;
 pub mod pgoutput;

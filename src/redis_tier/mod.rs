@@ -54,6 +54,25 @@ end
 return redis.call('PUBLISH', ARGV[4], ARGV[1])
 ";
 
+/// Take the lease if free, extend it if ours: 1 when held by ARGV[1] afterwards.
+const LEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+";
+
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 /// What this instance does when the channel says something.
 pub struct RedisTier {
     cfg: RedisConfig,
@@ -376,6 +395,71 @@ impl RedisTier {
                 })
                 .await;
         });
+    }
+
+    /// A key under this tier's prefix.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix())
+    }
+
+    /// This instance's name in leases.
+    pub fn instance_name(&self) -> String {
+        format!("{:016x}", self.instance)
+    }
+
+    /// Take or extend the lease `key` for `ttl`: `Some(true)` when this instance holds it,
+    /// `Some(false)` when another does, `None` when Redis cannot be asked.
+    pub async fn hold_lease(&self, key: &str, ttl: Duration) -> Option<bool> {
+        let me = self.instance_name();
+        let ms = ttl.as_millis().max(1) as u64;
+        let held: Option<i64> = self
+            .run(async |mut c| {
+                redis::Script::new(LEASE_SCRIPT)
+                    .key(key)
+                    .arg(&me)
+                    .arg(ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        held.map(|h| h == 1)
+    }
+
+    /// Give the lease up now (if held), so another instance need not wait for it to expire.
+    pub async fn release_lease(&self, key: &str) {
+        let me = self.instance_name();
+        let _: Option<i64> = self
+            .run(async |mut c| {
+                redis::Script::new(RELEASE_SCRIPT)
+                    .key(key)
+                    .arg(&me)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// `SET key value PX ttl`; false when Redis could not be told.
+    pub async fn set_for(&self, key: &str, value: &str, ttl: Duration) -> bool {
+        let ms = ttl.as_millis().max(1) as u64;
+        let done: Option<()> = self
+            .run(async |mut c| {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        done.is_some()
+    }
+
+    /// `GET key`: `None` when Redis cannot be asked, `Some(None)` when the key is absent.
+    pub async fn get_string(&self, key: &str) -> Option<Option<String>> {
+        self.run(async |mut c| redis::cmd("GET").arg(key).query_async(&mut c).await)
+            .await
     }
 
     fn value_key(&self, key: CacheKey) -> String {

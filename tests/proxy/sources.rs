@@ -299,3 +299,81 @@ async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &
         .expect("w");
     fresh_soon(&c, "SELECT v FROM seen", "2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_reads_the_source_and_another_takes_over_when_it_stops() {
+    let pg = shared_pg();
+    let redis = crate::support::shared_redis();
+    let db = fresh_database(pg, "srcelect");
+    let mut direct = pg.client(&db).await;
+    pgstash::migrate::up(&mut direct).await.expect("migrate up");
+    direct
+        .batch_execute(
+            "CREATE TABLE probe (v int); INSERT INTO probe VALUES (0);
+             CREATE TABLE seen (id int PRIMARY KEY DEFAULT 1, v int); INSERT INTO seen VALUES (1, 1);",
+        )
+        .await
+        .expect("tables");
+    let prefix = format!("elect{}:", std::process::id());
+    let start = || {
+        let (db, url, prefix) = (db.clone(), redis.url(), prefix.clone());
+        Proxy::start(pg, move |c| {
+            c.invalidation.source = pgstash::config::InvalidationSource::Notify;
+            c.invalidation.databases = vec![db];
+            c.redis.url = Some(url);
+            c.redis.prefix = prefix;
+        })
+    };
+    let listeners = async || -> Vec<i32> {
+        direct
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgstash-notify' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("listeners")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    // A alone: it becomes the reader.
+    let a = start();
+    let ca = a.connect("postgres", "", &db).await;
+    wait_until_caching(&ca, &direct, Src::Notify).await;
+    // B joins: it follows (no second listener) and still caches and invalidates.
+    let b = start();
+    let cb = b.connect("postgres", "", &db).await;
+    wait_until_caching(&cb, &direct, Src::Notify).await;
+    let first = listeners().await;
+    assert_eq!(first.len(), 1, "one instance reads the source");
+    assert_eq!(one(&cb, "SELECT v FROM seen").await, "1");
+    assert_eq!(one(&ca, "SELECT v FROM seen").await, "1");
+    direct
+        .batch_execute("UPDATE seen SET v = 2")
+        .await
+        .expect("w");
+    fresh_soon(&ca, "SELECT v FROM seen", "2").await;
+    fresh_soon(&cb, "SELECT v FROM seen", "2").await;
+    // The reader stops: B takes over, and writes behind pgstash invalidate through B again.
+    drop(ca);
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = listeners().await;
+        if now.len() == 1 && now != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no instance took over the source"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_until_caching(&cb, &direct, Src::Notify).await;
+    assert_eq!(one(&cb, "SELECT v FROM seen").await, "2");
+    direct
+        .batch_execute("UPDATE seen SET v = 3")
+        .await
+        .expect("w");
+    fresh_soon(&cb, "SELECT v FROM seen", "3").await;
+}
