@@ -1,0 +1,74 @@
+//! Micro-benchmarks of the hit path and of the analysis a miss or a write pays for, without
+//! the network: `cargo bench --bench hot_path`. Prints nanoseconds per operation (median of
+//! several rounds); numbers are for comparing commits on one machine, not across machines.
+
+use pgstash::analysis::{NoCatalog, analyze};
+use pgstash::cache::{CacheKey, Dependency, Entry, Generations, L1, Lookup, TableId};
+use std::hint::black_box;
+use std::time::Instant;
+
+fn per_op(name: &str, iters: u64, mut f: impl FnMut(u64)) {
+    let mut rounds: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for i in 0..iters {
+                f(i);
+            }
+            t.elapsed().as_nanos() as f64 / iters as f64
+        })
+        .collect();
+    rounds.sort_by(|a, b| a.total_cmp(b));
+    println!("{name:<48} {:>10.1} ns/op", rounds[rounds.len() / 2]);
+}
+
+fn main() {
+    let gens = Generations::new(1 << 16);
+    let l1 = L1::new(64 << 20);
+    let table = TableId(7);
+    // 10,000 point-read entries, as W1 keeps hot.
+    for k in 0..10_000u64 {
+        let key = CacheKey(u128::from(k));
+        if let Lookup::Miss(guard) = l1.lookup(key, &gens) {
+            let snap = gens.snapshot(&[Dependency::Key(table, k)]);
+            let response = bytes::Bytes::from(vec![b'D'; 64]);
+            let _ = guard.fill(
+                Entry::new(response, 1, snap),
+                std::time::Duration::from_secs(600),
+                &gens,
+            );
+        }
+    }
+    per_op("L1 hit (lookup + freshness check)", 1_000_000, |i| {
+        let key = CacheKey(u128::from(i % 10_000));
+        black_box(matches!(l1.lookup(key, &gens), Lookup::Hit(_)));
+    });
+    per_op(
+        "cache key: xxh3-128 of a W1 query + params",
+        1_000_000,
+        |i| {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(b"postgres\0postgres\0");
+            h.update(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1");
+            h.update(&i.to_be_bytes());
+            black_box(h.digest128());
+        },
+    );
+    per_op("generation bump of one key", 1_000_000, |i| {
+        gens.bump_keys(table, &[i % 10_000]);
+    });
+    per_op("analysis: W1 point read (sqlparser)", 20_000, |i| {
+        let sql = format!(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+            i % 10_000
+        );
+        black_box(analyze(&sql, &NoCatalog));
+    });
+    per_op("analysis: W4 update by key (sqlparser)", 20_000, |i| {
+        let sql = format!(
+            "UPDATE pgbench_accounts SET abalance = abalance + {} WHERE aid = {}",
+            i % 5000,
+            i % 100_000
+        );
+        black_box(analyze(&sql, &NoCatalog));
+    });
+}
