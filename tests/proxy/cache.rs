@@ -508,6 +508,7 @@ async fn queries_that_never_hit_stop_being_cached_and_say_why() {
     let proxy_metrics = crate::fixture::free_metrics_port();
     drop(proxy);
     let proxy = Proxy::start(shared_pg(), |c| {
+        c.cache.adaptive.enabled = true;
         c.cache.adaptive.min_calls = 50;
         c.cache.adaptive.min_hit_ratio = 0.5;
         c.metrics.listen = Some(proxy_metrics);
