@@ -47,8 +47,6 @@ pub enum BypassReason {
     NotCacheable,
     /// A `/* pgstash: skip */` hint or a `never` rule.
     Rule,
-    /// Adaptive bypass judged the fingerprint not worth caching.
-    Adaptive,
     /// REPEATABLE READ / SERIALIZABLE, settings changed in the transaction, pinned session.
     Transaction,
     /// The transaction wrote a table the read depends on.
@@ -64,7 +62,6 @@ impl BypassReason {
         match self {
             BypassReason::NotCacheable => "not_cacheable",
             BypassReason::Rule => "rule",
-            BypassReason::Adaptive => "adaptive",
             BypassReason::Transaction => "transaction",
             BypassReason::ReadYourWrites => "read_your_writes",
             BypassReason::NoCatalog => "no_catalog",

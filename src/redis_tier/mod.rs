@@ -84,6 +84,8 @@ pub struct RedisTier {
     /// Values of different upstream clusters must never meet, even in one Redis.
     scope: u64,
     publish: redis::Script,
+    lease: redis::Script,
+    release: redis::Script,
     /// A publish failed: others may hold entries our writes made stale.
     missed_publish: AtomicBool,
     /// When we stopped hearing the channel (`None` while subscribed).
@@ -136,6 +138,8 @@ impl RedisTier {
             instance: rand::random::<u64>() | 1,
             scope: xxhash_rust::xxh3::xxh3_64(upstream.as_bytes()),
             publish: redis::Script::new(PUBLISH_SCRIPT),
+            lease: redis::Script::new(LEASE_SCRIPT),
+            release: redis::Script::new(RELEASE_SCRIPT),
             missed_publish: AtomicBool::new(false),
             unheard_since: Mutex::new(Some(Instant::now())),
             next_seq: AtomicU64::new(1),
@@ -165,17 +169,25 @@ impl RedisTier {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
-        match made {
-            Ok(Ok(c)) => {
-                *slot = Some(c.clone());
-                Some(c)
-            }
+        let c = self.settle(made, "connect timed out")?;
+        *slot = Some(c.clone());
+        Some(c)
+    }
+
+    /// A timed Redis result as an option; failures trip the breaker.
+    fn settle<T>(
+        &self,
+        r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        on_timeout: &str,
+    ) -> Option<T> {
+        match r {
+            Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.failed(&e.to_string());
                 None
             }
             Err(_) => {
-                self.failed("connect timed out");
+                self.failed(on_timeout);
                 None
             }
         }
@@ -196,22 +208,12 @@ impl RedisTier {
         cmd: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>,
     ) -> Option<T> {
         let conn = self.conn().await?;
-        match tokio::time::timeout(self.cfg.timeout, cmd(conn)).await {
-            Ok(Ok(v)) => {
-                if self.breaker.close() {
-                    tracing::info!("redis reachable again");
-                }
-                Some(v)
-            }
-            Ok(Err(e)) => {
-                self.failed(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.failed("operation timed out");
-                None
-            }
+        let done = tokio::time::timeout(self.cfg.timeout, cmd(conn)).await;
+        let v = self.settle(done, "operation timed out")?;
+        if self.breaker.close() {
+            tracing::info!("redis reachable again");
         }
+        Some(v)
     }
 
     /// One round trip: the value if its generations are still current, else the current
@@ -414,7 +416,7 @@ impl RedisTier {
         let ms = ttl.as_millis().max(1) as u64;
         let held: Option<i64> = self
             .run(async |mut c| {
-                redis::Script::new(LEASE_SCRIPT)
+                self.lease
                     .key(key)
                     .arg(&me)
                     .arg(ms)
@@ -429,13 +431,7 @@ impl RedisTier {
     pub async fn release_lease(&self, key: &str) {
         let me = self.instance_name();
         let _: Option<i64> = self
-            .run(async |mut c| {
-                redis::Script::new(RELEASE_SCRIPT)
-                    .key(key)
-                    .arg(&me)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .run(async |mut c| self.release.key(key).arg(&me).invoke_async(&mut c).await)
             .await;
     }
 

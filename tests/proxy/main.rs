@@ -14,6 +14,7 @@ mod notify;
 mod pgbench;
 mod psql;
 mod python;
+mod recorder;
 mod resilience;
 mod shared_tier;
 mod sources;

@@ -2,12 +2,13 @@
 //! reaches a ChangeSink as the right change for the right table, and nothing else does.
 
 use crate::fixture::fresh_database;
+use crate::recorder::{Event as Seen, Recorder};
 use crate::support::shared_pg;
 use futures_util::SinkExt;
 use pgstash::invalidation::notify::{self, ListenerConfig, NotifyError};
-use pgstash::invalidation::{Change, ChangeSink, TableRef};
+use pgstash::invalidation::{Change, TableRef};
 use pgstash::migrate;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -15,47 +16,7 @@ use tokio_util::sync::CancellationToken;
 /// How long a change may take to arrive before a test fails.
 const PATIENCE: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Debug)]
-enum Seen {
-    Applied {
-        db: String,
-        at: Option<SystemTime>,
-        changes: Vec<Change>,
-    },
-    Health {
-        healthy: bool,
-        reason: String,
-    },
-}
-
-/// A ChangeSink that writes down everything it is told.
-#[derive(Default)]
-struct Recorder {
-    seen: Mutex<Vec<Seen>>,
-}
-
-impl ChangeSink for Recorder {
-    fn apply(&self, db: &str, committed_at: Option<SystemTime>, changes: &[Change]) {
-        self.lock().push(Seen::Applied {
-            db: db.to_owned(),
-            at: committed_at,
-            changes: changes.to_vec(),
-        });
-    }
-
-    fn set_healthy(&self, _db: &str, healthy: bool, reason: &str) {
-        self.lock().push(Seen::Health {
-            healthy,
-            reason: reason.to_owned(),
-        });
-    }
-}
-
 impl Recorder {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Seen>> {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A position in the record: what comes after it happened after this call.
     fn mark(&self) -> usize {
         self.lock().len()
@@ -85,7 +46,7 @@ impl Recorder {
 fn changes(seen: &[Seen]) -> Vec<Change> {
     seen.iter()
         .filter_map(|s| match s {
-            Seen::Applied { changes, .. } => Some(changes.clone()),
+            Seen::Apply { changes, .. } => Some(changes.clone()),
             Seen::Health { .. } => None,
         })
         .flatten()
@@ -257,7 +218,7 @@ async fn inserts_updates_and_deletes_report_rows_of_their_table() {
     let at = seen
         .iter()
         .find_map(|s| match s {
-            Seen::Applied { at, db, .. } if db == &w.db => *at,
+            Seen::Apply { at, db, .. } if db == &w.db => *at,
             _ => None,
         })
         .expect("a delivery with a time");

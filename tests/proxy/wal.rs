@@ -6,12 +6,13 @@
 //! drops the slot at the end, also when it fails.
 
 use crate::fixture::fresh_database;
+use crate::recorder::{Event, Recorder};
 use crate::support::{PgCluster, shared_pg};
 use pgstash::invalidation::wal::{self, WalConfig};
 use pgstash::invalidation::{Change, ChangeSink, TableRef};
 use pgstash::upstream::ConnectParams;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
@@ -19,57 +20,6 @@ use tokio_util::sync::CancellationToken;
 /// The shared cluster allows 10 slots and walsenders; leave room for parallel tests.
 static SLOTS: Semaphore = Semaphore::const_new(4);
 const WAIT: Duration = Duration::from_secs(60);
-
-#[derive(Clone, Debug)]
-enum Event {
-    Apply {
-        db: String,
-        at: Option<SystemTime>,
-        changes: Vec<Change>,
-    },
-    Health {
-        healthy: bool,
-        reason: String,
-    },
-}
-
-#[derive(Default)]
-struct Recorder {
-    events: Mutex<Vec<Event>>,
-}
-
-impl ChangeSink for Recorder {
-    fn apply(&self, db: &str, committed_at: Option<SystemTime>, changes: &[Change]) {
-        self.push(Event::Apply {
-            db: db.to_string(),
-            at: committed_at,
-            changes: changes.to_vec(),
-        });
-    }
-
-    fn set_healthy(&self, _db: &str, healthy: bool, reason: &str) {
-        self.push(Event::Health {
-            healthy,
-            reason: reason.to_string(),
-        });
-    }
-}
-
-impl Recorder {
-    fn push(&self, e: Event) {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(e);
-    }
-
-    fn snapshot(&self) -> Vec<Event> {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
 
 /// A WAL source streaming one database into a [`Recorder`].
 struct Wal<'a> {
