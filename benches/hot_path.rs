@@ -2,7 +2,7 @@
 //! the network: `cargo bench --bench hot_path`. Prints nanoseconds per operation (median of
 //! several rounds); numbers are for comparing commits on one machine, not across machines.
 
-use pgstash::analysis::{NoCatalog, analyze};
+use pgstash::analysis::{NoCatalog, analyze, instantiate, literal_shape};
 use pgstash::cache::{CacheKey, Dependency, Entry, Generations, L1, Lookup, TableId};
 use std::hint::black_box;
 use std::time::Instant;
@@ -71,4 +71,25 @@ fn main() {
         );
         black_box(analyze(&sql, &NoCatalog));
     });
+    let template = analyze(
+        "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+        &NoCatalog,
+    );
+    per_op(
+        "analysis: W4 update by key (literal shape memo hit)",
+        200_000,
+        |i| {
+            let sql = format!(
+                "UPDATE pgbench_accounts SET abalance = abalance + {} WHERE aid = {}",
+                i % 5000,
+                i % 100_000
+            );
+            // What a memo hit costs: shaping the text and filling in its literals (the map
+            // lookup itself is measured by the L1 line above).
+            if let Some(shape) = literal_shape(&sql) {
+                black_box(xxhash_rust::xxh3::xxh3_64(shape.text.as_bytes()));
+                black_box(instantiate(&template, &shape.literals));
+            }
+        },
+    );
 }

@@ -25,11 +25,22 @@ pub(crate) enum Item<'a> {
 pub(crate) struct Lexer<'a> {
     src: &'a str,
     pos: usize,
+    /// Where the item last returned starts (after whitespace); it ends at `pos`.
+    start: usize,
 }
 
 impl<'a> Lexer<'a> {
     pub(crate) fn new(src: &'a str) -> Self {
-        Self { src, pos: 0 }
+        Self {
+            src,
+            pos: 0,
+            start: 0,
+        }
+    }
+
+    /// The text of the item last returned by `next`.
+    pub(crate) fn last_span(&self) -> std::ops::Range<usize> {
+        self.start..self.pos
     }
 
     fn bytes(&self) -> &'a [u8] {
@@ -130,6 +141,7 @@ impl<'a> Iterator for Lexer<'a> {
             self.pos += 1;
         }
         let c = self.peek(0)?;
+        self.start = self.pos;
         let item = match c {
             b'-' if self.peek(1) == Some(b'-') => {
                 let start = self.pos + 2;

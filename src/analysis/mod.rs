@@ -26,6 +26,7 @@ mod keys;
 mod lex;
 mod model;
 mod read;
+mod shape;
 mod statement;
 mod write;
 
@@ -47,6 +48,7 @@ pub use model::{
     KeyValue, NoCatalog, PointKey, ReadInfo, TableRef, TableWrite, Volatility, WriteEffect,
     WriteInfo,
 };
+pub use shape::{LiteralShape, instantiate, literal_shape};
 
 /// Analyses one statement text (as sent in a Query or Parse message).
 ///

@@ -36,6 +36,18 @@ pub struct CacheShared {
     catalogs: Mutex<HashMap<String, CatalogCell>>,
     /// Keyed by (hash of the database name, hash of the query text).
     analyses: Mutex<HashMap<(u64, u64), Arc<Analyzed>>>,
+    /// Keyed by (hash of the database name, hash of the literal shape's text): see
+    /// [`analysis::literal_shape`].
+    shapes: Mutex<HashMap<(u64, u64), ShapeMemo>>,
+}
+
+/// What one literal shape analyses to.
+struct ShapeMemo {
+    /// The shape's text, to tell a hash collision from a memo hit.
+    text: Box<str>,
+    /// The shape's analysis, if instantiating it with the first text's literals gave that
+    /// text's own analysis; `None` if it did not (texts of this shape go to the text memo).
+    template: Option<Analysis>,
 }
 
 /// A database's catalog, loaded once by whichever client needs it first (`None`: unreadable).
@@ -168,6 +180,7 @@ impl CacheShared {
             connect_timeout,
             catalogs: Mutex::default(),
             analyses: Mutex::default(),
+            shapes: Mutex::default(),
         })
     }
 
@@ -210,15 +223,26 @@ impl CacheShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(db);
+        let d = xxh3_64(db.as_bytes());
         self.analyses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(d, _), _| *d != xxh3_64(db.as_bytes()));
+            .retain(|(of, _), _| *of != d);
+        self.shapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(of, _), _| *of != d);
     }
 
     pub fn analyze(&self, db: &str, sql: &str, catalog: &Catalog) -> Arc<Analyzed> {
+        let db_hash = xxh3_64(db.as_bytes());
+        if let Some(shape) = analysis::literal_shape(sql)
+            && let Some(a) = self.analyze_shape(db_hash, sql, &shape, catalog)
+        {
+            return a;
+        }
         let fingerprint = xxh3_64(sql.as_bytes());
-        let key = (xxh3_64(db.as_bytes()), fingerprint);
+        let key = (db_hash, fingerprint);
         if let Some(a) = self
             .analyses
             .lock()
@@ -242,6 +266,58 @@ impl CacheShared {
         }
         map.insert(key, a.clone());
         a
+    }
+
+    /// The analysis of `sql` from its shape's memo (parsing only the first text of a shape,
+    /// twice: as itself and as the shape), or `None` if texts of this shape must be analysed
+    /// one by one. The fingerprint is the shape's: one query, whatever its values.
+    fn analyze_shape(
+        &self,
+        db_hash: u64,
+        sql: &str,
+        shape: &analysis::LiteralShape,
+        catalog: &Catalog,
+    ) -> Option<Arc<Analyzed>> {
+        let fingerprint = xxh3_64(shape.text.as_bytes());
+        let key = (db_hash, fingerprint);
+        let known = {
+            let map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(&key).filter(|m| *m.text == *shape.text).map(|m| {
+                m.template
+                    .as_ref()
+                    .map(|t| analysis::instantiate(t, &shape.literals))
+            })
+        };
+        let analysis = match known {
+            Some(found) => found?,
+            None => {
+                let own = analysis::analyze(sql, catalog);
+                let template = analysis::analyze(&shape.text, catalog);
+                let agrees = analysis::instantiate(&template, &shape.literals) == own;
+                let mut map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+                if map.len() >= MAX_MEMOISED_ANALYSES {
+                    map.clear();
+                }
+                map.insert(
+                    key,
+                    ShapeMemo {
+                        text: shape.text.as_str().into(),
+                        template: agrees.then_some(template),
+                    },
+                );
+                if !agrees {
+                    return None;
+                }
+                own
+            }
+        };
+        let policy = self.policy(sql, &analysis);
+        Some(Arc::new(Analyzed {
+            analysis,
+            policy,
+            fingerprint,
+            sql: sql.into(),
+        }))
     }
 
     /// Hints beat rules; the first matching rule beats the default.
@@ -608,4 +684,82 @@ pub async fn lookup(
         stats,
         ttl,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{PointKey, ReadInfo, TableRef};
+
+    fn shared() -> Arc<CacheShared> {
+        let upstream = UpstreamTarget::parse("postgres://u@127.0.0.1:1/db").expect("url");
+        CacheShared::new(
+            CacheConfig::default(),
+            None,
+            upstream,
+            Duration::from_secs(1),
+        )
+    }
+
+    fn point(table: &str, column: &str, value: &str) -> Analysis {
+        let table = TableRef::new(None, table);
+        Analysis::Read(ReadInfo {
+            tables: vec![table.clone()],
+            point: Some(PointKey {
+                table,
+                candidates: vec![ColumnValue {
+                    column: column.into(),
+                    value: KeyValue::Literal(value.into()),
+                }],
+            }),
+        })
+    }
+
+    #[test]
+    fn texts_of_one_shape_share_a_fingerprint_and_keep_their_own_key_values() {
+        let c = shared();
+        let cat = Catalog::default();
+        let a = c.analyze("db", "SELECT v FROM t WHERE id = 5", &cat);
+        let b = c.analyze("db", "SELECT v FROM t WHERE id = 0006", &cat);
+        assert_eq!(a.analysis, point("t", "id", "5"));
+        assert_eq!(b.analysis, point("t", "id", "6"));
+        assert_eq!(a.fingerprint, b.fingerprint);
+        // Another database has its own memo (its catalog may differ).
+        let other = c.analyze("db2", "SELECT v FROM t WHERE id = 7", &cat);
+        assert_eq!(other.analysis, point("t", "id", "7"));
+    }
+
+    #[test]
+    fn a_shape_that_analyses_differently_from_its_text_is_analysed_text_by_text() {
+        let c = shared();
+        let cat = Catalog::default();
+        // `-5` is a key value, `-$1` is not: the shape's analysis differs from the text's,
+        // so each text is parsed on its own.
+        for sql in [
+            "SELECT v FROM t WHERE id = -5",
+            "SELECT v FROM t WHERE id = -6",
+        ] {
+            let got = c.analyze("db", sql, &cat);
+            assert_eq!(got.analysis, analysis::analyze(sql, &cat), "{sql}");
+            assert_eq!(got.fingerprint, xxh3_64(sql.as_bytes()));
+        }
+        assert_eq!(
+            c.analyze("db", "SELECT v FROM t WHERE id = -6", &cat)
+                .analysis,
+            point("t", "id", "-6")
+        );
+    }
+
+    #[test]
+    fn time_literals_never_reach_a_cacheable_shape() {
+        let c = shared();
+        let cat = Catalog::default();
+        c.analyze("db", "SELECT v FROM t WHERE d = '2020-01-01'", &cat);
+        let now = c.analyze("db", "SELECT v FROM t WHERE d = 'now'", &cat);
+        assert!(
+            matches!(now.analysis, Analysis::Bypass(_)),
+            "{:?}",
+            now.analysis
+        );
+    }
 }

@@ -1,0 +1,240 @@
+//! Literal-independent memo keys for simple-protocol texts.
+//!
+//! A client on the simple query protocol inlines its values (`... WHERE aid = 4711`), so a
+//! memo keyed by text sees every value as a new statement and parses each one (tens of
+//! microseconds of sqlparser per query: in `pgbench -S -M simple` that is most of the
+//! proxy's CPU). [`LiteralShape`] replaces integer and plain string literals by parameters
+//! (`... WHERE aid = $1`); texts of one shape analyse alike, except for the values in point
+//! keys and write keys, which [`instantiate`] fills back in from the literals.
+//!
+//! "Analyse alike" is what the caller must check, once per shape: that the analysis of the
+//! shape with this text's literals filled in equals the analysis of the text itself. After
+//! that, other texts of the shape get the same answer as a parse would give, because the
+//! analysis looks at literal values only where this module does not abstract them:
+//! - integers become key values through `canonical_integer`, which [`instantiate`] applies
+//!   too; only plain digit runs are abstracted (not `1.5`, `0x1F`, `1e3`, `-5`);
+//! - strings become key values verbatim; only `'...'` without quotes or backslashes inside
+//!   is abstracted (no `E''`, `U&''`, `B''`, typed `date '...'`, dollar quotes), so the
+//!   content needs no unescaping;
+//! - `'now'`, `'today'`, ... make a read uncacheable: they stay in the shape;
+//! - `EXPLAIN (ANALYZE 0)` depends on a number: only statements that start with a query or
+//!   DML keyword are shaped at all;
+//! - texts longer than the parser accepts, with several statements or with a `$` anywhere
+//!   (parameters, dollar quotes) are not shaped.
+
+use std::fmt::Write as _;
+
+use super::lex::{Item, Lexer};
+use super::model::{Analysis, ColumnValue, KeyValue, WriteEffect};
+use super::{canonical_integer, guard, is_time_literal};
+
+/// A text with its literals replaced by `$1..$n`, and those literals' key values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiteralShape {
+    /// The text with each abstracted literal replaced by `$k`; everything else verbatim
+    /// (comments included: hints live there).
+    pub text: String,
+    /// `literals[k - 1]` is the key value `$k` stands for, as the analysis would report it.
+    pub literals: Vec<String>,
+}
+
+/// The shape of `sql`, or `None` if it has no literals to abstract or is not eligible
+/// (see the module doc).
+pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
+    if sql.len() > guard::MAX_LEN || sql.contains('$') {
+        return None;
+    }
+    let mut lexer = Lexer::new(sql);
+    let mut text = String::with_capacity(sql.len());
+    let mut literals = Vec::new();
+    let mut copied = 0;
+    let mut leading_checked = false;
+    while let Some(item) = lexer.next() {
+        let span = lexer.last_span();
+        match item {
+            Item::Semi => {
+                // Only a trailing semicolon (and comments after it) is allowed.
+                if lexer.any(|i| !matches!(i, Item::Comment(_))) {
+                    return None;
+                }
+                break;
+            }
+            Item::Comment(_) | Item::LParen => continue,
+            Item::Word(w) if !leading_checked => {
+                leading_checked = true;
+                if !is_query_or_dml(w) {
+                    return None;
+                }
+                continue;
+            }
+            _ if !leading_checked => return None,
+            Item::Other => {}
+            _ => continue,
+        }
+        let token = &sql[span.clone()];
+        let value = if token.bytes().all(|b| b.is_ascii_digit()) {
+            canonical_integer(token)
+        } else {
+            plain_string(token)
+                .filter(|s| !is_time_literal(s))
+                .map(str::to_owned)
+        };
+        let Some(value) = value else { continue };
+        literals.push(value);
+        text.push_str(&sql[copied..span.start]);
+        // Writing to a String cannot fail.
+        let _ = write!(text, "${}", literals.len());
+        copied = span.end;
+    }
+    if literals.is_empty() {
+        return None;
+    }
+    text.push_str(&sql[copied..]);
+    Some(LiteralShape { text, literals })
+}
+
+fn is_query_or_dml(word: &str) -> bool {
+    [
+        "select", "insert", "update", "delete", "with", "values", "table",
+    ]
+    .iter()
+    .any(|k| word.eq_ignore_ascii_case(k))
+}
+
+/// The content of `'...'` if nothing inside needs unescaping.
+fn plain_string(token: &str) -> Option<&str> {
+    let inner = token.strip_prefix('\'')?.strip_suffix('\'')?;
+    (!inner.contains(['\'', '\\'])).then_some(inner)
+}
+
+/// `template` (the analysis of a shape's text) with each `$k` key value replaced by the
+/// k-th literal. A parameter without a literal (impossible for shapes from
+/// [`literal_shape`], which refuses texts with `$`) is left as it is.
+pub fn instantiate(template: &Analysis, literals: &[String]) -> Analysis {
+    let fill = |cv: &ColumnValue| ColumnValue {
+        column: cv.column.clone(),
+        value: match &cv.value {
+            KeyValue::Param(k) => match literals.get(k.wrapping_sub(1)) {
+                Some(lit) => KeyValue::Literal(lit.clone()),
+                None => cv.value.clone(),
+            },
+            literal => literal.clone(),
+        },
+    };
+    match template {
+        Analysis::Read(r) => {
+            let mut r = r.clone();
+            if let Some(p) = &mut r.point {
+                p.candidates = p.candidates.iter().map(fill).collect();
+            }
+            Analysis::Read(r)
+        }
+        Analysis::Write(w) => {
+            let mut w = w.clone();
+            for t in &mut w.tables {
+                if let WriteEffect::Keys(rows) = &mut t.effect {
+                    *rows = rows
+                        .iter()
+                        .map(|row| row.iter().map(fill).collect())
+                        .collect();
+                }
+            }
+            Analysis::Write(w)
+        }
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{NoCatalog, analyze};
+
+    fn shape(sql: &str) -> Option<(String, Vec<&'static str>)> {
+        literal_shape(sql).map(|s| {
+            let lits = s
+                .literals
+                .into_iter()
+                .map(|l| &*Box::leak(l.into_boxed_str()))
+                .collect();
+            (s.text, lits)
+        })
+    }
+
+    #[test]
+    fn integers_and_plain_strings_become_parameters() {
+        assert_eq!(
+            shape("SELECT abalance FROM pgbench_accounts WHERE aid = 0042 AND name = 'x y'"),
+            Some((
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1 AND name = $2".into(),
+                vec!["42", "x y"]
+            ))
+        );
+        assert_eq!(
+            shape("/* pgstash: ttl=5s */ (select 1);"),
+            Some(("/* pgstash: ttl=5s */ (select $1);".into(), vec!["1"]))
+        );
+    }
+
+    #[test]
+    fn literals_the_analysis_reads_stay_in_the_text() {
+        for sql in [
+            "SELECT * FROM t WHERE d = 'now'",
+            "SELECT * FROM t WHERE d = ' Today '",
+            "SELECT * FROM t WHERE x = 1.5",
+            "SELECT * FROM t WHERE x = 0x1F",
+            "SELECT * FROM t WHERE x = E'a'",
+            "SELECT * FROM t WHERE x = 'it''s'",
+            "SELECT * FROM t WHERE x = 'a\\b'",
+            "SELECT * FROM t",
+        ] {
+            assert_eq!(shape(sql), None, "{sql}");
+        }
+        // Identifiers with digits are not literals; -5 keeps its sign in the text.
+        assert_eq!(
+            shape("SELECT t1.c2 FROM t1 WHERE c2 = -5"),
+            Some(("SELECT t1.c2 FROM t1 WHERE c2 = -$1".into(), vec!["5"]))
+        );
+    }
+
+    #[test]
+    fn only_single_query_or_dml_statements_are_shaped() {
+        for sql in [
+            "EXPLAIN (ANALYZE 0) SELECT 1",
+            "SET x = 1",
+            "SELECT 1; SELECT 2",
+            "PREPARE p AS SELECT $1 + 1",
+            "SELECT $q$a$q$ || 'b'",
+            "-- only a comment 1",
+        ] {
+            assert_eq!(shape(sql), None, "{sql}");
+        }
+        assert!(shape("SELECT 1; -- done").is_some());
+        assert!(shape("WITH x AS (SELECT 1) SELECT * FROM x").is_some());
+        assert!(shape("UPDATE t SET v = v + 1 WHERE id = 3").is_some());
+    }
+
+    /// The property the memo relies on, over texts whose literals land in keys.
+    #[test]
+    fn instantiating_the_shape_analysis_gives_the_text_analysis() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 007",
+            "SELECT v FROM t WHERE id = '12' AND k = 'abc'",
+            "UPDATE pgbench_accounts SET abalance = abalance + -4 WHERE aid = 99",
+            "INSERT INTO h (tid, bid, aid, delta) VALUES (1, 2, 3, 4), (5, 6, 7, 8)",
+            "DELETE FROM t WHERE id = 5 AND tag = 'x'",
+            "SELECT count(*) FROM t WHERE id <= 50000 GROUP BY bid",
+            "SELECT * FROM t WHERE id = 1 FOR UPDATE",
+            "SELECT random() FROM t WHERE id = 1",
+        ] {
+            let s = literal_shape(sql).expect(sql);
+            let template = analyze(&s.text, &NoCatalog);
+            assert_eq!(
+                instantiate(&template, &s.literals),
+                analyze(sql, &NoCatalog),
+                "{sql} as {}",
+                s.text
+            );
+        }
+    }
+}
