@@ -32,7 +32,7 @@ enum Command {
     /// Validate the configuration and exit.
     CheckConfig,
     /// Install, list or remove what pgstash keeps inside the upstream database (schema
-    /// `pgstash`: the NOTIFY triggers of invalidation.source = "notify").
+    /// `pgstash`: the triggers invalidation.source = "notify" and "wal" need).
     Migrate {
         #[command(subcommand)]
         action: MigrateAction,

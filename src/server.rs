@@ -249,6 +249,11 @@ async fn start_change_source(
                 cfg.validate().map_err(|e| {
                     std::io::Error::other(format!("invalidation.slot / publication: {e}"))
                 })?;
+                // Without migration 0003 DDL would go unseen: refuse to start rather than
+                // run a source that cannot vouch for the database.
+                wal::ensure_installed(&cfg).await.map_err(|e| {
+                    std::io::Error::other(format!("invalidation.source = \"wal\": {e}"))
+                })?;
                 let start: StartSource =
                     Arc::new(move |sink, cancel| Box::pin(wal::run(cfg.clone(), sink, cancel)));
                 spawn_source(cache, "wal", db, &sink, start, cancel);

@@ -1,7 +1,11 @@
 //! From pgoutput messages to the [`Change`]s of each committed transaction: keeps the
-//! relations the stream described and, per transaction, the key values of every changed row.
+//! relations the stream described and, per transaction, the key values of every changed row,
+//! and adds what pgstash's DDL hooks reported in the transaction (logical decoding messages
+//! with prefix [`MESSAGE_PREFIX`], written since migration 0003: DDL and REFRESH
+//! MATERIALIZED VIEW, which the stream does not carry).
 
 use super::lsn::Lsn;
+use super::payload::{self, Meaning};
 use super::pgoutput::{Datum, PgOutput, Relation, Tuple};
 use super::{Change, TableRef};
 use std::collections::{HashMap, HashSet};
@@ -9,6 +13,10 @@ use std::time::{Duration, SystemTime};
 
 /// Postgres counts time from 2000-01-01 UTC, 946,684,800 s after the Unix epoch.
 const PG_EPOCH_OFFSET: Duration = Duration::from_secs(946_684_800);
+
+/// Prefix of the logical decoding messages of pgstash's DDL hooks (`pgstash.send` in
+/// `migrations/0003_wal_source.up.sql`); messages with other prefixes are someone else's.
+pub const MESSAGE_PREFIX: &str = "pgstash";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
@@ -21,9 +29,14 @@ pub enum StreamError {
 /// What one transaction changed, ready for [`ChangeSink::apply`](super::ChangeSink::apply).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
-    pub end_lsn: Lsn,
+    /// The position to confirm once applied; `None` for a non-transactional message, which
+    /// belongs to no transaction (keepalives confirm past it).
+    pub end_lsn: Option<Lsn>,
     pub committed_at: Option<SystemTime>,
     pub changes: Vec<Change>,
+    /// The transaction removed pgstash's DDL hooks from the WAL (reverted migration 0003):
+    /// DDL committed after it is not reported.
+    pub uninstalled: bool,
 }
 
 /// What we keep of a relation: its name and where its single-column primary key is.
@@ -39,13 +52,18 @@ struct RelationInfo {
 enum Rows {
     Keys(Vec<String>, HashSet<String>),
     Unknown,
-    Truncated,
+    /// The table as a whole: TRUNCATE, DDL, REFRESH MATERIALIZED VIEW.
+    Whole,
 }
 
+#[derive(Default)]
 struct Transaction {
     /// Tables in the order they were first changed, each with its rows.
     tables: Vec<(TableRef, Rows)>,
     index: HashMap<TableRef, usize>,
+    /// A change no table accounts for: everything in the database.
+    database: bool,
+    uninstalled: bool,
 }
 
 pub struct Collector {
@@ -80,10 +98,7 @@ impl Collector {
                 if self.tx.is_some() {
                     return Err(StreamError::OutOfOrder("Begin inside a transaction"));
                 }
-                self.tx = Some(Transaction {
-                    tables: Vec::new(),
-                    index: HashMap::new(),
-                });
+                self.tx = Some(Transaction::default());
             }
             PgOutput::Commit {
                 end_lsn,
@@ -94,10 +109,12 @@ impl Collector {
                     .tx
                     .take()
                     .ok_or(StreamError::OutOfOrder("Commit outside a transaction"))?;
+                let uninstalled = tx.uninstalled;
                 return Ok(Some(Committed {
-                    end_lsn,
+                    end_lsn: Some(end_lsn),
                     committed_at: pg_time(commit_time),
                     changes: tx.into_changes(),
+                    uninstalled,
                 }));
             }
             PgOutput::Relation(rel) => {
@@ -116,12 +133,60 @@ impl Collector {
             PgOutput::Truncate { relations, .. } => {
                 for id in relations {
                     let table = self.table_of(id)?.clone();
-                    *self.tx_mut()?.rows(table) = Rows::Truncated;
+                    *self.tx_mut()?.rows(table) = Rows::Whole;
                 }
             }
+            PgOutput::Message {
+                transactional,
+                prefix,
+                content,
+                ..
+            } if prefix == MESSAGE_PREFIX => return self.message(transactional, &content),
             PgOutput::Origin { .. } | PgOutput::Type { .. } | PgOutput::Message { .. } => {}
         }
         Ok(None)
+    }
+
+    /// A report of pgstash's DDL hooks: it joins its transaction. pgstash sends no
+    /// non-transactional ones, but anyone may: one outside a transaction is handed out on
+    /// its own at once (it can only invalidate more), and never counts as uninstalling,
+    /// since it is not tied to a commit that removed anything.
+    fn message(
+        &mut self,
+        transactional: bool,
+        content: &[u8],
+    ) -> Result<Option<Committed>, StreamError> {
+        let parsed = std::str::from_utf8(content)
+            .map_err(|e| e.to_string())
+            .and_then(|text| payload::parse(text).map_err(|e| e.to_string()));
+        let (change, uninstalled, at) = match parsed {
+            Ok(p) => match p.meaning {
+                Meaning::Change(change) => (change, false, p.at),
+                Meaning::Uninstalled => (Change::Database, transactional, p.at),
+            },
+            Err(error) => {
+                // When in doubt, invalidate wider.
+                tracing::warn!(%error, content = %String::from_utf8_lossy(content),
+                    "unreadable pgstash message in the WAL; invalidating the whole database");
+                (Change::Database, false, None)
+            }
+        };
+        match self.tx.as_mut() {
+            Some(tx) => {
+                tx.add(change);
+                tx.uninstalled |= uninstalled;
+                Ok(None)
+            }
+            None if transactional => Err(StreamError::OutOfOrder(
+                "transactional message outside a transaction",
+            )),
+            None => Ok(Some(Committed {
+                end_lsn: None,
+                committed_at: at,
+                changes: vec![change],
+                uninstalled: false,
+            })),
+        }
     }
 
     fn tx_mut(&mut self) -> Result<&mut Transaction, StreamError> {
@@ -160,7 +225,7 @@ impl Collector {
         let max_keys = self.max_keys;
         let rows = self.tx_mut()?.rows(table);
         match (keys, &mut *rows) {
-            (_, Rows::Truncated | Rows::Unknown) => {}
+            (_, Rows::Whole | Rows::Unknown) => {}
             (Some(keys), Rows::Keys(list, seen)) => {
                 for k in keys {
                     if !seen.contains(&k) {
@@ -190,7 +255,25 @@ impl Transaction {
         &mut self.tables[i].1
     }
 
+    /// A change reported by a message (which never carries keys).
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::Database => self.database = true,
+            Change::Table(table) => *self.rows(table) = Rows::Whole,
+            Change::Rows { table, .. } => {
+                let rows = self.rows(table);
+                if !matches!(rows, Rows::Whole) {
+                    *rows = Rows::Unknown;
+                }
+            }
+        }
+    }
+
     fn into_changes(self) -> Vec<Change> {
+        if self.database {
+            // Covers every table the transaction touched, too.
+            return vec![Change::Database];
+        }
         self.tables
             .into_iter()
             .map(|(table, rows)| match rows {
@@ -199,7 +282,7 @@ impl Transaction {
                     keys: Some(keys),
                 },
                 Rows::Unknown => Change::Rows { table, keys: None },
-                Rows::Truncated => Change::Table(table),
+                Rows::Whole => Change::Table(table),
             })
             .collect()
     }
@@ -248,284 +331,4 @@ fn pg_time(micros: i64) -> Option<SystemTime> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::pgoutput::decode;
-    use super::super::pgoutput::tests::{Msg, relation};
-    use super::*;
-
-    fn t(name: &str) -> TableRef {
-        TableRef {
-            schema: "public".into(),
-            name: name.into(),
-        }
-    }
-
-    fn keys(name: &str, ks: &[&str]) -> Change {
-        Change::Rows {
-            table: t(name),
-            keys: Some(ks.iter().map(|k| k.to_string()).collect()),
-        }
-    }
-
-    /// Feed raw messages through the decoder; return the changes of each commit.
-    fn run(c: &mut Collector, msgs: &[bytes::Bytes]) -> Vec<Committed> {
-        msgs.iter()
-            .filter_map(|m| c.handle(decode(m).expect("decodes")).expect("in order"))
-            .collect()
-    }
-
-    fn begin() -> bytes::Bytes {
-        Msg::new(b'B').u64(0x100).u64(0).u32(7).bytes()
-    }
-
-    fn commit(end: u64, time: u64) -> bytes::Bytes {
-        Msg::new(b'C').u8(0).u64(0x100).u64(end).u64(time).bytes()
-    }
-
-    fn insert(rel: u32, cols: &[Option<&str>]) -> bytes::Bytes {
-        Msg::new(b'I').u32(rel).u8(b'N').tuple(cols).bytes()
-    }
-
-    fn pk_table() -> bytes::Bytes {
-        relation(1, "t", b'd', &[("id", true), ("v", false)])
-    }
-
-    #[test]
-    fn a_commit_reports_every_changed_key_with_its_time_and_position() {
-        let mut c = Collector::new(100, true);
-        let out = run(
-            &mut c,
-            &[
-                begin(),
-                pk_table(),
-                insert(1, &[Some("1"), Some("10")]),
-                insert(1, &[Some("2"), None]),
-                insert(1, &[Some("1"), Some("11")]),
-                commit(0x200, 1_000_000),
-            ],
-        );
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].changes, [keys("t", &["1", "2"])]);
-        assert_eq!(out[0].end_lsn, Lsn(0x200));
-        assert_eq!(
-            out[0].committed_at,
-            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_801))
-        );
-        assert!(c.is_idle());
-    }
-
-    #[test]
-    fn an_update_changing_the_key_reports_old_and_new_key() {
-        let mut c = Collector::new(100, true);
-        let update = Msg::new(b'U')
-            .u32(1)
-            .u8(b'K')
-            .tuple(&[Some("5"), None])
-            .u8(b'N')
-            .tuple(&[Some("50"), Some("\u{1}")])
-            .bytes();
-        let same_key = Msg::new(b'U')
-            .u32(1)
-            .u8(b'N')
-            .tuple(&[Some("7"), Some("1")])
-            .bytes();
-        let out = run(
-            &mut c,
-            &[begin(), pk_table(), update, same_key, commit(0x200, 0)],
-        );
-        assert_eq!(out[0].changes, [keys("t", &["5", "50", "7"])]);
-    }
-
-    #[test]
-    fn a_delete_reports_the_old_key() {
-        let mut c = Collector::new(100, true);
-        let delete = Msg::new(b'D')
-            .u32(1)
-            .u8(b'K')
-            .tuple(&[Some("9"), None])
-            .bytes();
-        let out = run(&mut c, &[begin(), pk_table(), delete, commit(0x200, 0)]);
-        assert_eq!(out[0].changes, [keys("t", &["9"])]);
-    }
-
-    #[test]
-    fn rows_without_a_usable_single_column_key_are_unknown() {
-        let mut c = Collector::new(100, true);
-        let no_key = relation(2, "nokey", b'd', &[("a", false), ("b", false)]);
-        let two_keys = relation(3, "pair", b'd', &[("a", true), ("b", true)]);
-        // REPLICA IDENTITY FULL flags every column; a lone column is still not the PK.
-        let full = relation(4, "full", b'f', &[("a", true)]);
-        let full_delete = Msg::new(b'D').u32(4).u8(b'O').tuple(&[Some("3")]).bytes();
-        // REPLICA IDENTITY USING INDEX: a unique index, not the primary key.
-        let by_index = relation(5, "byidx", b'i', &[("id", false), ("code", true)]);
-        let out = run(
-            &mut c,
-            &[
-                begin(),
-                no_key,
-                two_keys,
-                full,
-                by_index,
-                insert(2, &[Some("1"), Some("2")]),
-                insert(3, &[Some("1"), Some("2")]),
-                full_delete,
-                insert(5, &[Some("1"), Some("c")]),
-                commit(0x200, 0),
-            ],
-        );
-        let unknown = |n: &str| Change::Rows {
-            table: t(n),
-            keys: None,
-        };
-        assert_eq!(
-            out[0].changes,
-            [
-                unknown("nokey"),
-                unknown("pair"),
-                unknown("full"),
-                unknown("byidx")
-            ]
-        );
-    }
-
-    #[test]
-    fn a_key_the_change_does_not_carry_makes_the_rows_unknown() {
-        // An unchanged TOASTed key and a null key cannot name the row.
-        for key in [Some("\u{1}"), None] {
-            let mut c = Collector::new(100, true);
-            let update = Msg::new(b'U')
-                .u32(1)
-                .u8(b'N')
-                .tuple(&[key, Some("1")])
-                .bytes();
-            let out = run(
-                &mut c,
-                &[
-                    begin(),
-                    pk_table(),
-                    insert(1, &[Some("1"), None]),
-                    update,
-                    insert(1, &[Some("2"), None]),
-                    commit(0x200, 0),
-                ],
-            );
-            assert_eq!(
-                out[0].changes,
-                [Change::Rows {
-                    table: t("t"),
-                    keys: None
-                }]
-            );
-        }
-    }
-
-    #[test]
-    fn non_ascii_keys_are_unknown_unless_the_server_speaks_utf8() {
-        let msgs = [
-            begin(),
-            relation(1, "t", b'd', &[("name", true)]),
-            insert(1, &[Some("zoë")]),
-            commit(0x200, 0),
-        ];
-        assert_eq!(
-            run(&mut Collector::new(9, true), &msgs)[0].changes,
-            [keys("t", &["zoë"])]
-        );
-        assert_eq!(
-            run(&mut Collector::new(9, false), &msgs)[0].changes,
-            [Change::Rows {
-                table: t("t"),
-                keys: None
-            }]
-        );
-    }
-
-    #[test]
-    fn too_many_keys_in_one_transaction_degrade_to_unknown_rows() {
-        let mut c = Collector::new(3, true);
-        let mut msgs = vec![begin(), pk_table()];
-        for i in 0..5 {
-            msgs.push(insert(1, &[Some(&i.to_string()), None]));
-        }
-        msgs.push(commit(0x200, 0));
-        assert_eq!(
-            run(&mut c, &msgs)[0].changes,
-            [Change::Rows {
-                table: t("t"),
-                keys: None
-            }]
-        );
-        // The next transaction starts afresh.
-        let out = run(
-            &mut c,
-            &[begin(), insert(1, &[Some("1"), None]), commit(0x300, 0)],
-        );
-        assert_eq!(out[0].changes, [keys("t", &["1"])]);
-    }
-
-    #[test]
-    fn truncate_of_several_tables_reports_each_table_whole() {
-        let mut c = Collector::new(100, true);
-        let out = run(
-            &mut c,
-            &[
-                begin(),
-                pk_table(),
-                relation(2, "u", b'd', &[("id", true)]),
-                insert(1, &[Some("1"), None]),
-                Msg::new(b'T').u32(2).u8(1).u32(1).u32(2).bytes(),
-                insert(1, &[Some("2"), None]),
-                commit(0x200, 0),
-            ],
-        );
-        assert_eq!(
-            out[0].changes,
-            [Change::Table(t("t")), Change::Table(t("u"))]
-        );
-    }
-
-    #[test]
-    fn pg_catalog_relations_get_their_schema_name_back() {
-        let mut c = Collector::new(100, true);
-        let rel = Msg::new(b'R')
-            .u32(8)
-            .cstr("")
-            .cstr("pg_thing")
-            .u8(b'n')
-            .u16(0)
-            .bytes();
-        let out = run(&mut c, &[begin(), rel, insert(8, &[]), commit(1, 0)]);
-        assert_eq!(
-            out[0].changes,
-            [Change::Rows {
-                table: TableRef {
-                    schema: "pg_catalog".into(),
-                    name: "pg_thing".into()
-                },
-                keys: None
-            }]
-        );
-    }
-
-    #[test]
-    fn an_empty_transaction_commits_no_changes() {
-        let mut c = Collector::new(100, true);
-        let out = run(&mut c, &[begin(), commit(0x200, 0)]);
-        assert_eq!(out[0].changes, []);
-    }
-
-    #[test]
-    fn messages_out_of_order_are_errors() {
-        let mut c = Collector::new(100, true);
-        let dec = |b: bytes::Bytes| decode(&b).expect("decodes");
-        assert!(c.handle(dec(commit(1, 0))).is_err());
-        assert!(c.handle(dec(pk_table())).is_ok());
-        assert!(c.handle(dec(insert(1, &[Some("1"), None]))).is_err());
-        assert!(c.handle(dec(begin())).is_ok());
-        assert!(c.handle(dec(begin())).is_err());
-        assert_eq!(
-            c.handle(dec(insert(99, &[Some("1")]))),
-            Err(StreamError::UnknownRelation(99))
-        );
-    }
-}
+mod tests;

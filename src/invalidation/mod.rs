@@ -6,10 +6,12 @@
 
 pub mod apply;
 mod changes;
+pub mod installed;
 mod lag;
 pub mod leader;
 pub mod lsn;
 pub mod notify;
+mod payload;
 pub mod pgoutput;
 mod replication;
 mod setup;

@@ -3,20 +3,21 @@
 //! hands what they report to a [`ChangeSink`].
 //!
 //! Health: the sink hears `set_healthy(true)` only once `LISTEN` has taken effect and the
-//! triggers are installed, and `set_healthy(false)` as soon as either stops being true:
-//! notifications sent while nobody listens are lost, so until the listener is back, the
-//! database is unprotected. It reconnects with exponential backoff and checks the
-//! connection (and that the triggers are still installed) every
-//! [`ListenerConfig::check_interval`], so a silently dead peer is noticed too.
+//! triggers are installed (the DDL hooks, and a row trigger on every user table: see
+//! `installed`), and `set_healthy(false)` as soon as either stops being true: notifications
+//! sent while nobody listens are lost, so until the listener is back, the database is
+//! unprotected. It reconnects with exponential backoff and checks the connection (and the
+//! triggers) every [`ListenerConfig::check_interval`], so a silently dead peer is noticed
+//! too; a notification of kind "uninstalled" (down migration, row triggers switched off)
+//! makes it report unhealthy at once and check again.
 //!
 //! The connection is plain TCP or Unix socket (no TLS yet), with `application_name`
 //! [`ListenerConfig::application_name`] so operators can tell it apart.
 
-mod payload;
-
+use super::installed::{self, Missing, Source};
+use super::payload::{self, Meaning, Payload};
 use super::{Change, ChangeSink};
 use crate::pg_error::describe;
-use payload::{Meaning, Payload};
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -33,10 +34,10 @@ pub enum NotifyError {
     #[error("invalid connection string for the NOTIFY listener of database {db}: {reason}")]
     Config { db: String, reason: String },
     #[error(
-        "pgstash's NOTIFY triggers are not installed in database {db}: run `pgstash migrate up` \
-         against it (as a superuser), or choose another invalidation source"
+        "the NOTIFY source cannot vouch for database {db}: {missing}; or choose another \
+         invalidation source"
     )]
-    NotInstalled { db: String },
+    NotInstalled { db: String, missing: Missing },
     #[error(
         "could not check whether pgstash's NOTIFY triggers are installed in database {db}: {reason}"
     )]
@@ -118,15 +119,19 @@ pub async fn run(
 }
 
 /// Fails with [`NotifyError::NotInstalled`] unless migration 0002's triggers are in place
-/// in the database `client` is connected to (named `db` in the message). Reads only the
-/// system catalogs, which every role may read.
+/// in the database `client` is connected to (named `db` in the message): the DDL hooks,
+/// enabled, and an enabled row trigger on every user table (so not while the row triggers
+/// are switched off). Reads only the system catalogs, which every role may read.
 pub async fn ensure_installed(client: &Client, db: &str) -> Result<(), NotifyError> {
-    match installed(client).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(NotifyError::NotInstalled { db: db.to_owned() }),
-        Err(e) => Err(NotifyError::Check {
+    match missing(client).await {
+        Ok(None) => Ok(()),
+        Ok(Some(missing)) => Err(NotifyError::NotInstalled {
             db: db.to_owned(),
-            reason: describe(&e),
+            missing,
+        }),
+        Err(reason) => Err(NotifyError::Check {
+            db: db.to_owned(),
+            reason,
         }),
     }
 }
@@ -165,21 +170,22 @@ pub async fn ensure_installed_at(
     }
 }
 
-/// The trigger function exists and both event triggers are enabled (without them, tables
-/// created later would get no trigger and DDL would go unreported).
-async fn installed(client: &Client) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
-                              JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-                             WHERE n.nspname = 'pgstash' AND p.proname = 'notify_change')
-                AND (SELECT count(*) FROM pg_catalog.pg_event_trigger
-                      WHERE evtname IN ('pgstash_ddl_command_end', 'pgstash_sql_drop')
-                        AND evtenabled <> 'D') = 2",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
+/// What keeps this source from vouching for the database, if anything (see `installed`).
+/// An error says why the check itself failed.
+async fn missing(client: &Client) -> Result<Option<Missing>, String> {
+    let messages = client
+        .simple_query(installed::sql(Source::Notify))
+        .await
+        .map_err(|e| describe(&e))?;
+    let row = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .ok_or("the installation check returned no row")?;
+    let values: Vec<Option<&str>> = (0..row.len()).map(|i| row.get(i)).collect();
+    installed::verdict(Source::Notify, &values)
 }
 
 struct Listener {
@@ -226,12 +232,12 @@ impl Listener {
         }
         // From here on every commit is heard; check the triggers only now, so that removing
         // them just before is seen by the check and just after by the notification.
-        let mut installed = match self.check(&client).await {
-            Ok(yes) => yes,
+        let mut missing = match self.check(&client).await {
+            Ok(missing) => missing,
             Err(reason) => return lost(reason),
         };
-        tracing::info!(db = %self.db, installed, "listening for NOTIFY invalidations");
-        self.report_installed(installed);
+        tracing::info!(db = %self.db, installed = missing.is_none(), "listening for NOTIFY invalidations");
+        self.report(&missing);
         let mut ticks = tokio::time::interval(self.config.check_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await; // the first tick is immediate; we just checked
@@ -262,18 +268,27 @@ impl Listener {
                             }
                         }
                     }
-                    if self.deliver(&batch) {
-                        installed = false;
-                    }
+                    let uninstalled = self.deliver(&batch);
                     if let Some(reason) = closed {
                         return lost(reason);
+                    }
+                    if uninstalled {
+                        // deliver() already said unhealthy; now find out why, or that it is
+                        // over already (the triggers switched back on since).
+                        match self.check(&client).await {
+                            Ok(now) => {
+                                missing = now;
+                                self.report(&missing);
+                            }
+                            Err(reason) => return lost(reason),
+                        }
                     }
                 }
                 _ = ticks.tick() => {
                     match self.check(&client).await {
-                        Ok(now) if now != installed => {
-                            installed = now;
-                            self.report_installed(installed);
+                        Ok(now) if now != missing => {
+                            missing = now;
+                            self.report(&missing);
                         }
                         Ok(_) => {}
                         Err(reason) => return lost(reason),
@@ -283,31 +298,33 @@ impl Listener {
         }
     }
 
-    /// Whether the triggers are installed; an error means the connection is not usable.
-    async fn check(&self, client: &Client) -> Result<bool, String> {
+    /// What is missing of the triggers; an error means the connection is not usable.
+    async fn check(&self, client: &Client) -> Result<Option<Missing>, String> {
         let limit = self.config.connect_timeout;
-        match tokio::time::timeout(limit, installed(client)).await {
-            Ok(Ok(yes)) => Ok(yes),
-            Ok(Err(e)) => Err(format!("check query failed: {}", describe(&e))),
+        match tokio::time::timeout(limit, missing(client)).await {
+            Ok(Ok(missing)) => Ok(missing),
+            Ok(Err(e)) => Err(format!("check query failed: {e}")),
             Err(_) => Err(format!("check query got no answer within {limit:?}")),
         }
     }
 
-    fn report_installed(&self, installed: bool) {
-        if installed {
-            self.sink.set_healthy(&self.db, true, "");
-        } else {
-            tracing::error!(db = %self.db, "{}", NotifyError::NotInstalled { db: self.db.clone() });
-            self.sink.set_healthy(
-                &self.db,
-                false,
-                "pgstash's NOTIFY triggers are not installed: run `pgstash migrate up`",
-            );
+    fn report(&self, missing: &Option<Missing>) {
+        match missing {
+            None => self.sink.set_healthy(&self.db, true, ""),
+            Some(missing) => {
+                let e = NotifyError::NotInstalled {
+                    db: self.db.clone(),
+                    missing: missing.clone(),
+                };
+                tracing::error!(db = %self.db, "{e}");
+                self.sink.set_healthy(&self.db, false, &e.to_string());
+            }
         }
     }
 
     /// Hands the changes in `batch` to the sink, one `apply` per transaction. Returns
-    /// whether one of them said the triggers were removed.
+    /// whether one of them said the triggers were removed (then the sink has heard that the
+    /// database is unprotected).
     fn deliver(&self, batch: &[Notification]) -> bool {
         let mut uninstalled = false;
         let mut group: Vec<Change> = Vec::new();
@@ -351,7 +368,13 @@ impl Listener {
         }
         self.apply(&group, group_at);
         if uninstalled {
-            self.report_installed(false);
+            // At once: the check that says why comes after a round trip.
+            self.sink.set_healthy(
+                &self.db,
+                false,
+                "pgstash's triggers said they no longer report every write (uninstalled, or \
+                 row triggers switched off); checking what is missing",
+            );
         }
         uninstalled
     }

@@ -76,7 +76,12 @@ pub enum PgOutput {
     },
     /// A `pg_logical_emit_message` (sent only when the `messages` option asks for them).
     Message {
+        /// Sent inside its transaction, at its commit (and not at all if it rolled back);
+        /// otherwise sent as soon as it was written, between transactions.
+        transactional: bool,
+        lsn: Lsn,
         prefix: String,
+        content: Bytes,
     },
 }
 
@@ -255,12 +260,19 @@ pub fn decode(msg: &Bytes) -> Result<PgOutput, DecodeError> {
         }
         b'M' => {
             r.what = "Message";
-            let _transactional = r.u8()?;
-            let _lsn = r.u64()?;
+            // Flags: bit 1 is "transactional"; no other is defined.
+            let transactional = r.u8()? & 1 != 0;
+            let lsn = Lsn(r.u64()?);
             let prefix = r.cstr()?;
             let len = r.u32()? as usize;
+            let start = r.pos;
             r.take(len)?;
-            PgOutput::Message { prefix }
+            PgOutput::Message {
+                transactional,
+                lsn,
+                prefix,
+                content: r.buf.slice(start..start + len),
+            }
         }
         other => return Err(DecodeError::UnknownMessage(other as char)),
     };
@@ -590,7 +602,27 @@ pub(crate) mod tests {
         assert!(matches!(decode(&y), Ok(PgOutput::Type { oid: 77, .. })));
         let mut m = Msg::new(b'M').u8(1).u64(5).cstr("p").u32(3);
         m.0.extend_from_slice(b"abc");
-        assert!(matches!(decode(&m.bytes()), Ok(PgOutput::Message { prefix }) if prefix == "p"));
+        assert_eq!(
+            decode(&m.bytes()),
+            Ok(PgOutput::Message {
+                transactional: true,
+                lsn: Lsn(5),
+                prefix: "p".into(),
+                content: Bytes::from_static(b"abc")
+            })
+        );
+        let mut m = Msg::new(b'M').u8(0).u64(6).cstr("q").u32(0);
+        assert!(matches!(
+            decode(&m.bytes()),
+            Ok(PgOutput::Message { transactional: false, content, .. }) if content.is_empty()
+        ));
+        // A content length beyond the message.
+        m = Msg::new(b'M').u8(1).u64(5).cstr("p").u32(4);
+        m.0.extend_from_slice(b"abc");
+        assert!(matches!(
+            decode(&m.bytes()),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -608,6 +640,13 @@ pub(crate) mod tests {
                 .bytes(),
             Msg::new(b'D').u32(1).u8(b'K').tuple(&[Some("5")]).bytes(),
             Msg::new(b'T').u32(2).u8(0).u32(1).u32(2).bytes(),
+            Msg::new(b'M')
+                .u8(1)
+                .u64(5)
+                .cstr("p")
+                .u32(1)
+                .u8(b'x')
+                .bytes(),
         ];
         // Every proper prefix of a valid message is truncated.
         for m in &whole {

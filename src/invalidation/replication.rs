@@ -4,6 +4,7 @@
 //! and standby status updates in the other.
 
 use super::changes::StreamError;
+use super::installed::Missing;
 use super::lsn::Lsn;
 use super::pgoutput::DecodeError;
 use crate::protocol::{self, ProtocolError};
@@ -31,6 +32,11 @@ pub enum WalError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Stream(#[from] StreamError),
+    #[error(
+        "the WAL source cannot vouch for database {db}: {missing}; or choose another \
+         invalidation source"
+    )]
+    NotInstalled { db: String, missing: Missing },
     #[error("{0}")]
     Setup(String),
 }
@@ -132,8 +138,9 @@ pub struct ReplicationStream {
 }
 
 impl ReplicationStream {
-    /// Start streaming `slot` from its confirmed position with pgoutput v1 for `publication`.
-    /// Names must already be validated identifiers (they are spliced into the command).
+    /// Start streaming `slot` from its confirmed position with pgoutput v1 for `publication`,
+    /// logical decoding messages included (pgstash's DDL hooks report through them). Names
+    /// must already be validated identifiers (they are spliced into the command).
     pub async fn start(
         mut conn: ServerConn,
         slot: &str,
@@ -142,7 +149,7 @@ impl ReplicationStream {
         // 0/0: the server starts from the slot's confirmed_flush_lsn.
         let cmd = format!(
             "START_REPLICATION SLOT {slot} LOGICAL 0/0 \
-             (proto_version '1', publication_names '{publication}')"
+             (proto_version '1', publication_names '{publication}', messages 'true')"
         );
         conn.send(&protocol::query(&cmd))
             .await

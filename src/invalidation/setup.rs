@@ -1,9 +1,12 @@
-//! The server-side objects the WAL source needs: a publication of all tables and a logical
-//! replication slot with the pgoutput plugin. Run over a normal (non-replication) connection.
+//! The server-side objects the WAL source needs: a publication of all tables, a logical
+//! replication slot with the pgoutput plugin, and pgstash's DDL hooks (migration 0003,
+//! installed by `pgstash migrate up`, only checked here). Run over a normal
+//! (non-replication) connection.
 //!
 //! Several pgstash instances may start at once: creating an object someone else just created
 //! fails with `duplicate_object`, which means it exists — the goal — and is not an error.
 
+use super::installed::{self, Missing, Source};
 use super::lsn::Lsn;
 use super::replication::{WalError, simple_query};
 use crate::upstream::ServerConn;
@@ -129,6 +132,36 @@ pub async fn drop_slot(conn: &mut ServerConn, slot: &str) -> Result<bool, WalErr
     Ok(!rows.is_empty())
 }
 
+/// What keeps the WAL source from vouching for the database, if anything: migration 0003
+/// missing, or the DDL hooks disabled.
+pub async fn check_installed(conn: &mut ServerConn) -> Result<Option<Missing>, WalError> {
+    let rows = simple_query(conn, installed::sql(Source::Wal)).await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| WalError::Protocol("the installation check returned no row".into()))?;
+    verdict(row)
+}
+
+/// How many tables carry the row trigger of the NOTIFY source, which the WAL source does not
+/// need (for a hint at start).
+pub async fn row_triggers(conn: &mut ServerConn) -> Result<i64, WalError> {
+    let rows = simple_query(
+        conn,
+        "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgname = 'pgstash_notify'",
+    )
+    .await?;
+    rows.first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| WalError::Protocol("counting row triggers returned no number".into()))
+}
+
+fn verdict(row: &[Option<String>]) -> Result<Option<Missing>, WalError> {
+    let values: Vec<Option<&str>> = row.iter().map(|v| v.as_deref()).collect();
+    installed::verdict(Source::Wal, &values).map_err(WalError::Protocol)
+}
+
 /// Prepare a connection for [`wal_heartbeat`]: its commits flush the WAL at once, without
 /// waiting for synchronous standbys.
 pub async fn prepare_heartbeat(conn: &mut ServerConn) -> Result<(), WalError> {
@@ -148,21 +181,25 @@ pub async fn prepare_heartbeat(conn: &mut ServerConn) -> Result<(), WalError> {
 /// gives it an xid, hence a commit record), flushed at commit: the stream must pass that
 /// commit, which lies after the position read. Costs one transaction id and a few dozen
 /// bytes of WAL per call.
-pub async fn wal_heartbeat(conn: &mut ServerConn) -> Result<Lsn, WalError> {
-    let rows = simple_query(
-        conn,
-        "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.txid_current()",
-    )
-    .await?;
-    let text = rows
+///
+/// It also runs [`check_installed`]'s check, in the same round trip: disabling an event
+/// trigger is not itself reported by one, so only asking shows it.
+pub async fn wal_heartbeat(conn: &mut ServerConn) -> Result<(Lsn, Option<Missing>), WalError> {
+    let sql = format!(
+        "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.txid_current(), {}",
+        installed::WAL_COLUMNS
+    );
+    let rows = simple_query(conn, &sql).await?;
+    let row = rows
         .first()
-        .and_then(|r| r.first())
-        .and_then(|v| v.as_deref())
-        .ok_or_else(|| {
-            WalError::Protocol("pg_current_wal_insert_lsn() returned no value".into())
-        })?;
-    text.parse()
-        .map_err(|e| WalError::Protocol(format!("pg_current_wal_insert_lsn(): {e}")))
+        .ok_or_else(|| WalError::Protocol("pg_current_wal_insert_lsn() returned no row".into()))?;
+    let text = row.first().and_then(|v| v.as_deref()).ok_or_else(|| {
+        WalError::Protocol("pg_current_wal_insert_lsn() returned no value".into())
+    })?;
+    let lsn = text
+        .parse()
+        .map_err(|e| WalError::Protocol(format!("pg_current_wal_insert_lsn(): {e}")))?;
+    Ok((lsn, verdict(row.get(2..).unwrap_or_default())?))
 }
 
 #[cfg(test)]

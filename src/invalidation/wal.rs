@@ -10,10 +10,16 @@
 //! position moves only after the sink applied a transaction, so whatever was not applied
 //! before a crash or disconnect is streamed again.
 //!
-//! Not in pgoutput v1, hence not reported here: DDL (the proxy handles the DDL it relays) and
-//! `REFRESH MATERIALIZED VIEW`.
+//! DDL and `REFRESH MATERIALIZED VIEW` are not in pgoutput's stream. pgstash's DDL hooks
+//! (migrations 0002 and 0003) write what they report into the WAL as transactional logical
+//! decoding messages, which the stream carries inside their transaction: they are applied
+//! and confirmed with it. So the source needs migration 0003 in its database: each session
+//! checks for it before it touches the slot, and again with every heartbeat (a disabled
+//! event trigger reports nothing); when it is missing, or a transaction reverts it, the
+//! session ends and the database is unhealthy until it is back.
 
 use super::changes::Collector;
+use super::installed::Missing;
 use super::lag::{Lag, LagState};
 use super::lsn::Lsn;
 use super::replication::{ReplicationStream, WalMessage};
@@ -104,6 +110,7 @@ pub async fn run(cfg: WalConfig, sink: Arc<dyn ChangeSink>, cancel: Cancellation
         },
         sink,
         slot_known: false,
+        install_lost: false,
         last_applied: None,
         backoff: BACKOFF_MIN,
         cfg,
@@ -125,11 +132,27 @@ pub async fn run(cfg: WalConfig, sink: Arc<dyn ChangeSink>, cancel: Cancellation
         if cancel.is_cancelled() {
             break;
         }
-        if let Err(e) = ended {
-            tracing::warn!(db = %src.cfg.db(), slot = %src.cfg.slot, error = %e, retry_in = ?src.backoff, "WAL change source session ended");
-            src.health.report(false, "disconnected", || {
-                format!("WAL change source not streaming: {e}")
-            });
+        match ended {
+            Err(e @ WalError::NotInstalled { .. }) => {
+                tracing::warn!(db = %src.cfg.db(), error = %e, retry_in = ?src.backoff, "WAL change source cannot vouch for the database");
+                src.install_lost = true;
+                // One kind per remedy, so that the sink hears when the remedy changes.
+                let kind = match &e {
+                    WalError::NotInstalled {
+                        missing: Missing::Hooks,
+                        ..
+                    } => "hooks disabled",
+                    _ => "not installed",
+                };
+                src.health.report(false, kind, || e.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(db = %src.cfg.db(), slot = %src.cfg.slot, error = %e, retry_in = ?src.backoff, "WAL change source session ended");
+                src.health.report(false, "disconnected", || {
+                    format!("WAL change source not streaming: {e}")
+                });
+            }
+            Ok(()) => {}
         }
         tokio::select! {
             _ = tokio::time::sleep(src.backoff) => {}
@@ -139,6 +162,30 @@ pub async fn run(cfg: WalConfig, sink: Arc<dyn ChangeSink>, cancel: Cancellation
     }
     src.health
         .report(false, "stopped", || "WAL change source stopped".into());
+}
+
+/// Fails with [`WalError::NotInstalled`] (naming the database) unless migration 0003 is
+/// applied in `cfg`'s database and its DDL hooks are enabled: without them the source would
+/// miss DDL and `REFRESH MATERIALIZED VIEW`. For a check at startup; [`run`] checks as well.
+pub async fn ensure_installed(cfg: &WalConfig) -> Result<(), WalError> {
+    let mut conn = connect_with(&cfg.conn, &[("application_name", APPLICATION_NAME)]).await?;
+    if let Some(missing) = setup::check_installed(&mut conn).await? {
+        return Err(WalError::NotInstalled {
+            db: cfg.db().to_string(),
+            missing,
+        });
+    }
+    let row_triggers = setup::row_triggers(&mut conn).await?;
+    if row_triggers > 0 {
+        tracing::info!(
+            db = %cfg.db(),
+            row_triggers,
+            "the NOTIFY source's row triggers are on: every writing transaction queues a \
+             notification the WAL source does not need. Unless a NOTIFY source watches this \
+             database, switch them off: SELECT pgstash.set_row_triggers(false)"
+        );
+    }
+    Ok(())
 }
 
 /// Drop `cfg`'s replication slot if it exists (stop [`run`] first). Returns whether it did.
@@ -189,6 +236,8 @@ struct Source {
     health: Health,
     /// The slot existed at some point during this run: if it is missing now, it was lost.
     slot_known: bool,
+    /// A session ended because the DDL hooks were missing: DDL may have gone unreported.
+    install_lost: bool,
     /// Our applied position at the end of the last session.
     last_applied: Option<Lsn>,
     backoff: Duration,
@@ -199,6 +248,15 @@ impl Source {
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), WalError> {
         let cfg = self.cfg.clone();
         let mut sql = connect_with(&cfg.conn, &[("application_name", APPLICATION_NAME)]).await?;
+        // Before the slot: a slot that nobody can use keeps WAL from being recycled.
+        if let Some(missing) = setup::check_installed(&mut sql).await? {
+            return Err(self.not_installed(missing));
+        }
+        if self.install_lost {
+            tracing::info!(db = %cfg.db(), "pgstash's DDL hooks are back; invalidating the database");
+            self.sink.apply(cfg.db(), None, &[Change::Database]);
+            self.install_lost = false;
+        }
         let start = self.prepare_slot(&mut sql).await?;
         let repl = connect_with(
             &cfg.conn,
@@ -223,6 +281,13 @@ impl Source {
             .await;
         self.last_applied = Some(lag.applied());
         r
+    }
+
+    fn not_installed(&self, missing: Missing) -> WalError {
+        WalError::NotInstalled {
+            db: self.cfg.db().to_string(),
+            missing,
+        }
     }
 
     /// Ensure publication and slot; returns where streaming starts.
@@ -342,7 +407,12 @@ impl Source {
                     let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
                     return Ok(());
                 }
-                e = &mut probe => return Err(e),
+                e = &mut probe => {
+                    return Err(match e {
+                        WalError::NotInstalled { missing, .. } => self.not_installed(missing),
+                        e => e,
+                    });
+                }
                 // Before the stream: a flood of XLogData must not starve status updates.
                 _ = tick.tick() => send_status(&mut stream, lag.applied(), cfg.max_lag).await?,
                 Some((lsn, seen)) = probe_rx.recv() => lag.target(lsn, seen),
@@ -352,11 +422,20 @@ impl Source {
                         let msg = pgoutput::decode(&data)?;
                         if let Some(tx) = collector.handle(msg)? {
                             if !tx.changes.is_empty() {
-                                tracing::debug!(db, lsn = %tx.end_lsn, changes = tx.changes.len(), "WAL transaction");
+                                tracing::debug!(db, lsn = ?tx.end_lsn, changes = tx.changes.len(), "WAL transaction");
                                 self.sink.apply(db, tx.committed_at, &tx.changes);
                             }
-                            // Only now may the slot forget this transaction.
-                            lag.advance(tx.end_lsn);
+                            // Only now may the slot forget this transaction. (A message sent
+                            // outside any transaction has no position of its own to confirm.)
+                            if let Some(end) = tx.end_lsn {
+                                lag.advance(end);
+                            }
+                            if tx.uninstalled {
+                                // DDL committed from here on is not in the stream. Confirm
+                                // this transaction first, so that it is not replayed.
+                                send_status(&mut stream, lag.applied(), cfg.max_lag).await?;
+                                return Err(self.not_installed(Missing::Migration(3)));
+                            }
                         }
                     }
                     WalMessage::Keepalive { end, reply } => {
@@ -418,7 +497,8 @@ async fn send_status(
 
 /// Every `every`, commit a heartbeat and send (its WAL position, when we asked) to `out`.
 /// Runs until it fails; a heartbeat not answered within `timeout` is a failure, since
-/// silence could hide lag.
+/// silence could hide lag, and so is a heartbeat that finds the DDL hooks missing
+/// ([`WalError::NotInstalled`], its `db` left for the caller to fill in).
 async fn probe_wal_end(
     conn: &mut ServerConn,
     every: Duration,
@@ -431,7 +511,13 @@ async fn probe_wal_end(
     loop {
         let asked = Instant::now();
         let lsn = match tokio::time::timeout(timeout, setup::wal_heartbeat(conn)).await {
-            Ok(Ok(lsn)) => lsn,
+            Ok(Ok((lsn, None))) => lsn,
+            Ok(Ok((_, Some(missing)))) => {
+                return WalError::NotInstalled {
+                    db: String::new(),
+                    missing,
+                };
+            }
             Ok(Err(e)) => return e,
             Err(_) => {
                 return WalError::Protocol(format!(

@@ -42,6 +42,12 @@ pub static MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/0002_notify_triggers.up.sql"),
         down: include_str!("../../migrations/0002_notify_triggers.down.sql"),
     },
+    Migration {
+        version: 3,
+        name: "wal_source",
+        up: include_str!("../../migrations/0003_wal_source.up.sql"),
+        down: include_str!("../../migrations/0003_wal_source.down.sql"),
+    },
 ];
 
 /// The embedded migration with this version.

@@ -1,7 +1,10 @@
-//! `pgstash migrate`: the runner against real, fresh databases.
+//! `pgstash migrate`: the runner against real, fresh databases, and what the migrations
+//! install (the row triggers' switch of 0003).
 
 use crate::fixture::fresh_database;
 use crate::support::shared_pg;
+use pgstash::invalidation::installed::Missing;
+use pgstash::invalidation::notify::{self, NotifyError};
 use pgstash::migrate::{self, MIGRATIONS, MigrateError, MigrationState};
 use tokio_postgres::Client;
 
@@ -108,20 +111,65 @@ async fn up_applies_every_migration_once_and_status_reports_them_applied() {
     assert!(migrate::is_applied(&c, 2).await.expect("is_applied"));
 }
 
+async fn pending(c: &Client) -> Vec<(i32, bool)> {
+    migrate::status(c)
+        .await
+        .expect("status")
+        .iter()
+        .map(|s| (s.version, s.state == MigrationState::Pending))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     let (_db, mut c) = fresh("migrate_down").await;
     migrate::up(&mut c).await.expect("up");
 
-    let reverted = migrate::down(&mut c, 1).await.expect("down 1");
-    assert_eq!(versions(&reverted), vec![2]);
-    let states: Vec<(i32, bool)> = migrate::status(&c)
+    // 0003 first: the row triggers and the DDL hooks stay, the switch goes.
+    c.batch_execute("SELECT pgstash.set_row_triggers(false)")
         .await
-        .expect("status")
-        .iter()
-        .map(|s| (s.version, s.state == MigrationState::Pending))
-        .collect();
-    assert_eq!(states, vec![(1, false), (2, true)]);
+        .expect("row triggers off");
+    assert_eq!(notify_triggers(&c).await, 0);
+    let reverted = migrate::down(&mut c, 1).await.expect("down 1");
+    assert_eq!(versions(&reverted), vec![3]);
+    assert_eq!(pending(&c).await, vec![(1, false), (2, false), (3, true)]);
+    assert_eq!(
+        notify_triggers(&c).await,
+        1,
+        "0002 alone cannot switch them off: they are back"
+    );
+    assert_eq!(event_triggers(&c).await, 2);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgstash'::regnamespace
+               AND proname IN ('set_row_triggers', 'payload', 'send_unwatched')"
+        )
+        .await
+            + count(
+                &c,
+                "SELECT count(*) FROM pg_class WHERE relname = 'options'"
+            )
+            .await,
+        0,
+        "down removes what 0003 added"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_proc WHERE oid = 'pgstash.send(text, text, text, text)'::regprocedure
+               AND prolang = (SELECT oid FROM pg_language WHERE lanname = 'sql')"
+        )
+        .await,
+        1,
+        "and restores what it replaced"
+    );
+    let reapplied = migrate::up(&mut c).await.expect("up 0003 again");
+    assert_eq!(versions(&reapplied), vec![3]);
+
+    let reverted = migrate::down(&mut c, 2).await.expect("down 2");
+    assert_eq!(versions(&reverted), vec![3, 2]);
+    assert_eq!(pending(&c).await, vec![(1, false), (2, true), (3, true)]);
     assert_eq!(
         notify_triggers(&c).await,
         0,
@@ -143,11 +191,11 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     );
 
     let reapplied = migrate::up(&mut c).await.expect("up again");
-    assert_eq!(versions(&reapplied), vec![2]);
+    assert_eq!(versions(&reapplied), vec![2, 3]);
     assert_eq!(notify_triggers(&c).await, 1);
 
     let all = migrate::down(&mut c, 10).await.expect("down everything");
-    assert_eq!(versions(&all), vec![2, 1], "newest first");
+    assert_eq!(versions(&all), vec![3, 2, 1], "newest first");
     assert!(
         !pgstash_schema_exists(&c).await,
         "reverting 0001 leaves nothing of pgstash"
@@ -260,16 +308,10 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
         text.contains("0002_notify_triggers") && text.contains("already exists"),
         "the error names the migration and what Postgres said: {text}"
     );
-    let states: Vec<bool> = migrate::status(&c)
-        .await
-        .expect("status")
-        .iter()
-        .map(|s| s.state == MigrationState::Pending)
-        .collect();
     assert_eq!(
-        states,
-        vec![false, true],
-        "0001 stays applied, 0002 pending"
+        pending(&c).await,
+        vec![(1, false), (2, true), (3, true)],
+        "0001 stays applied, 0002 and 0003 pending"
     );
     assert_eq!(notify_triggers(&c).await, 0, "nothing of 0002 is left");
 
@@ -280,5 +322,143 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
         .await
         .expect("the lock was released")
         .expect("up after the obstacle is gone");
-    assert_eq!(versions(&applied), vec![2]);
+    assert_eq!(versions(&applied), vec![2, 3]);
+}
+
+async fn all_notify_triggers(c: &Client) -> i64 {
+    count(
+        c,
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'pgstash_notify' AND tgenabled = 'O'",
+    )
+    .await
+}
+
+async fn set_row_triggers(c: &Client, on: bool) -> i32 {
+    c.query_one("SELECT pgstash.set_row_triggers($1)", &[&on])
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "set_row_triggers({on}): {}",
+                pgstash::pg_error::describe(&e)
+            )
+        })
+        .get(0)
+}
+
+/// Payloads heard on the channel up to and including the first that contains `last`.
+async fn payloads_until(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    last: &str,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let payload = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no payload with {last:?}; heard {seen:#?}"))
+            .expect("the raw listener is running");
+        let done = payload.contains(last);
+        seen.push(payload);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_triggers_switch_off_and_back_on() {
+    let (db, mut c) = fresh("migrate_rows").await;
+    migrate::up(&mut c).await.expect("up");
+    let (_raw, mut payloads) = crate::notify::raw_listener(&db).await;
+    let choice = async |c: &Client| -> bool {
+        c.query_one("SELECT row_triggers FROM pgstash.options", &[])
+            .await
+            .expect("pgstash.options")
+            .get(0)
+    };
+    assert!(choice(&c).await, "on by default");
+
+    assert_eq!(set_row_triggers(&c, false).await, 1, "one table had one");
+    assert_eq!(all_notify_triggers(&c).await, 0);
+    assert!(!choice(&c).await);
+    // A NOTIFY listener hears at once that it can no longer vouch for the database.
+    payloads_until(&mut payloads, r#""kind": "uninstalled""#).await;
+    // Writes send nothing now, and a table created later gets no trigger (its DDL is
+    // still reported, in commit order after the write).
+    c.batch_execute("INSERT INTO existing VALUES (1, 1); CREATE TABLE later (id int);")
+        .await
+        .expect("write and create");
+    let heard = payloads_until(&mut payloads, r#""table" : "later""#).await;
+    assert!(
+        !heard.iter().any(|p| p.contains(r#""kind" : "rows""#)),
+        "{heard:#?}"
+    );
+    payloads_until(&mut payloads, r#""kind": "uninstalled""#).await;
+    assert_eq!(all_notify_triggers(&c).await, 0);
+    // So the NOTIFY source refuses the database, and says how to switch them back on.
+    let err = notify::ensure_installed(&c, &db)
+        .await
+        .expect_err("row triggers are off");
+    assert!(
+        matches!(
+            &err,
+            NotifyError::NotInstalled {
+                missing: Missing::RowTriggers { tables: 2, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&db) && text.contains("SELECT pgstash.set_row_triggers(true)"),
+        "{text}"
+    );
+
+    // Back on: every table has its trigger, the one created meanwhile too.
+    assert_eq!(set_row_triggers(&c, true).await, 2);
+    assert!(choice(&c).await);
+    assert_eq!(all_notify_triggers(&c).await, 2);
+    notify::ensure_installed(&c, &db)
+        .await
+        .expect("installed again");
+    c.batch_execute("INSERT INTO later VALUES (1)")
+        .await
+        .expect("write");
+    let heard = payloads_until(&mut payloads, r#""table" : "later""#).await;
+    assert!(
+        heard
+            .last()
+            .is_some_and(|p| p.contains(r#""kind" : "rows""#)),
+        "{heard:#?}"
+    );
+
+    // A disabled trigger counts as missing; switching on enables it again.
+    c.batch_execute("ALTER TABLE existing DISABLE TRIGGER pgstash_notify")
+        .await
+        .expect("disable");
+    let err = notify::ensure_installed(&c, &db)
+        .await
+        .expect_err("one trigger is disabled");
+    assert!(
+        matches!(
+            &err,
+            NotifyError::NotInstalled {
+                missing: Missing::RowTriggers { tables: 1, example },
+                ..
+            } if example == "public.existing"
+        ),
+        "{err:?}"
+    );
+    assert_eq!(set_row_triggers(&c, true).await, 1);
+    notify::ensure_installed(&c, &db)
+        .await
+        .expect("enabled again");
+
+    // Off, then 0003 reverted: 0002 has no switch, so every table gets its trigger back.
+    set_row_triggers(&c, false).await;
+    migrate::down(&mut c, 1).await.expect("down 0003");
+    assert_eq!(all_notify_triggers(&c).await, 2);
+    notify::ensure_installed(&c, &db)
+        .await
+        .expect("installed after down");
 }

@@ -416,7 +416,9 @@ async fn rolled_back_writes_report_nothing() {
 }
 
 /// The raw payloads on the channel, from a LISTEN of the test's own.
-async fn raw_listener(db: &str) -> (Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+pub(crate) async fn raw_listener(
+    db: &str,
+) -> (Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let (client, mut conn) =
         tokio_postgres::connect(&shared_pg().url("postgres", "", db), tokio_postgres::NoTls)
             .await
@@ -544,7 +546,8 @@ async fn a_terminated_listener_reports_unhealthy_reconnects_and_delivers_again()
 async fn removing_the_triggers_makes_the_listener_unhealthy_until_they_are_back() {
     let mut w = watch("CREATE TABLE t (id int)").await;
     let mark = w.sink.mark();
-    migrate::down(&mut w.client, 1).await.expect("down");
+    // 0003 (the WAL messages and the switch) and 0002 (the triggers).
+    migrate::down(&mut w.client, 2).await.expect("down");
     let seen = w
         .sink
         .wait(mark, "unhealthy after down", |seen| {
@@ -552,18 +555,10 @@ async fn removing_the_triggers_makes_the_listener_unhealthy_until_they_are_back(
                 .any(|s| matches!(s, Seen::Health { healthy: false, .. }))
         })
         .await;
-    let reason = seen
-        .iter()
-        .find_map(|s| match s {
-            Seen::Health {
-                healthy: false,
-                reason,
-            } => Some(reason.clone()),
-            _ => None,
-        })
-        .expect("a reason");
-    assert!(reason.contains("pgstash migrate up"), "{reason}");
     assert!(changes(&seen).contains(&Change::Database));
+    // Unhealthy at once; then the check says what to do.
+    let reason = health(&w, mark, false, "pgstash migrate up").await;
+    assert!(reason.contains("0002_notify_triggers"), "{reason}");
 
     let mark = w.sink.mark();
     migrate::up(&mut w.client).await.expect("up again");
@@ -673,4 +668,56 @@ async fn an_unusable_connection_string_is_an_error_naming_the_database() {
     .expect_err("a port must be a number");
     assert!(matches!(err, NotifyError::Config { .. }), "{err:?}");
     assert!(err.to_string().contains("appdb"), "{err}");
+}
+
+/// Waits for a health report after `mark` that is `healthy` and whose reason contains
+/// `part`; returns the reason.
+async fn health(w: &Watched, mark: usize, healthy: bool, part: &str) -> String {
+    let seen = w
+        .sink
+        .wait(mark, &format!("healthy = {healthy} about {part:?}"), |seen| {
+            seen.iter().any(|s| matches!(s, Seen::Health { healthy: h, reason } if *h == healthy && reason.contains(part)))
+        })
+        .await;
+    seen.iter()
+        .find_map(|s| match s {
+            Seen::Health { healthy: h, reason } if *h == healthy && reason.contains(part) => {
+                Some(reason.clone())
+            }
+            _ => None,
+        })
+        .expect("found above")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_the_row_triggers_off_makes_the_listener_unhealthy_until_they_are_back() {
+    let w = watch("CREATE TABLE t (id int)").await;
+    let mark = w.sink.mark();
+    w.exec("SELECT pgstash.set_row_triggers(false)").await;
+    // At once (the switch says so), then with what to do about it.
+    let reason = health(&w, mark, false, "set_row_triggers(true)").await;
+    assert!(reason.contains(&w.db), "{reason}");
+    // The periodic check agrees: still unhealthy several checks later.
+    tokio::time::sleep(config().check_interval * 3).await;
+    assert!(
+        !w.sink
+            .since(mark)
+            .iter()
+            .any(|s| matches!(s, Seen::Health { healthy: true, .. })),
+        "healthy without row triggers: {:#?}",
+        w.sink.since(mark)
+    );
+    let mark = w.sink.mark();
+    w.exec("SELECT pgstash.set_row_triggers(true)").await;
+    health(&w, mark, true, "").await;
+    w.expect("INSERT INTO t VALUES (1)", &[rows("t")]).await;
+
+    // One table's trigger dropped by hand: unhealthy at once, naming the table.
+    let mark = w.sink.mark();
+    w.exec("DROP TRIGGER pgstash_notify ON t").await;
+    health(&w, mark, false, "public.t").await;
+    let mark = w.sink.mark();
+    w.exec("SELECT pgstash.set_row_triggers(true)").await;
+    health(&w, mark, true, "").await;
+    w.expect("INSERT INTO t VALUES (2)", &[rows("t")]).await;
 }

@@ -1,15 +1,19 @@
 //! The `wal` change source against a real Postgres: what committed writes it reports (keys,
-//! tables, transactions), and how it reports its own health across disconnects, restarts and
-//! a lost replication slot.
+//! tables, transactions), the DDL and refreshes pgstash's hooks report through the stream,
+//! and how it reports its own health across disconnects, restarts, a lost replication slot
+//! and missing hooks.
 //!
-//! Each test streams its own fresh database through its own slot (slots are per cluster) and
-//! drops the slot at the end, also when it fails.
+//! Each test streams its own fresh database (migrated up: the source needs migration 0003)
+//! through its own slot (slots are per cluster) and drops the slot at the end, also when it
+//! fails.
 
 use crate::fixture::fresh_database;
 use crate::recorder::{Event, Recorder};
 use crate::support::{PgCluster, shared_pg};
-use pgstash::invalidation::wal::{self, WalConfig};
+use pgstash::invalidation::installed::Missing;
+use pgstash::invalidation::wal::{self, WalConfig, WalError};
 use pgstash::invalidation::{Change, ChangeSink, TableRef};
+use pgstash::migrate;
 use pgstash::upstream::ConnectParams;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -46,6 +50,18 @@ impl<'a> Wal<'a> {
         schema: &str,
         tweak: impl FnOnce(&mut WalConfig),
     ) -> Wal<'a> {
+        let mut w = Wal::new(pg, schema, tweak).await;
+        migrate::up(&mut w.client().await)
+            .await
+            .expect("migrate up");
+        w.resume().await;
+        // Past the invalidation of the whole database that comes with a new slot.
+        w.cursor = w.rec.snapshot().len();
+        w
+    }
+
+    /// A fresh database set up with `schema` and nothing of pgstash's; not streamed yet.
+    async fn new(pg: &'a PgCluster, schema: &str, tweak: impl FnOnce(&mut WalConfig)) -> Wal<'a> {
         let permit = SLOTS.acquire().await.expect("semaphore never closes");
         let db = fresh_database(pg, "wal");
         if !schema.is_empty() {
@@ -62,7 +78,7 @@ impl<'a> Wal<'a> {
         cfg.status_interval = Duration::from_millis(200);
         cfg.max_lag = Duration::from_secs(10);
         tweak(&mut cfg);
-        let mut w = Wal {
+        Wal {
             pg,
             db,
             cfg,
@@ -71,16 +87,18 @@ impl<'a> Wal<'a> {
             cancel: CancellationToken::new(),
             task: None,
             _slot: permit,
-        };
-        w.resume().await;
-        // Past the invalidation of the whole database that comes with a new slot.
-        w.cursor = w.rec.snapshot().len();
-        w
+        }
     }
 
     /// Start the source again (after [`stop`](Self::stop)); returns once healthy, with the
     /// cursor where it started (catching up applies changes before it reports healthy).
     async fn resume(&mut self) {
+        self.spawn();
+        self.wait_healthy().await;
+    }
+
+    /// Start the source, with the cursor at what it reports from now on.
+    fn spawn(&mut self) {
         self.cursor = self.rec.snapshot().len();
         self.cancel = CancellationToken::new();
         let sink: Arc<dyn ChangeSink> = self.rec.clone();
@@ -89,7 +107,6 @@ impl<'a> Wal<'a> {
             sink,
             self.cancel.clone(),
         )));
-        self.wait_healthy().await;
     }
 
     async fn stop(&mut self) {
@@ -186,6 +203,28 @@ impl<'a> Wal<'a> {
     async fn next_commit(&mut self) -> BTreeMap<String, Rows> {
         summarize(&self.next_commit_with_time().await.1)
     }
+
+    /// [`next_commit`](Self::next_commit) without pgstash's own tables: the DDL hooks keep
+    /// their bookkeeping (`pgstash.relation_names`) in the transaction they report on.
+    async fn next_user_commit(&mut self) -> BTreeMap<String, Rows> {
+        let mut commit = self.next_commit().await;
+        commit.retain(|table, _| !table.starts_with("pgstash."));
+        commit
+    }
+
+    /// Wait for an unhealthy report whose reason contains `part`; returns the reason.
+    async fn wait_unhealthy_because(&mut self, part: &str) -> String {
+        self.wait_for(&format!("an unhealthy report about {part:?}"), |ev| {
+            ev.iter().enumerate().find_map(|(i, e)| match e {
+                Event::Health {
+                    healthy: false,
+                    reason,
+                } if reason.contains(part) => Some((i, reason.clone())),
+                _ => None,
+            })
+        })
+        .await
+    }
 }
 
 impl Drop for Wal<'_> {
@@ -271,9 +310,14 @@ async fn inserts_updates_and_deletes_report_the_primary_keys_of_their_rows() {
     assert_eq!(w.next_commit().await, expect([keys("t", &["5"])]));
     w.sql("DELETE FROM t WHERE id IN (2, 3)").await;
     assert_eq!(w.next_commit().await, expect([keys("t", &["2", "3"])]));
-    // Text keys arrive as Postgres prints them.
-    w.sql("CREATE TABLE names (name text PRIMARY KEY); INSERT INTO names VALUES ('zoë')")
-        .await;
+    // Text keys arrive as Postgres prints them. (The table on its own: DDL in a transaction
+    // makes the whole table change.)
+    w.sql("CREATE TABLE names (name text PRIMARY KEY)").await;
+    assert_eq!(
+        w.next_user_commit().await,
+        expect([("public.names".to_string(), Rows::Table)])
+    );
+    w.sql("INSERT INTO names VALUES ('zoë')").await;
     assert_eq!(w.next_commit().await, expect([keys("names", &["zoë"])]));
     stop_and_drop_slot(&mut w).await;
 }
@@ -670,5 +714,189 @@ async fn a_stalled_stream_is_reported_lagging_until_it_catches_up() {
     drop(frozen);
     assert_eq!(w.next_commit().await, expect([keys("t", &["1"])]));
     w.wait_healthy().await;
+    stop_and_drop_slot(&mut w).await;
+}
+
+fn whole(table: &str) -> (String, Rows) {
+    (format!("public.{table}"), Rows::Table)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_and_refreshes_on_a_direct_connection_arrive_as_whole_tables() {
+    let mut w = Wal::start(
+        shared_pg(),
+        &format!(
+            "{T}; CREATE MATERIALIZED VIEW mv AS SELECT count(*) AS n FROM t;
+             CREATE VIEW v AS SELECT id FROM t;"
+        ),
+    )
+    .await;
+    // Neither is in pgoutput's stream: they come from pgstash's DDL hooks (migration 0003).
+    w.sql("ALTER TABLE t ADD COLUMN w int DEFAULT 7").await;
+    assert_eq!(w.next_user_commit().await, expect([whole("t")]));
+    w.sql("REFRESH MATERIALIZED VIEW mv").await;
+    assert_eq!(w.next_user_commit().await, expect([whole("mv")]));
+    w.sql("CREATE OR REPLACE VIEW v AS SELECT id, v FROM t")
+        .await;
+    assert_eq!(w.next_user_commit().await, expect([whole("v")]));
+    // A rename: reads cached under either name are stale.
+    w.sql("ALTER TABLE t RENAME TO t2").await;
+    assert_eq!(
+        w.next_user_commit().await,
+        expect([whole("t"), whole("t2")])
+    );
+    // Rows and DDL in one transaction: the table as a whole, once, at its commit.
+    w.sql("BEGIN; INSERT INTO t2 VALUES (1, 1); ALTER TABLE t2 ADD COLUMN x int; COMMIT")
+        .await;
+    assert_eq!(w.next_user_commit().await, expect([whole("t2")]));
+    // What names no table: everything.
+    w.sql("GRANT SELECT ON t2 TO PUBLIC").await;
+    assert_eq!(
+        w.next_user_commit().await,
+        expect([("*".to_string(), Rows::Database)])
+    );
+    w.sql("DROP TABLE t2 CASCADE").await;
+    assert_eq!(
+        w.next_user_commit().await,
+        expect([whole("t2"), whole("mv"), whole("v")])
+    );
+    stop_and_drop_slot(&mut w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_ddl_reports_nothing() {
+    let mut w = Wal::start(
+        shared_pg(),
+        &format!("{T}; CREATE TABLE marker (id int PRIMARY KEY)"),
+    )
+    .await;
+    w.sql("BEGIN; ALTER TABLE t ADD COLUMN w int; ROLLBACK")
+        .await;
+    w.sql(
+        "BEGIN; SAVEPOINT s; ALTER TABLE t ADD COLUMN x int; ROLLBACK TO s;
+         INSERT INTO t VALUES (1, 1); COMMIT",
+    )
+    .await;
+    w.sql("INSERT INTO marker VALUES (1)").await;
+    // Only the row the second transaction kept, then the marker.
+    assert_eq!(w.next_commit().await, expect([keys("t", &["1"])]));
+    assert_eq!(w.next_commit().await, expect([keys("marker", &["1"])]));
+    stop_and_drop_slot(&mut w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_not_from_pgstash_or_outside_transactions_break_nothing() {
+    let mut w = Wal::start(shared_pg(), T).await;
+    let from = w.cursor;
+    // pgstash sends none of these, but anyone may.
+    w.sql(
+        "SELECT pg_logical_emit_message(true, 'other', 'x');
+         SELECT pg_logical_emit_message(false, 'other', 'y');",
+    )
+    .await;
+    w.sql(
+        r#"SELECT pg_logical_emit_message(false, 'pgstash',
+             '{"v":1,"kind":"table","op":"by hand","schema":"public","table":"t","ts":null,"xid":null}')"#,
+    )
+    .await;
+    // Outside any transaction: handed out at once, on its own.
+    assert_eq!(w.next_commit().await, expect([whole("t")]));
+    w.sql("INSERT INTO t VALUES (1, 1)").await;
+    assert_eq!(w.next_commit().await, expect([keys("t", &["1"])]));
+    let events = w.rec.snapshot();
+    assert!(
+        !events[from..]
+            .iter()
+            .any(|e| matches!(e, Event::Health { healthy: false, .. })),
+        "the source stayed healthy: {events:#?}"
+    );
+    stop_and_drop_slot(&mut w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_migration_0003_is_refused_by_name_until_it_is_migrated() {
+    let mut w = Wal::new(shared_pg(), T, |_| {}).await;
+    // The check a server makes at startup.
+    let err = wal::ensure_installed(&w.cfg)
+        .await
+        .expect_err("nothing is installed");
+    assert!(
+        matches!(&err, WalError::NotInstalled { db, .. } if *db == w.db),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&w.db) && text.contains("pgstash migrate up"),
+        "{text}"
+    );
+    // 0002 alone (the NOTIFY source's) is not enough.
+    let mut client = w.client().await;
+    migrate::up(&mut client).await.expect("up");
+    migrate::down(&mut client, 1).await.expect("down 0003");
+    let err = wal::ensure_installed(&w.cfg)
+        .await
+        .expect_err("0003 is missing");
+    assert!(
+        matches!(
+            &err,
+            WalError::NotInstalled {
+                missing: Missing::Migration(3),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("0003_wal_source"), "{err}");
+    // The source itself refuses too, and creates no slot (which would hold on to WAL).
+    w.spawn();
+    let reason = w.wait_unhealthy_because("pgstash migrate up").await;
+    assert!(reason.contains(&w.db), "{reason}");
+    let slots = w.pg.psql(&format!(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+        w.cfg.slot
+    ));
+    assert_eq!(
+        slots, "0",
+        "no slot for a database the source cannot vouch for"
+    );
+    // Migrated: it starts by itself (retrying), and DDL is reported.
+    migrate::up(&mut client).await.expect("up again");
+    wal::ensure_installed(&w.cfg).await.expect("installed now");
+    w.wait_healthy().await;
+    w.cursor = w.rec.snapshot().len();
+    w.sql("ALTER TABLE t ADD COLUMN w int").await;
+    assert_eq!(w.next_user_commit().await, expect([whole("t")]));
+    stop_and_drop_slot(&mut w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_stops_vouching_while_its_ddl_hooks_are_reverted_or_disabled() {
+    let mut w = Wal::start(shared_pg(), T).await;
+    let mut client = w.client().await;
+    // Reverting 0003 says so in the stream, at its commit.
+    migrate::down(&mut client, 1).await.expect("down 0003");
+    let reason = w.wait_unhealthy_because("0003_wal_source").await;
+    assert!(reason.contains(&w.db), "{reason}");
+    migrate::up(&mut client).await.expect("up again");
+    w.wait_healthy().await;
+    // DDL nobody reported while the hooks were gone: everything is stale.
+    let events = w.rec.snapshot();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Apply { changes, .. } if changes == &[Change::Database])),
+        "{events:#?}"
+    );
+    // Disabling an event trigger fires none; the heartbeat's check sees it.
+    w.cursor = w.rec.snapshot().len();
+    w.sql("ALTER EVENT TRIGGER pgstash_ddl_command_end DISABLE")
+        .await;
+    w.wait_unhealthy_because("event triggers").await;
+    w.sql("ALTER EVENT TRIGGER pgstash_ddl_command_end ENABLE")
+        .await;
+    w.wait_healthy().await;
+    w.cursor = w.rec.snapshot().len();
+    w.sql("ALTER TABLE t ADD COLUMN w int").await;
+    assert_eq!(w.next_user_commit().await, expect([whole("t")]));
     stop_and_drop_slot(&mut w).await;
 }

@@ -1,7 +1,9 @@
-//! What a NOTIFY payload from the triggers of `migrations/0002_notify_triggers.up.sql` means
-//! (the format is described at the top of that file).
+//! What a payload from the triggers of `migrations/0002_notify_triggers.up.sql` means (the
+//! format is described at the top of that file). The NOTIFY source reads it from
+//! notifications; the WAL source from the logical decoding messages that the DDL hooks
+//! also write since migration 0003.
 
-use super::super::{Change, TableRef};
+use super::{Change, TableRef};
 use serde::Deserialize;
 use std::time::{Duration, SystemTime};
 
