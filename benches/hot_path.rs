@@ -53,6 +53,24 @@ fn main() {
             black_box(h.digest128());
         },
     );
+    let mut fresh = 1u64 << 40;
+    per_op(
+        "L1 miss of a new key + fill (W2's miss path)",
+        200_000,
+        |_| {
+            fresh += 1;
+            let key = CacheKey(u128::from(fresh));
+            if let Lookup::Miss(guard) = l1.lookup(key, &gens) {
+                let snap = gens.snapshot(&[Dependency::Key(table, fresh)]);
+                let response = bytes::Bytes::from(vec![b'D'; 64]);
+                let _ = black_box(guard.fill(
+                    Entry::new(response, 1, snap),
+                    std::time::Duration::from_secs(600),
+                    &gens,
+                ));
+            }
+        },
+    );
     per_op("generation bump of one key", 1_000_000, |i| {
         gens.bump_keys(table, &[i % 10_000]);
     });
