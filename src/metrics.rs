@@ -95,6 +95,16 @@ fn latency_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(1e-6, 2.0, 24).unwrap_or_default()
 }
 
+fn staleness_buckets() -> Vec<f64> {
+    // Commit to invalidation: fine-grained from 0.5 ms to 100 ms, where a healthy source
+    // lives and where the target (p99 < 50 ms, DESIGN.md) must be judged; then coarse up to
+    // a source that fell behind by seconds.
+    vec![
+        0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+        0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+}
+
 impl Metrics {
     fn new() -> Metrics {
         let registry =
@@ -203,7 +213,7 @@ impl Metrics {
                         "staleness_seconds",
                         "Time from a commit pgstash did not relay to its invalidation",
                     )
-                    .buckets(latency_buckets()),
+                    .buckets(staleness_buckets()),
                     &["source"],
                 )
                 .expect("valid"),
