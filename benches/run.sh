@@ -11,9 +11,18 @@
 # unavailable or a run fails; those show up in the report instead.
 #
 # Knobs (environment variables):
-#   WORKLOADS  workloads to run            (default "SELECT1 W1 W2 W3 W4 W5")
+#   WORKLOADS  workloads to run
+#              (default "SELECT1 W1 W2 W3 W4 W5 STALE TRIGGERS")
 #              W1..W5 as in DESIGN.md; SELECT1 is a reference row: `SELECT 1`
 #              against direct only, -M simple only (the cheapest round trip).
+#              STALE: staleness of writes that bypass pgstash, per change
+#              source (invalidation.source): W5 through a pgstash of that
+#              source while a second pgbench writes straight to Postgres;
+#              p50/p99 from pgstash's pgstash_staleness_seconds histogram.
+#              TRIGGERS: cost of the NOTIFY triggers of `pgstash migrate up`:
+#              W4 without and with them, alternated (TRIGGER_ROUNDS).
+#              Both run at CHECK_CLIENTS clients only. STALE makes the
+#              cluster run with wal_level=logical (for the wal source).
 #   MODES      pgbench query modes         (default "simple extended prepared")
 #              "prepared" applies to W1 only (DESIGN.md asks -M prepared for
 #              W1); the other workloads run the remaining modes. SELECT1
@@ -26,6 +35,24 @@
 #              pgpool is pgpool-II (apt package pgpool2) with its shmem query cache.
 #   SCALE      pgbench scale factor        (default 10)
 #   CHECK_CLIENTS client count the target check list looks at (default 32)
+#   STALE_SOURCES  change sources STALE measures (default "notify wal")
+#   STALE_MODES    -M modes of STALE's W5 load (default simple, or the first
+#                  W5 mode of MODES without simple)
+#   STALE_RATE     bypassing writes per second, in total (default 100)
+#   STALE_WRITERS  clients of the bypassing writer (default 4)
+#   STALE_DURATION seconds per STALE run (default DURATION)
+#   STALE_SYNC_COMMIT synchronous_commit of the whole cluster during STALE
+#                  (default on, Postgres' default; the cluster otherwise runs
+#                  with off, and the WAL of an asynchronous commit reaches a
+#                  logical replication stream only when the WAL writer flushes
+#                  it, every wal_writer_delay = 200 ms: the wal source's
+#                  staleness then measures Postgres' flush delay)
+#   TRIGGER_ROUNDS rounds of W4 without/with the triggers, per mode (default 3)
+#   TRIGGER_TARGETS what TRIGGERS measures: "direct" (Postgres without vs
+#                  with the triggers) and "pgstash" (pgstash with source=proxy
+#                  and no triggers vs a pgstash with source=notify and the
+#                  triggers) (default "direct pgstash" when pgstash is in
+#                  TARGETS, else "direct")
 #   OUT        report path                 (default <repo>/BENCHMARKS.md)
 #   KEEP_TMP=1 keep the temp dir (pgbench logs, server logs) for debugging
 #   BENCH_PGSTASH_BIN use this pgstash binary instead of `cargo build --release`
@@ -50,7 +77,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-WORKLOADS="${WORKLOADS:-SELECT1 W1 W2 W3 W4 W5}"
+WORKLOADS="${WORKLOADS:-SELECT1 W1 W2 W3 W4 W5 STALE TRIGGERS}"
 MODES="${MODES:-simple extended prepared}"
 CLIENTS="${CLIENTS:-1 32}"
 DURATION="${DURATION:-10}"
@@ -61,6 +88,17 @@ OUT="${OUT:-$ROOT/BENCHMARKS.md}"
 KEEP_TMP="${KEEP_TMP:-0}"
 BENCH_PGSTASH_BIN="${BENCH_PGSTASH_BIN:-}"
 BENCH_METRICS="${BENCH_METRICS:-auto}"
+STALE_SOURCES="${STALE_SOURCES:-notify wal}"
+STALE_MODES="${STALE_MODES:-}"          # default resolved in main (depends on MODES)
+STALE_RATE="${STALE_RATE:-100}"
+STALE_WRITERS="${STALE_WRITERS:-4}"
+STALE_DURATION="${STALE_DURATION:-$DURATION}"
+STALE_SYNC_COMMIT="${STALE_SYNC_COMMIT:-on}"
+TRIGGER_ROUNDS="${TRIGGER_ROUNDS:-3}"
+if [[ -z "${TRIGGER_TARGETS:-}" ]]; then
+  TRIGGER_TARGETS=direct
+  [[ " $TARGETS " == *" pgstash "* ]] && TRIGGER_TARGETS="direct pgstash"
+fi
 
 # The exact command line, recorded in the report so a run can be reproduced.
 PASSTHROUGH="$(compgen -e | grep '^PGSTASH_' |
@@ -69,6 +107,13 @@ PASSTHROUGH="$(compgen -e | grep '^PGSTASH_' |
 COMMAND="${PASSTHROUGH}WORKLOADS=\"$WORKLOADS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION TARGETS=\"$TARGETS\" SCALE=$SCALE"
 [[ "$CHECK_CLIENTS" != 32 ]] && COMMAND+=" CHECK_CLIENTS=$CHECK_CLIENTS"
 [[ "$BENCH_METRICS" != auto ]] && COMMAND+=" BENCH_METRICS=$BENCH_METRICS"
+# The STALE/TRIGGERS knobs only when set and only when those workloads run.
+for v in STALE_SOURCES STALE_MODES STALE_RATE STALE_WRITERS STALE_DURATION STALE_SYNC_COMMIT; do
+  [[ " $WORKLOADS " == *" STALE "* && -n "$(printenv "$v" || true)" ]] && COMMAND+=" $v=\"${!v}\""
+done
+for v in TRIGGER_ROUNDS TRIGGER_TARGETS; do
+  [[ " $WORKLOADS " == *" TRIGGERS "* && -n "$(printenv "$v" || true)" ]] && COMMAND+=" $v=\"${!v}\""
+done
 COMMAND+="${BENCH_PGSTASH_BIN:+ BENCH_PGSTASH_BIN=$BENCH_PGSTASH_BIN} benches/run.sh"
 
 CLK_TCK="$(getconf CLK_TCK)"
@@ -86,12 +131,19 @@ declare -A T_METRICS=()  # per pgstash target: host:port of its /metrics, if any
 NOTES=()           # free-form lines for the report's notes section
 declare -A NOTED=() # keys of notes already made (note_once)
 CHILD_PID=""       # long-running foreground job (pgbench, cargo), see run_child
+BG_PID=""          # a second pgbench running alongside (STALE's bypassing writer)
 
 log()  { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die()  { log "FATAL: $*"; exit 1; }
 note() { NOTES+=("$*"); log "note: $*"; }
 note_once() { local k=$1; shift; [[ -n "${NOTED[$k]:-}" ]] && return 0; NOTED[$k]=1; note "$*"; }
 has()  { [[ " $1 " == *" $2 "* ]]; }   # has "list words" word
+KNOWN_WORKLOADS="SELECT1 W1 W2 W3 W4 W5 STALE TRIGGERS"
+needs_logical_wal() { has "$WORKLOADS" STALE && has "$STALE_SOURCES" wal; }
+# Whether this run needs the pgstash binary.
+uses_pgstash() {
+  has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache || has "$WORKLOADS" STALE || has "$WORKLOADS" TRIGGERS
+}
 
 # ---------------------------------------------------------------------------
 # Cleanup: everything we start is recorded so that an error or ^C anywhere
@@ -101,6 +153,7 @@ cleanup() {
   local rc=$? t pid
   set +e
   [[ -n "$CHILD_PID" ]] && stop_pid "$CHILD_PID"
+  [[ -n "$BG_PID" ]] && stop_pid "$BG_PID"
   for t in "${!T_PID[@]}"; do
     [[ "$t" == direct ]] && continue      # direct is Postgres, stopped below
     pid="${T_PID[$t]}"
@@ -165,12 +218,18 @@ as_pg() {
 # Pick a free TCP port on 127.0.0.1 and store it in the variable named $1.
 # Uses printf -v rather than $(...) so USED_PORTS persists across calls (two
 # targets may be handed ports before either is listening).
+# Ports come from below the kernel's ephemeral range when there is room
+# (20000 up to it), so that no outgoing connection (pgbench's, a pool's) can
+# hold the port by the time a server binds it; and no TCP socket at all may
+# use it yet.
 free_port() {
-  local __var=$1 p _
+  local __var=$1 p _ lo=20000 hi=60000 eph=""
+  read -r eph _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  [[ "$eph" =~ ^[0-9]+$ ]] && (( eph > lo + 2000 )) && hi=$eph
   for _ in $(seq 1 500); do
-    p=$(( 20000 + RANDOM % 40000 ))
+    p=$(( lo + RANDOM % (hi - lo) ))
     has "${USED_PORTS[*]:-}" "$p" && continue
-    ss -Hltn "sport = :$p" 2>/dev/null | grep -q . && continue
+    ss -Htan "sport = :$p" 2>/dev/null | grep -q . && continue
     (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
     USED_PORTS+=("$p")
     printf -v "$__var" '%s' "$p"
@@ -248,8 +307,7 @@ install_tools() {
     fi
   fi
   # curl scrapes pgstash's /metrics; without it hit ratios are just "n/a".
-  if { has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache; } &&
-     [[ "$BENCH_METRICS" != off ]] && ! command -v curl >/dev/null; then
+  if uses_pgstash && [[ "$BENCH_METRICS" != off ]] && ! command -v curl >/dev/null; then
     log "installing curl"
     apt_install curl || true
   fi
@@ -290,6 +348,15 @@ full_page_writes = off
 max_connections = 300
 shared_buffers = 256MB
 EOF
+  # The wal change source (STALE) streams a logical replication slot. Only
+  # then: the other workloads keep the default WAL level.
+  if needs_logical_wal; then
+    cat >>"$PGDATA/postgresql.conf" <<EOF
+wal_level = logical
+max_replication_slots = 10
+max_wal_senders = 10
+EOF
+  fi
   # initdb -A trust already trusts every local and 127.0.0.1 connection.
   log "starting postgres on port $PGPORT"
   as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgres.log" -w -t 60 start >/dev/null \
@@ -392,8 +459,21 @@ start_pgstash()         { start_pgstash_as pgstash; }
 start_pgstash_nocache() { start_pgstash_as pgstash-nocache PGSTASH_CACHE__ENABLED=false; }
 
 # start_pgstash_as TARGET [VAR=value...]: one pgstash instance named TARGET,
-# with extra environment for it.
+# with extra environment for it. Should one of its ports be taken by the time
+# pgstash binds it, it is tried again (up to 3 times) with other ports.
 start_pgstash_as() {
+  local t=$1 log="$WORK/$1.log" size _
+  for _ in 1 2 3; do
+    size=$(stat -c %s "$log" 2>/dev/null || echo 0)
+    start_pgstash_try "$@" && return 0
+    tail -c +"$(( size + 1 ))" "$log" 2>/dev/null | grep -q 'Address already in use' || return 1
+    log "$t: a port was taken; trying other ports"
+    T_STATUS[$t]=""
+  done
+  return 1
+}
+
+start_pgstash_try() {
   local t=$1; shift
   local port mport log="$WORK/$t.log" extra_env=("$@") margs=() _
   build_pgstash || { T_STATUS[$t]="$PGSTASH_BUILD_ERR"; return 1; }
@@ -427,7 +507,7 @@ start_pgstash_as() {
     else
       T_STATUS[$t]="$t exited before accepting connections"
     fi
-    T_STATUS[$t]+="; log tail: $(tail -n 3 "$log" | tr '\n' ' ' | cut -c1-300)"
+    T_STATUS[$t]+="; log tail: $(log_tail "$log")"
     return 1
   fi
   if [[ -n "${T_METRICS[$t]}" ]]; then
@@ -682,10 +762,12 @@ EOF
 }
 
 # Modes a workload runs in: MODES, except that -M prepared is for W1 only
-# (DESIGN.md) and the SELECT1 reference is always -M simple only.
+# (DESIGN.md) and the SELECT1 reference is always -M simple only; STALE runs
+# STALE_MODES.
 workload_modes() {
   local m out=()
   if [[ "$1" == SELECT1 ]]; then echo simple; return 0; fi
+  if [[ "$1" == STALE ]]; then echo "$STALE_MODES"; return 0; fi
   for m in $MODES; do
     [[ "$m" == prepared && "$1" != W1 ]] && continue
     out+=("$m")
@@ -706,9 +788,10 @@ workload_args() {
     W2) WL_ARGS=(-b select-only) ;;
     W3) WL_ARGS=(-f "$d/w3_aggregate.sql") ;;
     W4) WL_ARGS=(-b tpcb-like) ;;
-    W5) WL_ARGS=(-f "$d/w1_point_select.sql@95" -f "$d/w5_update.sql@5") ;;
+    W5|STALE) WL_ARGS=(-f "$d/w1_point_select.sql@95" -f "$d/w5_update.sql@5") ;;
+    TRIGGERS) WL_ARGS=(-b tpcb-like) ;;
     SELECT1) WL_ARGS=(-f "$d/select1.sql") ;;
-    *)  die "unknown workload $1 (known: SELECT1 W1 W2 W3 W4 W5)" ;;
+    *)  die "unknown workload $1 (known: $KNOWN_WORKLOADS)" ;;
   esac
 }
 
@@ -722,6 +805,8 @@ workload_desc() {
     W4) echo 'pgbench builtin tpcb-like (read/write transaction of 5 statements)' ;;
     W5) echo 'read-mostly with churn: W1 point select weighted 95 + `UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid` weighted 5 (`-f w1.sql@95 -f w5_update.sql@5`)' ;;
     SELECT1) echo 'reference: `SELECT 1` straight to Postgres (direct only, `-M simple` only), the cheapest possible round trip' ;;
+    STALE) echo "staleness of writes that bypass pgstash, per change source (\`invalidation.source\`): for each source, a pgstash of that source (\`pgstash-<source>\`) carries W5 at $CHECK_CLIENTS clients for ${STALE_DURATION}s while a second pgbench writes straight to Postgres, bypassing pgstash: \`UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid\`, \`aid\` in the W1 hot set \`random(1, 10000)\`, \`-R $STALE_RATE\` (transactions per second in total) with $STALE_WRITERS clients, \`-M simple\`. The cluster runs with \`synchronous_commit = $STALE_SYNC_COMMIT\` during these runs (STALE_SYNC_COMMIT)." ;;
+    TRIGGERS) echo "cost of the NOTIFY triggers that \`pgstash migrate up\` installs (a statement trigger on every user table, plus event triggers): pgbench builtin tpcb-like (W4) at $CHECK_CLIENTS clients without them and with them, alternated in $TRIGGER_ROUNDS rounds per mode, compared by median TPS." ;;
   esac
 }
 
@@ -759,7 +844,7 @@ pgpool_counters() {
 # (printing nothing) for targets without one.
 hit_counters() {
   case "$1" in
-    pgstash|pgstash-nocache) [[ -n "${T_METRICS[$1]:-}" ]] && metrics_counters "${T_METRICS[$1]}"; return 0 ;;
+    pgstash|pgstash-*) [[ -n "${T_METRICS[$1]:-}" ]] && metrics_counters "${T_METRICS[$1]}"; return 0 ;;
     pgpool) pgpool_counters "${T_PORT[pgpool]}"; return 0 ;;
     *) return 1 ;;
   esac
@@ -774,7 +859,9 @@ hit_ratio() {
 }
 
 # ---------------------------------------------------------------------------
-# One pgbench run; appends a row to $RESULTS.
+# One pgbench run: run_one WORKLOAD MODE CLIENTS TARGET [LABEL]; appends a row
+# to $RESULTS, whose target column is LABEL (default TARGET; TRIGGERS uses
+# labels like direct.on.2). Runs RUN_DURATION seconds if set, else DURATION.
 # Columns: workload mode clients target tps tx p50_ms p99_ms failed
 #          proxy_cpu_us pg_cpu_us hit_ratio status
 # hit_ratio: a fraction; "n/a" for a cache whose counters couldn't be read
@@ -782,25 +869,25 @@ hit_ratio() {
 # ---------------------------------------------------------------------------
 RESULTS=""
 run_one() {
-  local wl=$1 mode=$2 clients=$3 t=$4
+  local wl=$1 mode=$2 clients=$3 t=$4 label=${5:-$4} dur=${RUN_DURATION:-$DURATION}
   local jobs=1 dir out rc pg0 pg1 px0 px1 tps tx failed p50 p99 pxcpu pgcpu status=ok
   local cached=0 c0="" c1="" hit=""
   (( clients >= 2 && clients % 2 == 0 )) && jobs=2   # 2 cores on the bench box
-  dir="$WORK/runs/${wl}_${mode}_c${clients}_${t}"
+  dir="$WORK/runs/${wl}_${mode}_c${clients}_${label}"
   mkdir -p "$dir"
   workload_args "$wl"
 
   if ! ensure_alive "$t"; then
-    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t%s\n' "$wl" "$mode" "$clients" "$t" "target down" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t%s\n' "$wl" "$mode" "$clients" "$label" "target down" >>"$RESULTS"
     return 0
   fi
 
-  log "run $wl mode=$mode clients=$clients target=$t (${DURATION}s)"
+  log "run $wl mode=$mode clients=$clients target=$label (${dur}s)"
   if c0="$(hit_counters "$t")"; then cached=1; fi
   pg0=$(tree_ticks "$PG_PID"); px0=$(tree_ticks "${T_PID[$t]}")
   # timeout guards against a proxy that hangs; -n everywhere for fairness.
-  if run_child timeout $(( DURATION + 60 )) "$PG_BIN/pgbench" -n -M "$mode" -c "$clients" -j "$jobs" \
-       -T "$DURATION" "${WL_ARGS[@]}" --log --log-prefix="$dir/tx" \
+  if run_child timeout $(( dur + 60 )) "$PG_BIN/pgbench" -n -M "$mode" -c "$clients" -j "$jobs" \
+       -T "$dur" "${WL_ARGS[@]}" --log --log-prefix="$dir/tx" \
        -h 127.0.0.1 -p "${T_PORT[$t]}" -U postgres postgres >"$dir/pgbench.out" 2>&1; then
     rc=0
   else
@@ -835,7 +922,7 @@ run_one() {
     status="pgbench exit $rc"
     [[ $rc -eq 124 ]] && status="pgbench timed out"
     grep -q 'Run was aborted' "$out" && status="aborted (exit $rc)"
-    note "$wl/$mode/c$clients/$t: $status; last pgbench lines: $(grep -v '^$' "$out" | tail -n 3 | tr '\n' ' ' | cut -c1-400)"
+    note "$wl/$mode/c$clients/$label: $status; last pgbench lines: $(grep -v '^$' "$out" | tail -n 3 | tr '\n' ' ' | cut -c1-400)"
   fi
   local died=0
   if ! kill -0 "${T_PID[$t]}" 2>/dev/null; then
@@ -857,10 +944,364 @@ run_one() {
     pxcpu=""; pgcpu=""
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-    "$wl" "$mode" "$clients" "$t" "$tps" "$tx" "${p50:-}" "${p99:-}" "$failed" "$pxcpu" "$pgcpu" "$hit" "$status" >>"$RESULTS"
+    "$wl" "$mode" "$clients" "$label" "$tps" "$tx" "${p50:-}" "${p99:-}" "$failed" "$pxcpu" "$pgcpu" "$hit" "$status" >>"$RESULTS"
   log "  tps=${tps:-?} p50=${p50:-?}ms p99=${p99:-?}ms failed=$failed cpu/tx: target=${pxcpu:-?}us postgres=${pgcpu:-?}us${hit:+ hit ratio=$hit} [$status]"
   # pgbench logs can be large (one line per transaction); drop them now.
   [[ "$KEEP_TMP" == 1 ]] || rm -f "$dir"/tx.*
+}
+
+# ---------------------------------------------------------------------------
+# Change sources: STALE (staleness of bypassing writes, per source) and
+# TRIGGERS (the cost of the NOTIFY triggers). Both use pgstash instances of
+# their own, started and stopped here, and leave the cluster as they found
+# it: triggers removed (`pgstash migrate down`), the wal source's slot and
+# publication dropped.
+# ---------------------------------------------------------------------------
+WAL_SLOT=pgstash_bench        # slot and publication of pgstash-wal
+STALE_RESULTS=""              # TSV, see stale_row
+STALE_BUCKETS=""              # the staleness histogram's bucket bounds, for the report
+
+start_pgstash_notify() { start_pgstash_as pgstash-notify PGSTASH_INVALIDATION__SOURCE=notify; }
+start_pgstash_wal() {
+  start_pgstash_as pgstash-wal PGSTASH_INVALIDATION__SOURCE=wal \
+    PGSTASH_INVALIDATION__SLOT="$WAL_SLOT" PGSTASH_INVALIDATION__PUBLICATION="$WAL_SLOT"
+}
+
+# Stop a target started for one workload only, and forget it.
+stop_target() {
+  local t=$1
+  [[ -n "${T_PID[$t]:-}" ]] && stop_target_pid "$t" "${T_PID[$t]}"
+  unset 'T_PID[$t]'
+  T_STATUS[$t]=""
+  return 0
+}
+
+# The last lines of a log on one line, without terminal colours.
+log_tail() { tail -n "${2:-3}" "$1" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | tr '\n' ' ' | cut -c1-300; }
+
+# `pgstash migrate ARGS...` against our Postgres (output in migrate.log).
+pgstash_migrate() {
+  log "pgstash migrate $*"
+  (cd "$WORK" && "$BENCH_PGSTASH_BIN" --upstream "postgres://postgres@127.0.0.1:$PGPORT/postgres" \
+     migrate "$@") >>"$WORK/migrate.log" 2>&1
+}
+
+# Migrations applied (rows of pgstash.schema_migrations; 0 without it).
+migrations_applied() {
+  if [[ "$(pg_sql -At -c "SELECT to_regclass('pgstash.schema_migrations') IS NOT NULL")" == t ]]; then
+    pg_sql -At -c 'SELECT count(*) FROM pgstash.schema_migrations'
+  else
+    echo 0
+  fi
+}
+
+notify_triggers() { pg_sql -At -c "SELECT count(*) FROM pg_trigger WHERE tgname = 'pgstash_notify'"; }
+
+# set_triggers on|off: `pgstash migrate up`, or revert what the harness
+# applied (`pgstash migrate down --steps N`, back to the migrations found
+# before the first call). Returns 1 with the reason in WHY.
+MIGRATIONS_BASE=""
+TRIGGERS_ON=0
+set_triggers() {
+  local n
+  WHY=""
+  [[ -n "$BENCH_PGSTASH_BIN" && $PGSTASH_BUILT -eq 1 ]] || { WHY="no pgstash binary: $PGSTASH_BUILD_ERR"; return 1; }
+  [[ -n "$MIGRATIONS_BASE" ]] || MIGRATIONS_BASE="$(migrations_applied)"
+  if [[ "$1" == on ]]; then
+    TRIGGERS_ON=1
+    if ! pgstash_migrate up; then
+      WHY="\`pgstash migrate up\` failed: $(log_tail "$WORK/migrate.log" 2)"; return 1
+    fi
+    n="$(notify_triggers)"
+    (( n > 0 )) || { WHY="\`pgstash migrate up\` installed no pgstash_notify trigger"; return 1; }
+    log "$n pgstash_notify triggers installed"
+  else
+    n=$(( $(migrations_applied) - MIGRATIONS_BASE ))
+    if (( n > 0 )) && ! pgstash_migrate down --steps "$n"; then
+      WHY="\`pgstash migrate down --steps $n\` failed: $(log_tail "$WORK/migrate.log" 2)"; return 1
+    fi
+    n="$(notify_triggers)"
+    (( n == 0 )) || { WHY="$n pgstash_notify triggers left after \`pgstash migrate down\`"; return 1; }
+    TRIGGERS_ON=0
+  fi
+}
+
+# The text of a pgstash /metrics page, or nothing.
+metrics_text() { curl -fsS --max-time 3 "http://$1/metrics" 2>/dev/null || true; }
+
+# Sum of the samples of metric NAME whose labels contain SUBSTRING (may be
+# empty) at ADDR: metric_sum ADDR NAME SUBSTRING. Prints 0 when none.
+metric_sum() {
+  metrics_text "$1" | awk -v name="$2" -v sub_="$3" '
+    /^#/ || NF < 2 { next }
+    {
+      n = $1; sub(/\{.*/, "", n)
+      if (n != name || index($0, sub_) == 0) next
+      rest = $0
+      if (index(rest, "}") > 0) { while ((j = index(rest, "}")) > 0) rest = substr(rest, j + 1) }
+      else rest = substr(rest, index(rest, " ") + 1)
+      split(rest, v, " "); s += v[1]
+    }
+    END { printf "%.0f\n", s }'
+}
+
+# Whether every pgstash_source_healthy{source=SOURCE,...} sample at ADDR is 1
+# (and there is one): source_healthy ADDR SOURCE.
+source_healthy() {
+  metrics_text "$1" | awk -v s="source=\"$2\"" '
+    index($0, "pgstash_source_healthy{") == 1 && index($0, s) > 0 {
+      rest = $0; while ((j = index(rest, "}")) > 0) rest = substr(rest, j + 1)
+      split(rest, v, " "); n++; if (v[1] + 0 != 1) bad = 1
+    }
+    END { exit !(n > 0 && !bad) }'
+}
+
+# Start pgstash-SOURCE (unless running) and wait up to 30 s for its source to
+# vouch for the database. Returns 1 with the reason in WHY.
+start_source() {
+  local src=$1 t="pgstash-$1" _
+  WHY=""
+  if [[ "${T_STATUS[$t]:-}" != ok ]] || ! kill -0 "${T_PID[$t]}" 2>/dev/null; then
+    T_STATUS[$t]=""
+    start_target "$t" || { WHY="${T_STATUS[$t]}"; return 1; }
+  fi
+  [[ -n "${T_METRICS[$t]:-}" ]] || { WHY="no pgstash metrics: ${METRICS_WHY:-not served}"; return 1; }
+  for _ in $(seq 1 150); do
+    source_healthy "${T_METRICS[$t]}" "$src" && return 0
+    kill -0 "${T_PID[$t]}" 2>/dev/null || { WHY="$t exited: $(log_tail "$WORK/$t.log")"; return 1; }
+    sleep 0.2
+  done
+  WHY="the $src source did not report healthy within 30 s (pgstash_source_healthy); log tail: $(log_tail "$WORK/$t.log")"
+  return 1
+}
+
+# Drop the wal source's slot and publication (pgstash leaves both behind on
+# purpose: they are what lets it resume). The walsender of a pgstash that
+# just stopped may hold the slot for a moment.
+drop_wal_slot() {
+  local left=1 _
+  for _ in $(seq 1 100); do
+    pg_sql -At -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$WAL_SLOT' AND NOT active" \
+      >/dev/null 2>&1 || true
+    left="$(pg_sql -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$WAL_SLOT'")"
+    [[ "$left" == 0 ]] && break
+    sleep 0.1
+  done
+  pg_sql -c "DROP PUBLICATION IF EXISTS $WAL_SLOT" >/dev/null 2>&1 || note "could not drop publication $WAL_SLOT"
+  if [[ "$left" != 0 ]]; then
+    note "replication slot $WAL_SLOT still there after the wal source stopped (it retains WAL for the rest of the run)"
+  else
+    log "dropped replication slot and publication $WAL_SLOT"
+  fi
+}
+
+# staleness_hist ADDR SOURCE: the pgstash_staleness_seconds{source=SOURCE}
+# histogram at ADDR as lines "LE COUNT" (cumulative, as exposed), "sum S"
+# and "count N"; nothing when absent.
+staleness_hist() {
+  metrics_text "$1" | awk -v s="source=\"$2\"" '
+    function val(line,  r, j, v) { r = line; while ((j = index(r, "}")) > 0) r = substr(r, j + 1); split(r, v, " "); return v[1] }
+    index($0, "pgstash_staleness_seconds_") != 1 || index($0, s) == 0 { next }
+    /^pgstash_staleness_seconds_bucket\{/ { if (match($0, /le="[^"]*"/)) print substr($0, RSTART + 4, RLENGTH - 5), val($0); next }
+    /^pgstash_staleness_seconds_sum\{/ { print "sum", val($0) }
+    /^pgstash_staleness_seconds_count\{/ { print "count", val($0) }'
+}
+
+# stale_stats BEFORE AFTER: from two staleness_hist snapshots, the run's
+# observations (Δ of each cumulative bucket) and
+#   "count p50 p99 p99_lo p99_hi max_hi mean" (ms; tab-separated)
+# where pNN interpolates linearly inside the bucket holding the rank q × count
+# (as Prometheus' histogram_quantile does; the first bucket starts at 0),
+# p99_lo/p99_hi are that bucket's bounds, max_hi is the upper bound of the
+# highest bucket that gained an observation, and a quantile in the +Inf
+# bucket is ">LAST" (LAST = the highest finite bound). Nothing when the
+# snapshots are unusable; count 0 when there were no observations.
+stale_stats() {
+  # FILENAME, not NR == FNR: BEFORE is empty when the source had not
+  # observed anything yet (a labelled histogram appears with its first value).
+  awk '
+    FILENAME == ARGV[1] { b[$1] = $2; next }
+    { a[$1] = $2 }
+    function ms(x) { return sprintf("%.3f", 1000 * x) }
+    function q(p,   r, i, lo, c0) {
+      r = p * total
+      for (i = 1; i <= n; i++) if (c[i] >= r) break
+      lo = (i == 1) ? 0 : key[i - 1]; c0 = (i == 1) ? 0 : c[i - 1]
+      qlo = lo; qhi = key[i]
+      if (ub[i] == "+Inf") { qhi = "inf"; return ">" ms(lo) }
+      return ms(lo + (key[i] - lo) * (c[i] > c0 ? (r - c0) / (c[i] - c0) : 1))
+    }
+    END {
+      n = 0
+      for (k in a) {
+        if (k == "sum" || k == "count") continue
+        n++; ub[n] = k; key[n] = (k == "+Inf") ? 1e300 : k + 0; c[n] = a[k] - ((k in b) ? b[k] : 0)
+      }
+      if (n == 0) exit
+      for (i = 2; i <= n; i++)
+        for (j = i; j > 1 && key[j - 1] > key[j]; j--) {
+          t = key[j]; key[j] = key[j - 1]; key[j - 1] = t
+          t = ub[j]; ub[j] = ub[j - 1]; ub[j - 1] = t
+          t = c[j]; c[j] = c[j - 1]; c[j - 1] = t
+        }
+      total = c[n]
+      if (total <= 0) { printf "0\t\t\t\t\t\t\n"; exit }
+      p50 = q(0.50)
+      p99 = q(0.99); lo99 = ms(qlo); hi99 = (qhi == "inf") ? "inf" : ms(qhi)
+      for (i = 1; i <= n; i++) if (c[i] - (i == 1 ? 0 : c[i - 1]) > 0) top = i
+      maxhi = (ub[top] == "+Inf") ? "inf" : ms(key[top])
+      mean = ("count" in a && a["count"] - b["count"] > 0) ? ms((a["sum"] - b["sum"]) / (a["count"] - b["count"])) : ""
+      printf "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", total, p50, p99, lo99, hi99, maxhi, mean
+    }' "$1" "$2"
+}
+
+# STALE_RESULTS columns: source mode clients w5_tps hit_ratio writer_tx
+#   writer_tps w5_updates count p50_ms p99_ms p99_lo_ms p99_hi_ms max_hi_ms
+#   mean_ms unhealthy_bypasses status
+stale_row() {   # SOURCE MODE CLIENTS STATUS: a row with no measurements
+  printf '%s\t%s\t%s\t\t\t\t\t\t\t\t\t\t\t\t\t\t%s\n' "$1" "$2" "$3" "$4" >>"$STALE_RESULTS"
+}
+
+# One STALE run: W5 through pgstash-SOURCE (run_one, a STALE row in RESULTS)
+# while the bypassing writer runs straight against Postgres; the staleness
+# histogram is scraped before and after.
+stale_run() {
+  local src=$1 mode=$2 c=$3 t="pgstash-$1" dir wdir wrc=0 row stats
+  local w5_tps w5_hit w5_status wtx wtps upd u0 u1 status=ok
+  dir="$WORK/runs/STALE_${mode}_c${c}_${t}"
+  wdir="$WORK/runs/STALE_${mode}_c${c}_${t}_writer"
+  mkdir -p "$wdir"
+  staleness_hist "${T_METRICS[$t]}" "$src" >"$wdir/hist0"
+  u0="$(metric_sum "${T_METRICS[$t]}" pgstash_cache_bypass_total 'reason="source_unhealthy"')"
+  log "STALE $src: bypassing writer, $STALE_WRITERS clients at $STALE_RATE tx/s straight to Postgres"
+  "$PG_BIN/pgbench" -n -M simple -c "$STALE_WRITERS" -j 1 -R "$STALE_RATE" -T "$STALE_DURATION" \
+    -f "$WORK/scripts/w5_update.sql" -h 127.0.0.1 -p "$PGPORT" -U postgres postgres \
+    >"$wdir/pgbench.out" 2>&1 &
+  BG_PID=$!
+  RUN_DURATION=$STALE_DURATION run_one STALE "$mode" "$c" "$t"
+  wait "$BG_PID" || wrc=$?
+  BG_PID=""
+  # Let the source deliver what the last writes sent.
+  sleep 1
+  staleness_hist "${T_METRICS[$t]}" "$src" >"$wdir/hist1"
+  [[ -n "$STALE_BUCKETS" ]] || STALE_BUCKETS="$(awk '$1 != "sum" && $1 != "count" { print $1 }' "$wdir/hist1" | sort -g | paste -sd ' ' -)"
+  u1="$(metric_sum "${T_METRICS[$t]}" pgstash_cache_bypass_total 'reason="source_unhealthy"')"
+
+  row="$(tail -n 1 "$RESULTS")"
+  w5_tps="$(cut -f5 <<<"$row")"; w5_hit="$(cut -f12 <<<"$row")"; w5_status="$(cut -f13 <<<"$row")"
+  [[ "$w5_status" != ok ]] && status="W5: $w5_status"
+  wtx=$(awk -F': *' '/^number of transactions actually processed/ {split($2, a, "/"); print a[1]+0}' "$wdir/pgbench.out")
+  wtps=$(awk '/^tps = .*without initial connection time/ {print $3}' "$wdir/pgbench.out")
+  if [[ $wrc -ne 0 ]]; then
+    if [[ "$status" == ok ]]; then status="writer: pgbench exit $wrc"; else status+="; writer: pgbench exit $wrc"; fi
+    note "STALE/$src/$mode: the bypassing writer failed (exit $wrc): $(grep -v '^$' "$wdir/pgbench.out" | tail -n 3 | tr '\n' ' ' | cut -c1-300)"
+  fi
+  # W5's own UPDATEs (script 2), relayed by pgstash: the source reports
+  # them as well, so they are observations too.
+  upd=$(awk '/^SQL script 2:/ { s = 1 } s && /^ - [0-9]+ transactions/ { print $2; exit }' "$dir/pgbench.out" 2>/dev/null || true)
+  stats="$(stale_stats "$wdir/hist0" "$wdir/hist1")"
+  if [[ -z "$stats" ]]; then
+    stats=$'\t\t\t\t\t\t'
+    [[ "$status" == ok ]] && status="no pgstash_staleness_seconds{source=\"$src\"} at http://${T_METRICS[$t]}/metrics"
+  elif [[ "${stats%%$'\t'*}" == 0 && "$status" == ok ]]; then
+    status="no staleness observations"
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$src" "$mode" "$c" "$w5_tps" "$w5_hit" "${wtx:-}" "${wtps:-}" "${upd:-}" \
+    "$stats" "$(( u1 - u0 ))" "$status" >>"$STALE_RESULTS"
+  log "  staleness ($src): $(awk -F'\t' '{ printf "%s observations, p50 %s ms, p99 %s ms (bucket %s..%s ms), max <= %s ms", $1, $2, $3, $4, $5, $6 }' <<<"$stats"); source_unhealthy bypasses: $(( u1 - u0 ))"
+}
+
+# synchronous_commit of the whole cluster: set_sync_commit on|off|reset.
+set_sync_commit() {
+  if [[ "$1" == reset ]]; then
+    pg_sql -c 'ALTER SYSTEM RESET synchronous_commit' -c 'SELECT pg_reload_conf()' >/dev/null
+  else
+    pg_sql -c "ALTER SYSTEM SET synchronous_commit = $1" -c 'SELECT pg_reload_conf()' >/dev/null
+  fi
+}
+
+run_stale() {
+  local src mode c=$CHECK_CLIENTS t
+  set_sync_commit "$STALE_SYNC_COMMIT"
+  for src in $STALE_SOURCES; do
+    t="pgstash-$src"
+    WHY=""
+    case "$src" in
+      notify) set_triggers on || true ;;
+      wal) [[ "$(pg_sql -At -c 'SHOW wal_level')" == logical ]] || WHY="wal_level is not logical" ;;
+    esac
+    [[ -z "$WHY" ]] && { start_source "$src" || true; }
+    if [[ -n "$WHY" ]]; then
+      note "STALE $src: $WHY"
+      for mode in $(workload_modes STALE); do stale_row "$src" "$mode" "$c" "$WHY"; done
+    else
+      for mode in $(workload_modes STALE); do stale_run "$src" "$mode" "$c"; done
+    fi
+    stop_target "$t"
+    case "$src" in
+      notify) set_triggers off || note "STALE notify: could not remove the triggers: $WHY" ;;
+      wal) drop_wal_slot ;;
+    esac
+  done
+  set_sync_commit reset
+}
+
+# ABBA order of the TRIGGERS conditions ("off:1 on:1 on:2 off:2 off:3 on:3"),
+# so that neither condition always runs later (W4 slows down as its tables
+# grow and bloat), and the triggers are toggled only when the condition
+# changes.
+trigger_order() {
+  local r out=()
+  for (( r = 1; r <= TRIGGER_ROUNDS; r++ )); do
+    if (( r % 2 )); then out+=("off:$r" "on:$r"); else out+=("on:$r" "off:$r"); fi
+  done
+  echo "${out[*]}"
+}
+
+run_triggers() {
+  local mode c=$CHECK_CLIENTS k cond r prev="" t ok
+  [[ "${T_STATUS[direct]:-}" == ok ]] || start_target direct
+  for mode in $(workload_modes TRIGGERS); do
+    for k in $(trigger_order); do
+      cond=${k%%:*}; r=${k#*:}
+      ok=1
+      if [[ "$cond" != "$prev" ]]; then
+        stop_target pgstash-notify
+        if ! set_triggers "$cond"; then
+          note "TRIGGERS: could not switch the triggers $cond: $WHY"
+          ok=0; prev=""
+        else
+          prev=$cond
+        fi
+      fi
+      for t in $TRIGGER_TARGETS; do
+        if [[ $ok -eq 0 ]]; then
+          printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t%s\n' TRIGGERS "$mode" "$c" "$t.$cond.$r" "triggers not switched $cond" >>"$RESULTS"
+          continue
+        fi
+        case "$t:$cond" in
+          direct:*) run_one TRIGGERS "$mode" "$c" direct "direct.$cond.$r" ;;
+          pgstash:off)
+            if [[ "${T_STATUS[pgstash]:-}" == ok ]]; then
+              run_one TRIGGERS "$mode" "$c" pgstash "pgstash.off.$r"
+            else
+              printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t%s\n' TRIGGERS "$mode" "$c" "pgstash.off.$r" "pgstash unavailable" >>"$RESULTS"
+            fi ;;
+          pgstash:on)
+            if start_source notify; then
+              run_one TRIGGERS "$mode" "$c" pgstash-notify "pgstash.on.$r"
+            else
+              note_once trig-notify "TRIGGERS: pgstash-notify unavailable: $WHY"
+              printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t%s\n' TRIGGERS "$mode" "$c" "pgstash.on.$r" "pgstash-notify unavailable" >>"$RESULTS"
+            fi ;;
+          *) note_once "trig-$t" "TRIGGER_TARGETS: unknown target $t (known: direct pgstash)" ;;
+        esac
+      done
+    done
+  done
+  stop_target pgstash-notify
+  [[ $TRIGGERS_ON -eq 1 ]] && { set_triggers off || note "TRIGGERS: could not remove the triggers: $WHY"; }
+  return 0
 }
 
 # ---------------------------------------------------------------------------
@@ -968,11 +1409,120 @@ target_checks() {
     cmp_check "W1 -M $m: pgstash CPU per transaction (≈ per hit) < 1/5 of Postgres CPU per query under direct" \
       "pxcpu:W1:$m:pgstash" "<" 0.2 "pgcpu:W1:$m:direct" "µs"
   done
+  stale_checks
+  trigger_checks
 }
 
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
+# median of the numbers on stdin (one a line), or nothing.
+median() {
+  sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# TPS of the successful TRIGGERS runs of one target and condition, one a line:
+# trigger_tps MODE TARGET COND.
+trigger_tps() {
+  awk -F'\t' -v m="$1" -v c="$CHECK_CLIENTS" -v p="$2.$3." \
+    '$1 == "TRIGGERS" && $2 == m && $3 == c && index($4, p) == 1 && $13 == "ok" && $5 != "" { print $5 }' "$RESULTS"
+}
+
+stale_checks() {
+  local src mode label n p50 p99 lo hi status v
+  for src in notify wal; do
+    for mode in $STALE_MODES; do
+      label="staleness p99 < 50 ms ($src)"
+      [[ "$STALE_MODES" == *" "* ]] && label+=", W5 -M $mode"
+      if ! has "$WORKLOADS" STALE; then add_check n/a "$label" "STALE not in WORKLOADS"; continue; fi
+      if ! has "$STALE_SOURCES" "$src"; then add_check n/a "$label" "$src not in STALE_SOURCES"; continue; fi
+      n=""; status="not run"
+      IFS=$'\037' read -r _ _ _ _ _ _ _ _ n p50 p99 lo hi _ _ _ status < <(
+        awk -F'\t' -v s="$src" -v m="$mode" '$1 == s && $2 == m' "$STALE_RESULTS" | tail -n 1 | tr '\t' '\037') || true
+      if [[ "$status" != ok ]]; then add_check n/a "$label" "$status"; continue; fi
+      if [[ "$p99" != ">"* ]] && awk -v a="$p99" 'BEGIN { exit !(a < 50) }'; then v=met; else v="NOT met"; fi
+      add_check "$v" "$label" "p99 $p99 ms (bucket $lo–$hi ms), p50 $p50 ms, $n observations; W5 -M $mode through pgstash at $CHECK_CLIENTS clients, bypassing writes at $STALE_RATE/s"
+    done
+  done
+}
+
+trigger_checks() {
+  local m label off on v
+  for m in simple extended; do
+    label="W4 -M $m with notify triggers ≥ 0.90× without (direct, median TPS)"
+    if ! has "$WORKLOADS" TRIGGERS; then add_check n/a "$label" "TRIGGERS not in WORKLOADS"; continue; fi
+    if ! has "$(workload_modes TRIGGERS)" "$m"; then add_check n/a "$label" "$m not in MODES"; continue; fi
+    off="$(trigger_tps "$m" direct off | median)"
+    on="$(trigger_tps "$m" direct on | median)"
+    if [[ -z "$off" || -z "$on" ]]; then add_check n/a "$label" "no successful W4 -M $m runs $([[ -z "$off" ]] && echo without || echo with) the triggers"; continue; fi
+    if awk -v a="$on" -v b="$off" 'BEGIN { exit !(a >= 0.9 * b) }'; then v=met; else v="NOT met"; fi
+    add_check "$v" "$label" "$(awk -v a="$on" -v b="$off" -v na="$(trigger_tps "$m" direct on | wc -l)" -v nb="$(trigger_tps "$m" direct off | wc -l)" \
+      'BEGIN { printf "%.1f TPS with (median of %d) vs %.1f TPS without (median of %d) (%.2f×)", a, na, b, nb, (b + 0 == 0 ? 0 : a / b) }')"
+  done
+}
+
+stale_section() {
+  echo "## STALE"
+  echo
+  workload_desc STALE
+  echo
+  echo "Staleness is pgstash's histogram \`pgstash_staleness_seconds{source}\`: the time from a commit to pgstash having applied its invalidation (wal: the commit time the stream carries; notify: \`clock_timestamp()\` when the transaction first wrote the table, so an upper bound). Its p50 and p99 come from the Δ of its cumulative buckets over the run (scraped before the run and 1 s after it), interpolated linearly inside the bucket that holds the rank q × count, as Prometheus' \`histogram_quantile\` does (the first bucket starts at 0): estimates within the bucket shown. Buckets (upper bounds, s): ${STALE_BUCKETS:-n/a}. A source cannot tell the bypassing writes from W5's own UPDATEs, which pgstash relayed (and invalidated at commit itself): it reports both, so the observations are both kinds (\"bypassing writes\" + \"relayed W5 UPDATEs\"), going through the same path."
+  echo
+  echo "| source | mode | clients | W5 TPS through pgstash | hit ratio | bypassing writes (tx, TPS) | relayed W5 UPDATEs | observations | staleness p50 ms | staleness p99 ms | p99 bucket ms | max ≤ ms | mean ms | bypasses: source unhealthy | status |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  awk -F'\t' "$AWK_FMT_HIT"'
+    function dash(x) { return x == "" ? "—" : x }
+    {
+      tps = $4 == "" ? "—" : sprintf("%.1f", $4)
+      w = $6 == "" ? "—" : sprintf("%s (%.1f/s)", $6, $7)
+      b = $12 == "" ? "—" : $12 "–" $13
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+        $1, $2, $3, tps, hitfmt($5), w, dash($8), dash($9), dash($10), dash($11), b, dash($14), dash($15), dash($16), $17
+    }' "$STALE_RESULTS"
+  echo
+}
+
+triggers_section() {
+  local t m off on
+  echo "## TRIGGERS"
+  echo
+  workload_desc TRIGGERS
+  echo
+  echo "Within each mode the runs alternate in the order $(trigger_order | sed -e 's/off:[0-9]*/without/g' -e 's/on:[0-9]*/with/g' -e 's/ /, /g') (ABBA, so that neither condition always runs later while W4's tables grow); the triggers are installed with \`pgstash migrate up\` and removed with \`pgstash migrate down\` when the condition changes. Single runs on a small machine vary by ±20 %: compare medians, not samples. Targets: \`direct\` is Postgres itself without and with the triggers; \`pgstash\` is pgstash with \`invalidation.source = \"proxy\"\` and no triggers, against a pgstash with \`source = \"notify\"\` listening to the triggers (\`pgstash-notify\`, started for the runs with triggers)."
+  echo
+  echo "| target | mode | clients | without | median TPS | with | median TPS | with ÷ without | TPS without (each run) | TPS with (each run) |"
+  echo "|---|---|---:|---|---:|---|---:|---:|---|---|"
+  for t in $TRIGGER_TARGETS; do
+    for m in $(workload_modes TRIGGERS); do
+      off="$(trigger_tps "$m" "$t" off | median)"
+      on="$(trigger_tps "$m" "$t" on | median)"
+      awk -v t="$t" -v m="$m" -v c="$CHECK_CLIENTS" -v a="$off" -v b="$on" \
+        -v sa="$(awk -F'\t' -v m="$m" -v p="$t.off." '$1 == "TRIGGERS" && $2 == m && index($4, p) == 1 { printf "%s%s", n++ ? ", " : "", ($5 == "" ? "—" : sprintf("%.0f", $5)) }' "$RESULTS")" \
+        -v sb="$(awk -F'\t' -v m="$m" -v p="$t.on." '$1 == "TRIGGERS" && $2 == m && index($4, p) == 1 { printf "%s%s", n++ ? ", " : "", ($5 == "" ? "—" : sprintf("%.0f", $5)) }' "$RESULTS")" \
+        'BEGIN {
+          na = t == "direct" ? "no triggers" : "source=proxy, no triggers"
+          nb = t == "direct" ? "notify triggers" : "source=notify + triggers"
+          r = (a == "" || b == "" || a + 0 == 0) ? "—" : sprintf("%.2f×", b / a)
+          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", t, m, c, na, (a == "" ? "—" : sprintf("%.1f", a)),
+            nb, (b == "" ? "—" : sprintf("%.1f", b)), r, (sa == "" ? "—" : sa), (sb == "" ? "—" : sb)
+        }'
+    done
+  done
+  echo
+  echo "Every run, in the order they ran:"
+  echo
+  echo "| mode | clients | target | triggers | round | TPS | p50 ms | p99 ms | proxy CPU µs/tx (direct: Postgres) | Postgres CPU µs/tx | failed tx | status |"
+  echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+  awk -F'\t' '
+    function dash(x) { return x == "" ? "—" : x }
+    $1 == "TRIGGERS" {
+      split($4, l, ".")
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, l[1], (l[2] == "on" ? "with" : "without"), l[3],
+        ($5 == "" ? "—" : sprintf("%.1f", $5)), dash($7), dash($8), dash($10), dash($11), dash($9), $13
+    }' "$RESULTS"
+  echo
+}
+
 # hit ratio cell: fraction → percentage; "n/a" as is; empty → "—".
 AWK_FMT_HIT='function hitfmt(x) { return x == "" ? "—" : (x == "n/a" ? "n/a" : sprintf("%.1f %%", 100 * x)) }'
 
@@ -992,8 +1542,8 @@ write_report() {
     echo
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- Machine: $(nproc) CPUs, $(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo); load average at start $LOAD_START, at end $load_end"
-    echo "- PostgreSQL: $PG_VERSION (private cluster: fsync=off, synchronous_commit=off, full_page_writes=off, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE)"
-    if has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache; then
+    echo "- PostgreSQL: $PG_VERSION (private cluster: fsync=off, synchronous_commit=off, full_page_writes=off, shared_buffers=256MB, max_connections=300$(if needs_logical_wal; then echo ", wal_level=logical for STALE's wal source"; fi); pgbench scale $SCALE)"
+    if uses_pgstash; then
       echo "- pgstash: \`${BENCH_PGSTASH_BIN#"$ROOT/"}\` ($( [[ $PGSTASH_BUILT -eq 1 ]] && echo "source $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'with no git commit yet')" || echo "unavailable")), PGSTASH_POOL__MAX_SIZE=40, transaction pooling (default); \`pgstash-nocache\` is the same binary with PGSTASH_CACHE__ENABLED=false"
       if [[ -n "$METRICS_HOW" ]]; then
         echo "- pgstash hit ratio: Δpgstash_cache_hits_total / (Δhits + Δpgstash_cache_misses_total) over each run, summed over labels, scraped from \`http://127.0.0.1:<port>/metrics\` (address passed as ${METRICS_HOW/:/ })"
@@ -1024,6 +1574,10 @@ write_report() {
     for line in "${CHECK_LINES[@]}"; do echo "$line"; done
     echo
     for wl in $WORKLOADS; do
+      case "$wl" in
+        STALE) stale_section; continue ;;
+        TRIGGERS) triggers_section; continue ;;
+      esac
       echo "## $wl"
       echo
       workload_desc "$wl"
@@ -1096,9 +1650,21 @@ write_report() {
 main() {
   local t wl mode c
   LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
-  for wl in $WORKLOADS; do case "$wl" in SELECT1|W1|W2|W3|W4|W5) ;; *) die "unknown workload $wl (known: SELECT1 W1 W2 W3 W4 W5)";; esac; done
+  for wl in $WORKLOADS; do has "$KNOWN_WORKLOADS" "$wl" || die "unknown workload $wl (known: $KNOWN_WORKLOADS)"; done
   for mode in $MODES; do case "$mode" in simple|extended|prepared) ;; *) die "unknown mode $mode";; esac; done
   [[ "$CHECK_CLIENTS" =~ ^[0-9]+$ ]] || die "CHECK_CLIENTS must be a number"
+  if [[ -z "$STALE_MODES" ]]; then
+    STALE_MODES="$(workload_modes W5)"
+    if has "$STALE_MODES" simple; then STALE_MODES=simple; else STALE_MODES="${STALE_MODES%% *}"; fi
+    [[ -n "$STALE_MODES" ]] || STALE_MODES=simple
+  fi
+  for mode in $STALE_MODES; do case "$mode" in simple|extended|prepared) ;; *) die "unknown STALE_MODES mode $mode";; esac; done
+  for t in $STALE_SOURCES; do case "$t" in notify|wal) ;; *) die "unknown STALE_SOURCES source $t (known: notify wal)";; esac; done
+  for t in $TRIGGER_TARGETS; do case "$t" in direct|pgstash) ;; *) die "unknown TRIGGER_TARGETS target $t (known: direct pgstash)";; esac; done
+  [[ "$STALE_RATE" =~ ^[0-9]+$ && "$STALE_WRITERS" =~ ^[1-9][0-9]*$ && "$STALE_DURATION" =~ ^[1-9][0-9]*$ ]] \
+    || die "STALE_RATE, STALE_WRITERS and STALE_DURATION must be numbers"
+  [[ "$TRIGGER_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "TRIGGER_ROUNDS must be a positive number"
+  [[ "$STALE_SYNC_COMMIT" == on || "$STALE_SYNC_COMMIT" == off ]] || die "STALE_SYNC_COMMIT must be on or off"
 
   install_tools
   WORK="$(mktemp -d /tmp/pgstash-bench.XXXXXX)"
@@ -1106,10 +1672,11 @@ main() {
   mkdir -p "$WORK/sock" "$WORK/runs"
   [[ $IS_ROOT -eq 1 ]] && chown postgres: "$WORK" "$WORK/sock"
   RESULTS="$WORK/results.tsv"; : >"$RESULTS"
+  STALE_RESULTS="$WORK/stale.tsv"; : >"$STALE_RESULTS"
   log "temp dir $WORK"
 
   # Build before starting Postgres: a long compile shouldn't overlap anything.
-  if has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache; then
+  if uses_pgstash; then
     build_pgstash || log "pgstash unavailable: $PGSTASH_BUILD_ERR"
   fi
   if has "$WORKLOADS" SELECT1 && ! has "$TARGETS" direct; then
@@ -1125,6 +1692,10 @@ main() {
   # Targets innermost, so the rows compared with each other ran back to back
   # under the most similar conditions (and direct, if listed first, first).
   for wl in $WORKLOADS; do
+    case "$wl" in
+      STALE) run_stale; continue ;;
+      TRIGGERS) run_triggers; continue ;;
+    esac
     for mode in $(workload_modes "$wl"); do
       for c in $CLIENTS; do
         for t in $TARGETS; do
