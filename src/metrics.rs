@@ -211,7 +211,8 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "staleness_seconds",
-                        "Time from a commit pgstash did not relay to its invalidation",
+                        "Time from a commit to its invalidation by the change source (every commit the source \
+                         reports, also those pgstash relayed and invalidated at once)",
                     )
                     .buckets(staleness_buckets()),
                     &["source"],
