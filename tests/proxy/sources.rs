@@ -1,9 +1,10 @@
 //! Writes pgstash cannot see, heard from Postgres itself (invalidation.source = "notify" or
 //! "wal"): cached reads through pgstash become fresh shortly after such writes commit, and
-//! while a source is down nothing is served from the cache.
+//! while a source is down (also while Postgres restarts) nothing is served from the cache.
 
-use crate::fixture::{Proxy, fresh_database};
-use crate::support::shared_pg;
+use crate::cache::scrape;
+use crate::fixture::{Proxy, free_metrics_port, fresh_database};
+use crate::support::{PgCluster, shared_pg};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -19,9 +20,15 @@ async fn one(c: &Client, sql: &str) -> String {
 
 /// The first row, its columns joined by `|`: shows the shape of `SELECT *` too.
 async fn row(c: &Client, sql: &str) -> String {
-    c.simple_query(sql)
+    try_row(c, sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// [`row`], or the error the query got.
+async fn try_row(c: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    Ok(c.simple_query(sql)
+        .await?
         .iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => Some(
@@ -32,7 +39,7 @@ async fn row(c: &Client, sql: &str) -> String {
             ),
             _ => None,
         })
-        .unwrap_or_else(|| "no row".into())
+        .unwrap_or_else(|| "no row".into()))
 }
 
 /// Reads `sql` through pgstash until its first row is `want` (columns joined by `|`; the
@@ -58,32 +65,41 @@ enum Src {
     Wal,
 }
 
-/// A proxy with the source watching `db`; drops its replication slot (if any) when done.
-struct Watched {
+/// A proxy with the source watching `db` of `pg`; drops its replication slot (if any) when
+/// done.
+struct Watched<'a> {
+    pg: &'a PgCluster,
+    /// The proxy's `/metrics`, `/readyz` endpoint.
+    metrics: std::net::SocketAddr,
     proxy: Option<Proxy>,
     slot: Option<String>,
     db: String,
 }
 
-impl Drop for Watched {
+impl Drop for Watched<'_> {
     fn drop(&mut self) {
         drop(self.proxy.take());
         if let Some(slot) = &self.slot {
             // The walsender may take a moment to let go of the slot after pgstash stopped.
+            // A cluster that does not answer (stopped by a failed test) is left alone.
             for _ in 0..100 {
-                let out = shared_pg().psql_db(
+                let Ok(out) = self.pg.try_psql_db(
                     &self.db,
                     &format!(
                         "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots
                          WHERE slot_name = '{slot}' AND NOT active"
                     ),
-                );
-                let left = shared_pg().psql_db(
+                ) else {
+                    break;
+                };
+                let Ok(left) = self.pg.try_psql_db(
                     &self.db,
                     &format!(
                         "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"
                     ),
-                );
+                ) else {
+                    break;
+                };
                 if out.contains('1') || left.trim().ends_with('0') {
                     break;
                 }
@@ -93,8 +109,32 @@ impl Drop for Watched {
     }
 }
 
-async fn watched(db: &str, src: Src) -> (Watched, Client, Client) {
-    let pg = shared_pg();
+impl Watched<'_> {
+    /// Whether `/readyz` says the source vouches for the database (does not list it as not
+    /// served from the cache); with what it says.
+    fn vouched(&self) -> (bool, String) {
+        let ready = tokio::task::block_in_place(|| scrape(self.metrics, "/readyz"));
+        let unvouched = format!("source: database {} not served", self.db);
+        (!ready.contains(&unvouched), ready)
+    }
+
+    async fn wait_until_vouched(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (vouched, ready) = self.vouched();
+            if vouched {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the change source never came back:\n{ready}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn watched<'a>(pg: &'a PgCluster, db: &str, src: Src) -> (Watched<'a>, Client, Client) {
     let mut direct = pg.client(db).await;
     pgstash::migrate::up(&mut direct).await.expect("migrate up");
     match src {
@@ -120,7 +160,9 @@ async fn watched(db: &str, src: Src) -> (Watched, Client, Client) {
         .to_ascii_lowercase()
     });
     let (db_owned, slot_cfg) = (db.to_string(), slot.clone());
+    let metrics = free_metrics_port();
     let proxy = Proxy::start(pg, move |c| {
+        c.metrics.listen = Some(metrics);
         c.invalidation.source = match src {
             Src::Notify => pgstash::config::InvalidationSource::Notify,
             Src::Wal => pgstash::config::InvalidationSource::Wal,
@@ -132,6 +174,8 @@ async fn watched(db: &str, src: Src) -> (Watched, Client, Client) {
     });
     let through = proxy.connect("postgres", "", db).await;
     let w = Watched {
+        pg,
+        metrics,
         proxy: Some(proxy),
         slot,
         db: db.to_string(),
@@ -169,7 +213,7 @@ async fn writes_behind_pgstash_invalidate(src: Src) {
          INSERT INTO part VALUES (1, 1);
          CREATE MATERIALIZED VIEW mv AS SELECT sum(v) AS s FROM src;",
     );
-    let (_w, c, direct) = watched(&db, src).await;
+    let (_w, c, direct) = watched(pg, &db, src).await;
     wait_until_caching(&c, &direct, src).await;
     let cached = "SELECT count(*) FROM child";
     let reads = [
@@ -287,7 +331,7 @@ async fn a_lost_replication_connection_stops_the_cache_until_it_is_back() {
 async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &str) {
     let pg = shared_pg();
     let db = fresh_database(pg, "srckill");
-    let (_w, c, direct) = watched(&db, src).await;
+    let (_w, c, direct) = watched(pg, &db, src).await;
     direct
         .batch_execute("CREATE TABLE seen (id int PRIMARY KEY DEFAULT 1, v int); INSERT INTO seen VALUES (1, 1)")
         .await
@@ -315,6 +359,116 @@ async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &
         .await
         .expect("w");
     fresh_soon(&c, "SELECT v FROM seen", "2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notify_source_survives_a_postgres_restart() {
+    a_source_survives_a_postgres_restart(Src::Notify).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_source_survives_a_postgres_restart() {
+    a_source_survives_a_postgres_restart(Src::Wal).await;
+}
+
+/// Postgres stops and starts again on its port under a running pgstash: while the source is
+/// cut off nothing of the database comes from the cache, the source comes back by itself,
+/// and no write committed before the stop (seen by the source or not) or after the start is
+/// served stale.
+async fn a_source_survives_a_postgres_restart(src: Src) {
+    // Stopping would disturb every other test on the shared cluster: a private one.
+    let pg = PgCluster::start();
+    let db = fresh_database(&pg, "srcrestart");
+    let (w, c, direct) = watched(&pg, &db, src).await;
+    direct
+        .batch_execute("CREATE TABLE seen (id int PRIMARY KEY DEFAULT 1, v int); INSERT INTO seen VALUES (1, 1)")
+        .await
+        .expect("seen");
+    wait_until_caching(&c, &direct, src).await;
+    let (seen, probe) = ("SELECT v FROM seen", "SELECT v FROM probe");
+    assert_eq!(one(&c, seen).await, "1", "fills the cache");
+    // Committed right before the stop: a write the source sees and one it cannot.
+    direct
+        .batch_execute("UPDATE seen SET v = 2")
+        .await
+        .expect("seen write");
+    direct
+        .batch_execute(&hidden(1000, src))
+        .await
+        .expect("hidden write");
+    assert_ne!(
+        one(&c, probe).await,
+        "1000",
+        "probe is served from the cache"
+    );
+    tokio::task::block_in_place(|| pg.stop());
+    // Postgres is down: a read answered at all would come from the cache.
+    unserved_soon(&c, probe).await;
+    unserved_soon(&c, seen).await;
+    let (vouched, ready) = w.vouched();
+    assert!(
+        !vouched,
+        "the source vouches while Postgres is down:\n{ready}"
+    );
+    tokio::task::block_in_place(|| pg.restart());
+    // Whether or not the source is back yet, nothing from before the stop is served.
+    fresh_once_answered(&c, seen, "2").await;
+    fresh_once_answered(&c, probe, "1000").await;
+    let direct = pg.client(&db).await;
+    direct
+        .batch_execute("UPDATE seen SET v = 3")
+        .await
+        .expect("write after the start");
+    // Back without a pgstash restart, and having dropped what it could not vouch for.
+    w.wait_until_vouched().await;
+    assert_eq!(
+        one(&c, probe).await,
+        "1000",
+        "stale once the source is back"
+    );
+    fresh_soon(&c, seen, "3").await;
+    // A repeated read is a hit again...
+    wait_until_caching(&c, &direct, src).await;
+    // ...and writes behind pgstash's back invalidate again.
+    assert_eq!(one(&c, seen).await, "3", "fills the cache");
+    direct
+        .batch_execute("UPDATE seen SET v = 4")
+        .await
+        .expect("write once the source is back");
+    fresh_soon(&c, seen, "4").await;
+}
+
+/// Reads `sql` through pgstash, with Postgres down, until it fails: it may be answered (from
+/// the cache) only until the source notices that it lost Postgres, at most 5 s.
+async fn unserved_soon(c: &Client, sql: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = match try_row(c, sql).await {
+            Err(_) => return,
+            Ok(got) => got,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: served {got} while Postgres is down and the source cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads `sql` through pgstash until it is answered (its pool reconnects after a restart);
+/// the first answer must be `want`.
+async fn fresh_once_answered(c: &Client, sql: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_row(c, sql).await {
+            Ok(got) => {
+                assert_eq!(got, want, "{sql}: stale after the restart");
+                return;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "{sql}: still failing: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

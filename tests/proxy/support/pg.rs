@@ -163,6 +163,12 @@ impl PgCluster {
 
     /// [`psql`](Self::psql) in database `db`.
     pub fn psql_db(&self, db: &str, sql: &str) -> String {
+        self.try_psql_db(db, sql).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`psql_db`](Self::psql_db) that returns psql's failure instead of panicking: for
+    /// cleanup in `Drop`, where the cluster may be down (a panic there aborts the tests).
+    pub fn try_psql_db(&self, db: &str, sql: &str) -> Result<String, String> {
         let mut cmd = Command::new(pg_bin("psql"));
         without_libpq_env(&mut cmd)
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-f", "-", "-d"])
@@ -183,16 +189,16 @@ impl PgCluster {
         let out = child.wait_with_output().expect("waiting for psql");
         let _ = writer.join();
         if !out.status.success() {
-            panic!(
+            return Err(format!(
                 "psql failed ({}) on port {} running:\n{sql}\n--- stderr ---\n{}",
                 out.status,
                 self.port,
                 String::from_utf8_lossy(&out.stderr)
-            );
+            ));
         }
-        String::from_utf8_lossy(&out.stdout)
+        Ok(String::from_utf8_lossy(&out.stdout)
             .trim_end_matches('\n')
-            .to_owned()
+            .to_owned())
     }
 
     /// A tokio-postgres client to `db` as the superuser (connection task spawned).
