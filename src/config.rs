@@ -53,6 +53,8 @@ pub struct CacheConfig {
     pub max_result_bytes: usize,
     /// Results with more rows than this are not cached.
     pub max_result_rows: u64,
+    /// Store a result on its key's second miss (or when others waited for it), not the first.
+    pub admit_on_second_miss: bool,
     /// Per table or per query-text regex: a TTL, or never cache. The first matching rule
     /// wins; a `/* pgstash: ... */` hint in the query beats every rule.
     pub rules: Vec<CacheRule>,
@@ -200,6 +202,7 @@ impl Default for CacheConfig {
             max_bytes: 256 * 1024 * 1024,
             max_result_bytes: 1024 * 1024,
             max_result_rows: 10_000,
+            admit_on_second_miss: true,
             rules: Vec::new(),
             adaptive: AdaptiveConfig::default(),
         }

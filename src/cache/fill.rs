@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ pub(super) fn miss(
         .unwrap_or_else(PoisonError::into_inner);
     if let Some(flight) = flights.get(&key) {
         if flight.started.elapsed() < this.wait_timeout {
+            flight.wanted.store(true, Relaxed);
             return Lookup::Wait(Pending {
                 inner: Arc::clone(this),
                 key,
@@ -50,13 +51,21 @@ pub(super) fn miss(
         started: Instant::now(),
         outcome: OnceLock::new(),
         done: Notify::new(),
+        wanted: AtomicBool::new(false),
     });
     flights.insert(key, Arc::clone(&flight));
+    // A key found stale was cached before: it repeats.
+    let admit = found_stale
+        || this
+            .doorkeeper
+            .as_ref()
+            .is_none_or(|d| d.missed_before(key));
     Lookup::Miss(FillGuard {
         inner: Arc::clone(this),
         key,
         flight: Some(flight),
         found_stale,
+        admit,
     })
 }
 
@@ -68,6 +77,8 @@ pub(super) struct Flight {
     /// `Some(entry)` if stored, `None` if the filler gave up or the fill was stale.
     outcome: OnceLock<Option<Arc<Entry>>>,
     done: Notify,
+    /// Someone waited for this fill: the key repeats, store it whatever the doorkeeper says.
+    wanted: AtomicBool,
 }
 
 /// The answer after waiting: never "wait again".
@@ -86,6 +97,9 @@ pub enum FillOutcome {
     Stale,
     /// A zero TTL stores nothing.
     NoTtl,
+    /// The key's first miss (and nobody waited for it): not stored, see
+    /// [`super::doorkeeper`].
+    NotAdmitted,
 }
 
 /// The right (and duty) to fill one key after a miss. Dropping it without filling wakes
@@ -96,15 +110,19 @@ pub struct FillGuard {
     /// `Some` if others may be waiting for this fill.
     flight: Option<Arc<Flight>>,
     found_stale: bool,
+    /// Store the result even if nobody waited for it.
+    admit: bool,
 }
 
 impl FillGuard {
+    /// Followers went upstream after waiting for a fill: their key repeats.
     pub(super) fn follower(inner: &Arc<Inner>, key: CacheKey, found_stale: bool) -> Self {
         Self {
             inner: Arc::clone(inner),
             key,
             flight: None,
             found_stale,
+            admit: true,
         }
     }
 
@@ -119,6 +137,12 @@ impl FillGuard {
             self.finish(None);
             return FillOutcome::Stale;
         }
+        if !self.admit && !self.flight.as_ref().is_some_and(|f| f.wanted.load(Relaxed)) {
+            // A waiter joining right now finds no entry and goes upstream itself: one
+            // uncoalesced query, never a wrong answer.
+            self.finish(None);
+            return FillOutcome::NotAdmitted;
+        }
         entry.ttl = ttl;
         let entry = Arc::new(entry);
         // A bump landing right here leaves a stale entry in the map; harmless, because
@@ -126,6 +150,12 @@ impl FillGuard {
         self.inner.cache.insert(self.key, Arc::clone(&entry));
         self.finish(Some(entry));
         FillOutcome::Stored
+    }
+
+    /// Store the result even on the key's first miss (the caller knows it repeats: another
+    /// instance cached it).
+    pub fn admit(&mut self) {
+        self.admit = true;
     }
 
     /// Whether this miss replaced an entry that was found stale (an invalidation observed).

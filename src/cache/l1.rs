@@ -15,6 +15,7 @@ use moka::Expiry;
 use moka::ops::compute::Op;
 use moka::sync::Cache;
 
+use super::doorkeeper::Doorkeeper;
 use super::fill::{self, FillGuard, FlightShard, Pending, Resolved};
 use super::{BuildMix, CacheKey, Generations, Snapshot};
 
@@ -68,6 +69,9 @@ pub struct L1Config {
     /// Bounds the cost of a stuck filler for everyone else. Generous: a waiter's own query
     /// would take as long as the filler's, and a filler that gives up wakes its waiters.
     pub wait_timeout: Duration,
+    /// Store a result only on its key's second miss (see [`super::doorkeeper`]); off: on
+    /// the first.
+    pub admit_on_second_miss: bool,
 }
 
 impl Default for L1Config {
@@ -75,6 +79,7 @@ impl Default for L1Config {
         Self {
             max_bytes: 256 << 20,
             wait_timeout: Duration::from_secs(30),
+            admit_on_second_miss: false,
         }
     }
 }
@@ -89,6 +94,8 @@ pub(super) struct Inner {
     pub(super) cache: Cache<CacheKey, Arc<Entry>, BuildMix>,
     flights: Box<[FlightShard]>,
     pub(super) wait_timeout: Duration,
+    /// `Some` when results are admitted on their key's second miss.
+    pub(super) doorkeeper: Option<Doorkeeper>,
     stale_removed: AtomicU64,
     pub(super) wait_timeouts: AtomicU64,
 }
@@ -146,6 +153,7 @@ impl L1 {
                 cache,
                 flights,
                 wait_timeout: config.wait_timeout,
+                doorkeeper: config.admit_on_second_miss.then(Doorkeeper::new),
                 stale_removed: AtomicU64::new(0),
                 wait_timeouts: AtomicU64::new(0),
             }),

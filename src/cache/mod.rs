@@ -31,6 +31,7 @@
 //! ```
 
 mod bypass;
+mod doorkeeper;
 mod fill;
 mod generations;
 mod l1;

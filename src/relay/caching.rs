@@ -7,7 +7,7 @@ use crate::analysis::{self, Analysis, ColumnValue, DdlScope, KeyValue, TableWrit
 pub use crate::cache::Invalidation;
 use crate::cache::{
     Bypass, BypassConfig, CacheKey, Dependency, Entry, FillGuard, FillOutcome, Generations,
-    Invalidator, L1, QueryStats, Resolved, Snapshot, TableId,
+    Invalidator, L1, L1Config, QueryStats, Resolved, Snapshot, TableId,
 };
 use crate::catalog::Catalog;
 use crate::config::{CacheConfig, CacheRule, UpstreamTarget};
@@ -169,7 +169,11 @@ impl CacheShared {
             })
         });
         Arc::new(CacheShared {
-            l1: L1::new(config.max_bytes),
+            l1: L1::with_config(L1Config {
+                max_bytes: config.max_bytes,
+                admit_on_second_miss: config.admit_on_second_miss,
+                ..L1Config::default()
+            }),
             gens: Arc::new(Generations::new(1 << 20)),
             rules: config.rules.iter().filter_map(Rule::compile).collect(),
             bypass,
@@ -415,6 +419,7 @@ impl CacheShared {
                     s.invalidated();
                 }
             }
+            FillOutcome::NotAdmitted => m.fills_not_admitted.inc(),
             FillOutcome::NoTtl => {}
         }
         outcome
@@ -653,7 +658,7 @@ pub async fn lookup(
     ttl: Duration,
     stats: Option<Arc<QueryStats>>,
 ) -> ReadOutcome {
-    let guard = match shared.l1.get(plan.key, &shared.gens).await {
+    let mut guard = match shared.l1.get(plan.key, &shared.gens).await {
         Resolved::Hit(e) => return ReadOutcome::Hit(e.response.clone(), Tier::L1),
         Resolved::Miss(guard) => guard,
     };
@@ -669,6 +674,7 @@ pub async fn lookup(
             L2Lookup::Hit { response, rows } => {
                 metrics().hits_l2.inc();
                 let entry = Entry::new(response.clone(), rows, snapshot);
+                guard.admit(); // cached by some instance: the key repeats
                 let _ = guard.fill(entry, ttl, &shared.gens);
                 return ReadOutcome::Hit(response, Tier::L2);
             }

@@ -12,8 +12,22 @@ use crate::cache::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_of_one_key_make_one_upstream_query() {
+    concurrent_misses_make_one_upstream_query(L1::new(1 << 20)).await;
+}
+
+/// Waiters prove the key repeats: its first fill is stored although it is its first miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_misses_are_coalesced_and_stored_under_second_miss_admission() {
+    concurrent_misses_make_one_upstream_query(L1::with_config(L1Config {
+        max_bytes: 1 << 20,
+        admit_on_second_miss: true,
+        ..L1Config::default()
+    }))
+    .await;
+}
+
+async fn concurrent_misses_make_one_upstream_query(l1: L1) {
     let gens = Arc::new(Generations::new(1024));
-    let l1 = L1::new(1 << 20);
     let (barrier, upstream) = (Arc::new(Barrier::new(50)), Arc::new(AtomicUsize::new(0)));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -97,6 +111,7 @@ async fn waiters_give_up_on_a_slow_filler_and_later_lookups_do_not_wait() {
     let l1 = L1::with_config(L1Config {
         max_bytes: 1 << 20,
         wait_timeout: Duration::from_millis(300),
+        ..L1Config::default()
     });
     let Lookup::Miss(_slow) = l1.lookup(key(1), &gens) else {
         panic!("expected a miss");

@@ -52,6 +52,56 @@ fn hit_after_fill_returns_the_stored_bytes() {
     assert_eq!(e.ttl(), TTL);
 }
 
+fn admitting_on_second_miss() -> L1 {
+    L1::with_config(L1Config {
+        max_bytes: 1 << 20,
+        admit_on_second_miss: true,
+        ..L1Config::default()
+    })
+}
+
+#[test]
+fn under_second_miss_admission_a_key_is_stored_on_its_second_miss() {
+    let (gens, l1) = (Generations::new(1024), admitting_on_second_miss());
+    let deps = [Dependency::AnyOf(T)];
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &deps, TTL),
+        FillOutcome::NotAdmitted
+    );
+    assert!(
+        !is_hit(&l1, key(1), &gens),
+        "nothing stored, no one left waiting"
+    );
+    assert_eq!(l1.fills_in_flight(), 0);
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &deps, TTL),
+        FillOutcome::Stored
+    );
+    assert!(is_hit(&l1, key(1), &gens));
+    // Other keys have their own first miss.
+    assert_eq!(
+        fill_now(&l1, &gens, key(2), &deps, TTL),
+        FillOutcome::NotAdmitted
+    );
+}
+
+#[test]
+fn under_second_miss_admission_a_stale_entry_is_replaced_at_once() {
+    let (gens, l1) = (Generations::new(1024), admitting_on_second_miss());
+    let deps = [Dependency::AnyOf(T)];
+    let _ = fill_now(&l1, &gens, key(1), &deps, TTL);
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &deps, TTL),
+        FillOutcome::Stored
+    );
+    gens.bump_wide(T);
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &deps, TTL),
+        FillOutcome::Stored
+    );
+    assert!(is_hit(&l1, key(1), &gens));
+}
+
 #[test]
 fn entry_is_stale_after_bump_wide_and_is_removed() {
     let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));

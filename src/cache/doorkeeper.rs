@@ -1,0 +1,82 @@
+//! Admission on the second miss: a result is stored only when its key was missed before
+//! (recently), was found stale, or others were waiting for it.
+//!
+//! Most keys of a uniform workload over a large table (`pgbench -S`) are read once in a
+//! long while. Storing each one costs a map insert, memory traffic and evictions of entries
+//! that would have been hit, and pays nothing back. Keys that repeat are missed twice and
+//! stored on the second miss: one extra upstream query per hot key. CDNs call this
+//! "cache on second hit"; moka's own TinyLFU admission only starts once the cache is full.
+//!
+//! The memory of earlier misses is a bitmap indexed by the key's hash (one bit per key, so a
+//! key can be admitted early by a collision: harmless, it is only a cost decision). It is
+//! cleared once an eighth of its bits are set, which keeps false admissions rare and makes
+//! "recently" mean "within the last ~`bits / 8` distinct missed keys".
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use super::CacheKey;
+
+pub(super) struct Doorkeeper {
+    words: Box<[AtomicU64]>,
+    /// Bits set since the last clear.
+    set: AtomicUsize,
+}
+
+/// 2^22 bits (512 KiB): remembers the last ~500,000 distinct missed keys.
+const BITS_LOG2: u32 = 22;
+
+impl Doorkeeper {
+    pub(super) fn new() -> Self {
+        Self {
+            words: (0..(1usize << BITS_LOG2) / 64)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            set: AtomicUsize::new(0),
+        }
+    }
+
+    /// Records a miss of `key`; whether it was missed before (since the last clear).
+    pub(super) fn missed_before(&self, key: CacheKey) -> bool {
+        // The key is already a uniform 128-bit hash: its low bits index the bitmap.
+        let bit = (key.0 as usize) & ((1usize << BITS_LOG2) - 1);
+        let mask = 1u64 << (bit % 64);
+        let previous = self.words[bit / 64].fetch_or(mask, Relaxed);
+        if previous & mask != 0 {
+            return true;
+        }
+        if self.set.fetch_add(1, Relaxed) + 1 >= (1usize << BITS_LOG2) / 8 {
+            self.clear();
+        }
+        false
+    }
+
+    fn clear(&self) {
+        self.set.store(0, Relaxed);
+        for w in self.words.iter() {
+            w.store(0, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_new_once_then_known() {
+        let d = Doorkeeper::new();
+        assert!(!d.missed_before(CacheKey(42)));
+        assert!(d.missed_before(CacheKey(42)));
+        assert!(!d.missed_before(CacheKey(43)));
+    }
+
+    #[test]
+    fn it_forgets_after_an_eighth_of_its_bits_are_set() {
+        let d = Doorkeeper::new();
+        assert!(!d.missed_before(CacheKey(0)));
+        for k in 1..(1u128 << BITS_LOG2) / 8 {
+            d.missed_before(CacheKey(k));
+        }
+        assert!(!d.missed_before(CacheKey(0)), "cleared, so new again");
+    }
+}
