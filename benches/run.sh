@@ -1228,7 +1228,15 @@ run_stale() {
     WHY=""
     case "$src" in
       notify) set_triggers on || true ;;
-      wal) [[ "$(pg_sql -At -c 'SHOW wal_level')" == logical ]] || WHY="wal_level is not logical" ;;
+      # The wal source needs the migrations (its DDL hooks), not the NOTIFY row
+      # triggers: switched off, as a wal user would.
+      wal)
+        if [[ "$(pg_sql -At -c 'SHOW wal_level')" != logical ]]; then
+          WHY="wal_level is not logical"
+        elif set_triggers on; then
+          pg_sql -At -c "SELECT pgstash.set_row_triggers(false)" >/dev/null ||
+            WHY="SELECT pgstash.set_row_triggers(false) failed"
+        fi ;;
     esac
     [[ -z "$WHY" ]] && { start_source "$src" || true; }
     if [[ -n "$WHY" ]]; then
@@ -1240,7 +1248,9 @@ run_stale() {
     stop_target "$t"
     case "$src" in
       notify) set_triggers off || note "STALE notify: could not remove the triggers: $WHY" ;;
-      wal) drop_wal_slot ;;
+      wal)
+        drop_wal_slot
+        set_triggers off || note "STALE wal: could not revert the migrations: $WHY" ;;
     esac
   done
   set_sync_commit reset
