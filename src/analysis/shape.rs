@@ -12,7 +12,9 @@
 //! that, other texts of the shape get the same answer as a parse would give, because the
 //! analysis looks at literal values only where this module does not abstract them:
 //! - integers become key values through `canonical_integer`, which [`instantiate`] applies
-//!   too; only plain digit runs are abstracted (not `1.5`, `0x1F`, `1e3`, `-5`);
+//!   too; only plain digit runs are abstracted (not `1.5`, `0x1F`, `1e3`), with the sign of
+//!   a unary minus (`= -5`, `(-5`; not the binary one of `x -5`), which the analysis also
+//!   folds into the value;
 //! - strings become key values verbatim; only `'...'` without quotes or backslashes inside
 //!   is abstracted (no `E''`, `U&''`, `B''`, typed `date '...'`, dollar quotes), so the
 //!   content needs no unescaping;
@@ -49,8 +51,13 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
     let mut literals = Vec::new();
     let mut copied = 0;
     let mut leading_checked = false;
+    // Whether the previous item can end an operand: then a `-` is binary (`x -5`), else
+    // unary (`= -5`, `(-5`, `+ -5`) and belongs to the number, as the analysis reads it.
+    let mut after_operand = false;
+    let mut unary_minus: Option<usize> = None;
     while let Some(item) = lexer.next() {
         let span = lexer.last_span();
+        let minus = unary_minus.take();
         match item {
             Item::Semi => {
                 // Only a trailing semicolon (and comments after it) is allowed.
@@ -59,7 +66,7 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
                 }
                 break;
             }
-            Item::Comment(_) | Item::LParen => continue,
+            Item::Comment(_) => continue,
             Item::Word(w) if !leading_checked => {
                 leading_checked = true;
                 if !is_query_or_dml(w) {
@@ -67,21 +74,47 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
                 }
                 continue;
             }
-            _ if !leading_checked => return None,
+            _ if !leading_checked => {
+                if item == Item::LParen {
+                    continue;
+                }
+                return None;
+            }
             Item::Other => {}
-            _ => continue,
+            Item::Word(_) | Item::Quoted(_) | Item::RParen => {
+                after_operand = true;
+                continue;
+            }
+            Item::LParen | Item::Comma | Item::Dot => {
+                after_operand = false;
+                continue;
+            }
         }
         let token = &sql[span.clone()];
-        let value = if token.bytes().all(|b| b.is_ascii_digit()) {
-            canonical_integer(token)
+        let first = token.as_bytes()[0];
+        if token == "-"
+            && !after_operand
+            && sql.as_bytes().get(span.end).is_some_and(u8::is_ascii_digit)
+        {
+            unary_minus = Some(span.start);
+            continue;
+        }
+        after_operand =
+            first.is_ascii_alphanumeric() || matches!(first, b'\'' | b'.') || first >= 0x80;
+        let (start, value) = if token.bytes().all(|b| b.is_ascii_digit()) {
+            match minus {
+                Some(m) => (m, canonical_integer(&sql[m..span.end])),
+                None => (span.start, canonical_integer(token)),
+            }
         } else {
-            plain_string(token)
+            let value = plain_string(token)
                 .filter(|s| !is_time_literal(s))
-                .map(str::to_owned)
+                .map(str::to_owned);
+            (span.start, value)
         };
         let Some(value) = value else { continue };
         literals.push(value);
-        text.push_str(&sql[copied..span.start]);
+        text.push_str(&sql[copied..start]);
         // Writing to a String cannot fail.
         let _ = write!(text, "${}", literals.len());
         copied = span.end;
@@ -190,10 +223,18 @@ mod tests {
         ] {
             assert_eq!(shape(sql), None, "{sql}");
         }
-        // Identifiers with digits are not literals; -5 keeps its sign in the text.
+        // Identifiers with digits are not literals; a unary minus belongs to its number,
+        // a binary one does not.
         assert_eq!(
-            shape("SELECT t1.c2 FROM t1 WHERE c2 = -5"),
-            Some(("SELECT t1.c2 FROM t1 WHERE c2 = -$1".into(), vec!["5"]))
+            shape("SELECT t1.c2 FROM t1 WHERE c2 = -5 AND c3 = (-0) AND c4 = c2 -6 - -7"),
+            Some((
+                "SELECT t1.c2 FROM t1 WHERE c2 = $1 AND c3 = ($2) AND c4 = c2 -$3 - $4".into(),
+                vec!["-5", "0", "6", "-7"]
+            ))
+        );
+        assert_eq!(
+            shape("SELECT - 5, -x"),
+            Some(("SELECT - $1, -x".into(), vec!["5"]))
         );
     }
 
@@ -222,6 +263,8 @@ mod tests {
             "SELECT v FROM t WHERE id = '12' AND k = 'abc'",
             "UPDATE pgbench_accounts SET abalance = abalance + -4 WHERE aid = 99",
             "INSERT INTO h (tid, bid, aid, delta) VALUES (1, 2, 3, 4), (5, 6, 7, 8)",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 77, -4321, CURRENT_TIMESTAMP)",
+            "SELECT v FROM t WHERE id = -7",
             "DELETE FROM t WHERE id = 5 AND tag = 'x'",
             "SELECT count(*) FROM t WHERE id <= 50000 GROUP BY bid",
             "SELECT * FROM t WHERE id = 1 FOR UPDATE",

@@ -739,11 +739,11 @@ mod tests {
     fn a_shape_that_analyses_differently_from_its_text_is_analysed_text_by_text() {
         let c = shared();
         let cat = Catalog::default();
-        // `-5` is a key value, `-$1` is not: the shape's analysis differs from the text's,
+        // `+5` is a key value, `+$1` is not: the shape's analysis differs from the text's,
         // so each text is parsed on its own.
         for sql in [
-            "SELECT v FROM t WHERE id = -5",
-            "SELECT v FROM t WHERE id = -6",
+            "SELECT v FROM t WHERE id = +5",
+            "SELECT v FROM t WHERE id = +6",
         ] {
             let got = c.analyze("db", sql, &cat);
             assert_eq!(got.analysis, analysis::analyze(sql, &cat), "{sql}");
