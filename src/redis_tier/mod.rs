@@ -267,19 +267,7 @@ impl RedisTier {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let value = codec::encode_value(&snap.gens, rows, &response);
-            let key = this.value_key(key);
-            let ms = ttl.as_millis().max(1) as u64;
-            let _: Option<()> = this
-                .run(async |mut c| {
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(value)
-                        .arg("PX")
-                        .arg(ms)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await;
+            this.set_for(&this.value_key(key), value, ttl).await;
         });
     }
 
@@ -436,13 +424,13 @@ impl RedisTier {
     }
 
     /// `SET key value PX ttl`; false when Redis could not be told.
-    pub async fn set_for(&self, key: &str, value: &str, ttl: Duration) -> bool {
+    pub async fn set_for(&self, key: &str, value: impl AsRef<[u8]>, ttl: Duration) -> bool {
         let ms = ttl.as_millis().max(1) as u64;
         let done: Option<()> = self
             .run(async |mut c| {
                 redis::cmd("SET")
                     .arg(key)
-                    .arg(value)
+                    .arg(value.as_ref())
                     .arg("PX")
                     .arg(ms)
                     .query_async(&mut c)

@@ -238,15 +238,13 @@ impl CacheShared {
             .retain(|(of, _), _| *of != d);
     }
 
+    /// The memoised analysis of `sql`. A text seen before is one map lookup (the hit path
+    /// of every repeated query); a new text is analysed through its literal shape if it has
+    /// one, else parsed.
     pub fn analyze(&self, db: &str, sql: &str, catalog: &Catalog) -> Arc<Analyzed> {
         let db_hash = xxh3_64(db.as_bytes());
-        if let Some(shape) = analysis::literal_shape(sql)
-            && let Some(a) = self.analyze_shape(db_hash, sql, &shape, catalog)
-        {
-            return a;
-        }
-        let fingerprint = xxh3_64(sql.as_bytes());
-        let key = (db_hash, fingerprint);
+        let text_hash = xxh3_64(sql.as_bytes());
+        let key = (db_hash, text_hash);
         if let Some(a) = self
             .analyses
             .lock()
@@ -256,7 +254,10 @@ impl CacheShared {
         {
             return a.clone();
         }
-        let analysis = analysis::analyze(sql, catalog);
+        let (analysis, fingerprint) = match analysis::literal_shape(sql) {
+            Some(shape) => self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog),
+            None => (analysis::analyze(sql, catalog), text_hash),
+        };
         let policy = self.policy(sql, &analysis);
         let a = Arc::new(Analyzed {
             analysis,
@@ -272,16 +273,19 @@ impl CacheShared {
         a
     }
 
-    /// The analysis of `sql` from its shape's memo (parsing only the first text of a shape,
-    /// twice: as itself and as the shape), or `None` if texts of this shape must be analysed
-    /// one by one. The fingerprint is the shape's: one query, whatever its values.
-    fn analyze_shape(
+    /// The analysis of a new text that has a literal shape, with its fingerprint: from the
+    /// shape's memo (the shape's fingerprint: one query, whatever its values), or, for the
+    /// first text of a shape, parsed twice (as itself and as the shape) to decide whether
+    /// the shape can stand for its texts. Texts of a shape that cannot are parsed one by
+    /// one (their own fingerprint).
+    fn analyze_shaped(
         &self,
         db_hash: u64,
+        text_hash: u64,
         sql: &str,
         shape: &analysis::LiteralShape,
         catalog: &Catalog,
-    ) -> Option<Arc<Analyzed>> {
+    ) -> (Analysis, u64) {
         let fingerprint = xxh3_64(shape.text.as_bytes());
         let key = (db_hash, fingerprint);
         let known = {
@@ -292,8 +296,9 @@ impl CacheShared {
                     .map(|t| analysis::instantiate(t, &shape.literals))
             })
         };
-        let analysis = match known {
-            Some(found) => found?,
+        match known {
+            Some(Some(analysis)) => (analysis, fingerprint),
+            Some(None) => (analysis::analyze(sql, catalog), text_hash),
             None => {
                 let own = analysis::analyze(sql, catalog);
                 let template = analysis::analyze(&shape.text, catalog);
@@ -309,19 +314,9 @@ impl CacheShared {
                         template: agrees.then_some(template),
                     },
                 );
-                if !agrees {
-                    return None;
-                }
-                own
+                (own, if agrees { fingerprint } else { text_hash })
             }
-        };
-        let policy = self.policy(sql, &analysis);
-        Some(Arc::new(Analyzed {
-            analysis,
-            policy,
-            fingerprint,
-            sql: sql.into(),
-        }))
+        }
     }
 
     /// Hints beat rules; the first matching rule beats the default.
