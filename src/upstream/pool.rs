@@ -7,7 +7,7 @@
 use super::{ConnectParams, ServerConn, UpstreamError, connect};
 use crate::config::{PoolConfig, UpstreamTarget};
 use deadpool::Runtime;
-use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use deadpool::managed::{self, Metrics, QueueMode, RecycleError, RecycleResult};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -182,6 +182,10 @@ impl Pools {
             .create_timeout(Some(self.connect_timeout))
             .recycle_timeout(Some(self.connect_timeout))
             .runtime(Runtime::Tokio1)
+            // Most recently used first, as PgBouncer does: a quiet client keeps reusing one warm
+            // backend (its caches hot, its process just scheduled) instead of cycling through
+            // every pooled backend, and connections left idle really age out by idle_timeout.
+            .queue_mode(QueueMode::Lifo)
             .build()
             .expect("a runtime is configured");
         let pool = ServerPool {
