@@ -17,8 +17,9 @@ pub(super) enum Meaning {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Payload {
     pub meaning: Meaning,
-    /// When the writing transaction made the change (its first write to the table): the
-    /// closest the triggers can tell to its commit.
+    /// No later than the change: the writing transaction's start for the row trigger of
+    /// migration 0004 (its first write to the table under 0002's), the time of the command
+    /// for the DDL hooks. Staleness measured from it is an upper bound.
     pub at: Option<SystemTime>,
     /// The writing transaction, to keep its changes together.
     pub xid: Option<String>,

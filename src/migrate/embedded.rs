@@ -48,6 +48,12 @@ pub static MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/0003_wal_source.up.sql"),
         down: include_str!("../../migrations/0003_wal_source.down.sql"),
     },
+    Migration {
+        version: 4,
+        name: "lean_row_trigger",
+        up: include_str!("../../migrations/0004_lean_row_trigger.up.sql"),
+        down: include_str!("../../migrations/0004_lean_row_trigger.down.sql"),
+    },
 ];
 
 /// The embedded migration with this version.

@@ -111,6 +111,17 @@ async fn up_applies_every_migration_once_and_status_reports_them_applied() {
     assert!(migrate::is_applied(&c, 2).await.expect("is_applied"));
 }
 
+/// The body of the row triggers' function.
+async fn notify_change_source(c: &Client) -> String {
+    c.query_one(
+        "SELECT prosrc FROM pg_proc WHERE oid = 'pgstash.notify_change()'::regprocedure",
+        &[],
+    )
+    .await
+    .expect("pgstash.notify_change exists")
+    .get(0)
+}
+
 async fn pending(c: &Client) -> Vec<(i32, bool)> {
     migrate::status(c)
         .await
@@ -125,14 +136,28 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     let (_db, mut c) = fresh("migrate_down").await;
     migrate::up(&mut c).await.expect("up");
 
-    // 0003 first: the row triggers and the DDL hooks stay, the switch goes.
+    // 0004 first: the row trigger's function is 0002's again.
+    assert!(
+        !notify_change_source(&c).await.contains("pgstash.notified"),
+        "0004 replaced 0002's bookkeeping"
+    );
+    let reverted = migrate::down(&mut c, 1).await.expect("down 1");
+    assert_eq!(versions(&reverted), vec![4]);
+    assert!(
+        notify_change_source(&c).await.contains("pgstash.notified"),
+        "down restores 0002's trigger function"
+    );
+    // Then 0003: the row triggers and the DDL hooks stay, the switch goes.
     c.batch_execute("SELECT pgstash.set_row_triggers(false)")
         .await
         .expect("row triggers off");
     assert_eq!(notify_triggers(&c).await, 0);
     let reverted = migrate::down(&mut c, 1).await.expect("down 1");
     assert_eq!(versions(&reverted), vec![3]);
-    assert_eq!(pending(&c).await, vec![(1, false), (2, false), (3, true)]);
+    assert_eq!(
+        pending(&c).await,
+        vec![(1, false), (2, false), (3, true), (4, true)]
+    );
     assert_eq!(
         notify_triggers(&c).await,
         1,
@@ -165,11 +190,15 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
         "and restores what it replaced"
     );
     let reapplied = migrate::up(&mut c).await.expect("up 0003 again");
-    assert_eq!(versions(&reapplied), vec![3]);
+    assert_eq!(versions(&reapplied), vec![3, 4]);
+    assert!(!notify_change_source(&c).await.contains("pgstash.notified"));
 
-    let reverted = migrate::down(&mut c, 2).await.expect("down 2");
-    assert_eq!(versions(&reverted), vec![3, 2]);
-    assert_eq!(pending(&c).await, vec![(1, false), (2, true), (3, true)]);
+    let reverted = migrate::down(&mut c, 3).await.expect("down 3");
+    assert_eq!(versions(&reverted), vec![4, 3, 2]);
+    assert_eq!(
+        pending(&c).await,
+        vec![(1, false), (2, true), (3, true), (4, true)]
+    );
     assert_eq!(
         notify_triggers(&c).await,
         0,
@@ -191,11 +220,11 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     );
 
     let reapplied = migrate::up(&mut c).await.expect("up again");
-    assert_eq!(versions(&reapplied), vec![2, 3]);
+    assert_eq!(versions(&reapplied), vec![2, 3, 4]);
     assert_eq!(notify_triggers(&c).await, 1);
 
     let all = migrate::down(&mut c, 10).await.expect("down everything");
-    assert_eq!(versions(&all), vec![3, 2, 1], "newest first");
+    assert_eq!(versions(&all), vec![4, 3, 2, 1], "newest first");
     assert!(
         !pgstash_schema_exists(&c).await,
         "reverting 0001 leaves nothing of pgstash"
@@ -310,8 +339,8 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
     );
     assert_eq!(
         pending(&c).await,
-        vec![(1, false), (2, true), (3, true)],
-        "0001 stays applied, 0002 and 0003 pending"
+        vec![(1, false), (2, true), (3, true), (4, true)],
+        "0001 stays applied, the later ones pending"
     );
     assert_eq!(notify_triggers(&c).await, 0, "nothing of 0002 is left");
 
@@ -322,7 +351,7 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
         .await
         .expect("the lock was released")
         .expect("up after the obstacle is gone");
-    assert_eq!(versions(&applied), vec![2, 3]);
+    assert_eq!(versions(&applied), vec![2, 3, 4]);
 }
 
 async fn all_notify_triggers(c: &Client) -> i64 {
@@ -454,9 +483,10 @@ async fn row_triggers_switch_off_and_back_on() {
         .await
         .expect("enabled again");
 
-    // Off, then 0003 reverted: 0002 has no switch, so every table gets its trigger back.
+    // Off, then 0004 and 0003 reverted: 0002 has no switch, so every table gets its
+    // trigger back.
     set_row_triggers(&c, false).await;
-    migrate::down(&mut c, 1).await.expect("down 0003");
+    migrate::down(&mut c, 2).await.expect("down 0004 and 0003");
     assert_eq!(all_notify_triggers(&c).await, 2);
     notify::ensure_installed(&c, &db)
         .await
