@@ -4,6 +4,9 @@
 
 use pgstash::analysis::{NoCatalog, analyze, instantiate, literal_shape};
 use pgstash::cache::{CacheKey, Dependency, Entry, Generations, L1, Lookup, TableId};
+use pgstash::catalog::Catalog;
+use pgstash::config::{CacheConfig, UpstreamTarget};
+use pgstash::relay::caching::CacheShared;
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -54,13 +57,64 @@ fn main() {
         },
     );
     let mut fresh = 1u64 << 40;
+    per_op("L1 miss of a new key + fill, stored", 200_000, |_| {
+        fresh += 1;
+        let key = CacheKey(u128::from(fresh));
+        if let Lookup::Miss(guard) = l1.lookup(key, &gens) {
+            let snap = gens.snapshot(&[Dependency::Key(table, fresh)]);
+            let response = bytes::Bytes::from(vec![b'D'; 64]);
+            let _ = black_box(guard.fill(
+                Entry::new(response, 1, snap),
+                std::time::Duration::from_secs(600),
+                &gens,
+            ));
+        }
+    });
+    // The memoised analysis as the relay calls it (text memo, then literal shape).
+    let shared = CacheShared::new(
+        CacheConfig::default(),
+        None,
+        UpstreamTarget::parse("postgres://bench@127.0.0.1:1/bench").expect("a valid URL"),
+        std::time::Duration::from_secs(1),
+    );
+    let catalog = Catalog::default();
+    let w1 = |i: u64| {
+        format!(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+            i % 10_000
+        )
+    };
+    for i in 0..20_000 {
+        shared.analyze("bench", &w1(i), &catalog);
+    }
+    per_op("memoised analysis: repeated W1 text", 200_000, |i| {
+        let sql = w1(i);
+        black_box(shared.analyze("bench", &sql, &catalog));
+    });
+    let mut aid = 1u64 << 32;
     per_op(
-        "L1 miss of a new key + fill (W2's miss path)",
+        "memoised analysis: new W2 text (shape known)",
+        200_000,
+        |_| {
+            aid += 1;
+            let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid}");
+            black_box(shared.analyze("bench", &sql, &catalog));
+        },
+    );
+    // The same with admission on the second miss (the default): W2's keys are seen once,
+    // so the fill is declined and nothing is stored.
+    let admitting = L1::with_config(pgstash::cache::L1Config {
+        max_bytes: 64 << 20,
+        admit_on_second_miss: true,
+        ..Default::default()
+    });
+    per_op(
+        "L1 miss of a new key, fill declined (admission)",
         200_000,
         |_| {
             fresh += 1;
             let key = CacheKey(u128::from(fresh));
-            if let Lookup::Miss(guard) = l1.lookup(key, &gens) {
+            if let Lookup::Miss(guard) = admitting.lookup(key, &gens) {
                 let snap = gens.snapshot(&[Dependency::Key(table, fresh)]);
                 let response = bytes::Bytes::from(vec![b'D'; 64]);
                 let _ = black_box(guard.fill(

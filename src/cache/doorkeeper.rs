@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use super::CacheKey;
 
-pub(super) struct Doorkeeper {
+pub struct Doorkeeper {
     words: Box<[AtomicU64]>,
     /// Bits set since the last clear.
     set: AtomicUsize,
+    bits_log2: u32,
 }
 
 /// 2^22 bits (512 KiB): remembers the last ~500,000 distinct missed keys.
@@ -27,24 +28,37 @@ const BITS_LOG2: u32 = 22;
 
 impl Doorkeeper {
     pub(super) fn new() -> Self {
+        Self::with_bits_log2(BITS_LOG2)
+    }
+
+    /// A bitmap of 2^`bits_log2` bits, remembering about 2^`bits_log2` / 8 hashes.
+    pub fn with_bits_log2(bits_log2: u32) -> Self {
+        let bits_log2 = bits_log2.clamp(6, 30);
         Self {
-            words: (0..(1usize << BITS_LOG2) / 64)
+            words: (0..(1usize << bits_log2) / 64)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             set: AtomicUsize::new(0),
+            bits_log2,
         }
     }
 
     /// Records a miss of `key`; whether it was missed before (since the last clear).
     pub(super) fn missed_before(&self, key: CacheKey) -> bool {
         // The key is already a uniform 128-bit hash: its low bits index the bitmap.
-        let bit = (key.0 as usize) & ((1usize << BITS_LOG2) - 1);
+        self.seen_before(key.0 as u64)
+    }
+
+    /// Records `hash` (uniformly distributed, such as an xxh3 digest); whether it was
+    /// recorded before (since the last clear).
+    pub fn seen_before(&self, hash: u64) -> bool {
+        let bit = (hash as usize) & ((1usize << self.bits_log2) - 1);
         let mask = 1u64 << (bit % 64);
         let previous = self.words[bit / 64].fetch_or(mask, Relaxed);
         if previous & mask != 0 {
             return true;
         }
-        if self.set.fetch_add(1, Relaxed) + 1 >= (1usize << BITS_LOG2) / 8 {
+        if self.set.fetch_add(1, Relaxed) + 1 >= (1usize << self.bits_log2) / 8 {
             self.clear();
         }
         false

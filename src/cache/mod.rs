@@ -39,6 +39,7 @@ mod l1;
 mod tests;
 
 pub use bypass::{Bypass, BypassConfig, QueryReport, QueryStats};
+pub use doorkeeper::Doorkeeper;
 pub use fill::{FillGuard, FillOutcome, Pending, Resolved};
 pub use generations::{Dependency, Generations, Invalidation, Invalidator, Snapshot, TableId};
 pub use l1::{Entry, L1, L1Config, Lookup};

@@ -6,8 +6,8 @@
 use crate::analysis::{self, Analysis, ColumnValue, DdlScope, KeyValue, TableWrite, WriteEffect};
 pub use crate::cache::Invalidation;
 use crate::cache::{
-    Bypass, BypassConfig, CacheKey, Dependency, Entry, FillGuard, FillOutcome, Generations,
-    Invalidator, L1, L1Config, QueryStats, Resolved, Snapshot, TableId,
+    Bypass, BypassConfig, CacheKey, Dependency, Doorkeeper, Entry, FillGuard, FillOutcome,
+    Generations, Invalidator, L1, L1Config, QueryStats, Resolved, Snapshot, TableId,
 };
 use crate::catalog::Catalog;
 use crate::config::{CacheConfig, CacheRule, UpstreamTarget};
@@ -39,6 +39,11 @@ pub struct CacheShared {
     /// Keyed by (hash of the database name, hash of the literal shape's text): see
     /// [`analysis::literal_shape`].
     shapes: Mutex<HashMap<(u64, u64), ShapeMemo>>,
+    /// Texts analysed through their shape, by hash: such a text enters `analyses` on its
+    /// second sighting only. Under a uniform workload (`pgbench -S -M simple`) most texts
+    /// are seen once, and memoising each cost more (a copy, an insert, later a drop) than
+    /// shaping it again would; texts that repeat (a hot set) get memoised all the same.
+    texts_seen: Doorkeeper,
 }
 
 /// What one literal shape analyses to.
@@ -64,6 +69,13 @@ pub struct Analyzed {
     pub fingerprint: u64,
     /// The text, to tell a hash collision from a memo hit.
     sql: Box<str>,
+}
+
+impl Analyzed {
+    /// Whether this is the analysis of `sql`.
+    pub fn is_for(&self, sql: &str) -> bool {
+        *self.sql == *sql
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -185,6 +197,7 @@ impl CacheShared {
             catalogs: Mutex::default(),
             analyses: Mutex::default(),
             shapes: Mutex::default(),
+            texts_seen: Doorkeeper::with_bits_log2(18),
         })
     }
 
@@ -265,6 +278,10 @@ impl CacheShared {
             fingerprint,
             sql: sql.into(),
         });
+        let shaped = fingerprint != text_hash;
+        if shaped && !self.texts_seen.seen_before(db_hash ^ text_hash) {
+            return a;
+        }
         let mut map = self.analyses.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_MEMOISED_ANALYSES {
             map.clear();
@@ -749,6 +766,29 @@ mod tests {
                 .analysis,
             point("t", "id", "-6")
         );
+    }
+
+    #[test]
+    fn a_shaped_text_is_memoised_on_its_second_sighting_only() {
+        let c = shared();
+        let cat = Catalog::default();
+        let memoised = |c: &CacheShared| c.analyses.lock().expect("memo").len();
+        // The shape's first text is parsed (and memoised: parsing is the costly path).
+        c.analyze("db", "SELECT v FROM t WHERE id = 1", &cat);
+        let after_first = memoised(&c);
+        // A new text of a known shape: analysed through the shape, not memoised yet...
+        let once = c.analyze("db", "SELECT v FROM t WHERE id = 2", &cat);
+        assert_eq!(memoised(&c), after_first);
+        // ...the same text again: the same analysis, and now memoised.
+        let twice = c.analyze("db", "SELECT v FROM t WHERE id = 2", &cat);
+        assert_eq!(memoised(&c), after_first + 1);
+        assert_eq!(once.analysis, point("t", "id", "2"));
+        assert_eq!(twice.analysis, once.analysis);
+        assert_eq!(twice.fingerprint, once.fingerprint);
+        let thrice = c.analyze("db", "SELECT v FROM t WHERE id = 2", &cat);
+        assert!(Arc::ptr_eq(&thrice, &twice), "served from the memo");
+        assert!(thrice.is_for("SELECT v FROM t WHERE id = 2"));
+        assert!(!thrice.is_for("SELECT v FROM t WHERE id = 3"));
     }
 
     #[test]

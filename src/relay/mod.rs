@@ -83,6 +83,10 @@ pub struct Relay<R, W> {
     /// A miss whose response will be stored once it has been relayed.
     fill: Option<Fill>,
     pending_fill: Option<caching::PendingFill>,
+    /// The analysis `serve_query` made of the simple Query it could not answer, for
+    /// `note_statement` when that query is forwarded (a new text is not memoised on its
+    /// first sighting, so analysing it again would shape it again).
+    query_analyzed: Option<Arc<caching::Analyzed>>,
     /// Invalidations of the open transaction, applied when it commits.
     pending_inv: Vec<Invalidation>,
     /// Committed invalidations still to be published to other instances; the client hears
@@ -143,6 +147,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             batch: Vec::new(),
             fill: None,
             pending_fill: None,
+            query_analyzed: None,
             pending_inv: Vec::new(),
             to_publish: Vec::new(),
             tx_written: HashSet::new(),
@@ -329,11 +334,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         match tag {
             b'Q' => {
                 let sql = cstr_at(msg.body(), 0)
-                    .map(|(s, _)| String::from_utf8_lossy(s).into_owned())
+                    .map(|(s, _)| String::from_utf8_lossy(s))
                     .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
                 let effects = crate::session::effects_of(&sql);
                 self.apply_effects(&effects);
-                self.note_statement(&sql, None).await;
+                let analyzed = self.query_analyzed.take();
+                self.note_statement(&sql, None, analyzed).await;
                 self.forward(&msg, Expect::Query);
             }
             b'F' => self.forward(&msg, Expect::Query),
@@ -689,9 +695,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
+            self.query_analyzed = Some(analyzed);
             return Ok(false);
         };
-        self.serve_plan(&cache, &plan, &analyzed, None).await
+        let answered = self.serve_plan(&cache, &plan, &analyzed, None).await?;
+        if !answered {
+            self.query_analyzed = Some(analyzed);
+        }
+        Ok(answered)
     }
 
     /// Look a planned read up; on a hit answer it (after `on_hit`), on a miss arrange the fill.
@@ -884,25 +895,35 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     /// Record what a statement about to run will invalidate, and its transaction effects.
-    async fn note_statement(&mut self, sql: &str, params: Option<&bind::BindParams<'_>>) {
+    /// `analyzed` is the analysis of `sql` if the caller has it already.
+    async fn note_statement(
+        &mut self,
+        sql: &str,
+        params: Option<&bind::BindParams<'_>>,
+        analyzed: Option<Arc<caching::Analyzed>>,
+    ) {
         let Some(cache) = self.cache.clone() else {
             return;
         };
-        let lower = sql.to_ascii_lowercase();
         // Stricter isolation, and settings changed inside the transaction (SET LOCAL ROLE,
         // SET search_path before COMMIT...) that the cache key does not carry yet: bypass the
         // cache until the transaction ends.
-        let first = crate::session::scan::leading_words(sql, 1);
-        if lower.contains("repeatable read")
-            || lower.contains("serializable")
-            || matches!(first.first().map(String::as_str), Some("set" | "reset"))
+        use crate::session::scan::{contains_ignore_case, first_word};
+        let first = first_word(sql).unwrap_or("");
+        if contains_ignore_case(sql, b"repeatable read")
+            || contains_ignore_case(sql, b"serializable")
+            || first.eq_ignore_ascii_case("set")
+            || first.eq_ignore_ascii_case("reset")
         {
             self.strict_tx = true;
         }
         let Some(catalog) = cache.catalog(&self.database).await else {
             return;
         };
-        let analyzed = cache.analyze(&self.database, sql, &catalog);
+        let analyzed = match analyzed {
+            Some(a) if a.is_for(sql) => a,
+            _ => cache.analyze(&self.database, sql, &catalog),
+        };
         if let Analysis::Ddl(d) = &analyzed.analysis {
             self.schema_dirty = true;
             if d.creates_temp {
@@ -931,7 +952,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.statements.get(stmt).map(|s| s.sql.clone())
         };
         if let (Some(sql), Some(params)) = (sql, bind::BindParams::parse(body)) {
-            self.note_statement(&sql, Some(&params)).await;
+            self.note_statement(&sql, Some(&params), None).await;
         }
     }
 

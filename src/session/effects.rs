@@ -1,6 +1,6 @@
 //! What a statement does to session state, as far as the pooler is concerned.
 
-use super::scan::{leading_words, statements};
+use super::scan::{contains_ignore_case, first_word, leading_words, statements};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -38,12 +38,20 @@ pub fn effects_of(sql: &str) -> Vec<Effect> {
 fn effect_of(stmt: &str) -> Option<Effect> {
     // Hot path: most statements are SELECT/INSERT/UPDATE/DELETE with nothing to track; decide
     // those from the first word and a scan that allocates nothing.
-    let first = leading_words(stmt, 1);
-    let first = first.first().map(String::as_str).unwrap_or("");
-    if !matches!(
-        first,
-        "set" | "reset" | "discard" | "deallocate" | "listen" | "prepare" | "create" | "declare"
-    ) {
+    let first = first_word(stmt).unwrap_or("");
+    if ![
+        "set",
+        "reset",
+        "discard",
+        "deallocate",
+        "listen",
+        "prepare",
+        "create",
+        "declare",
+    ]
+    .iter()
+    .any(|k| first.eq_ignore_ascii_case(k))
+    {
         return if contains_ignore_case(stmt, b"advisory_lock") {
             let lower = stmt.to_ascii_lowercase();
             (lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock"))
@@ -79,13 +87,6 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         "declare" if contains_words(stmt, "with hold") => Some(Effect::Pin("WITH HOLD cursor")),
         _ => None,
     }
-}
-
-fn contains_ignore_case(haystack: &str, needle: &[u8]) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 fn is_temp_create(w: &[String]) -> bool {

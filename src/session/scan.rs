@@ -99,6 +99,43 @@ fn skip_dollar(b: &[u8], open: usize) -> usize {
         .map_or(b.len(), |p| body + p + tag.len())
 }
 
+/// The first keyword of a statement as written (not lowercased), skipping comments; `None`
+/// if it does not start with one. For hot paths: it allocates nothing.
+pub fn first_word(stmt: &str) -> Option<&str> {
+    let b = stmt.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            i = b[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |p| i + p + 1);
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i = skip_block_comment(b, i);
+        } else if c.is_ascii_alphabetic() || c == b'_' {
+            let s = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            return Some(&stmt[s..i]);
+        } else if c == b'\'' || c == b'"' {
+            return None;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// Whether `haystack` contains `needle` (ASCII, case-insensitively), without allocating.
+pub fn contains_ignore_case(haystack: &str, needle: &[u8]) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
 /// The first `n` words of a statement, lower-cased, skipping comments and parentheses.
 pub fn leading_words(stmt: &str, n: usize) -> Vec<String> {
     let b = stmt.as_bytes();
@@ -132,6 +169,37 @@ pub fn leading_words(stmt: &str, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_word_skips_comments_and_agrees_with_leading_words() {
+        for sql in [
+            "SELECT 1",
+            "  /* hint */ -- note\n  Set search_path = x",
+            "(SELECT 1)",
+            "'x'",
+            "",
+            "-- only a comment",
+            "_under9 x",
+        ] {
+            let lowered = first_word(sql).map(str::to_ascii_lowercase);
+            assert_eq!(
+                lowered.as_deref(),
+                leading_words(sql, 1).first().map(String::as_str),
+                "{sql:?}"
+            );
+        }
+        assert_eq!(first_word("  /* c */ Set x = 1"), Some("Set"));
+    }
+
+    #[test]
+    fn contains_ignore_case_finds_any_casing() {
+        assert!(contains_ignore_case(
+            "select pg_Advisory_Lock(1)",
+            b"advisory_lock"
+        ));
+        assert!(!contains_ignore_case("select 1", b"advisory_lock"));
+        assert!(!contains_ignore_case("", b"x"));
+    }
 
     #[test]
     fn splits_on_semicolons_outside_quotes_comments_and_dollar_quotes() {
