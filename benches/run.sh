@@ -29,6 +29,21 @@
 #              always runs -M simple.
 #   CLIENTS    client counts               (default "1 32")
 #   DURATION   seconds per pgbench run     (default 10)
+#   REPEAT     runs per (workload, mode, clients, target) cell (default 1)
+#              With REPEAT=N > 1 each cell runs N times, interleaved: for
+#              each workload, mode and client count, round 1 goes over the
+#              targets in TARGETS order, round 2 in reverse order, round 3
+#              in order again, ... (ABBA), so that drift over time affects
+#              all targets alike. The targets are still started once; the
+#              rounds reuse them. Each table row then reports the median
+#              over the N runs of TPS, p50, p99, CPU per transaction and hit
+#              ratio (each metric on its own; with N even, the mean of the
+#              two middle values), the sum of failed transactions, each
+#              run's TPS (column "runs"), and status "ok" only if every run
+#              was ok, else the first failing run's status with
+#              "(run k of N)". Ratios and the target check list use the
+#              medians. STALE and TRIGGERS are not repeated (they have
+#              their own rounds: TRIGGER_ROUNDS).
 #   TARGETS    what to benchmark
 #              (default "direct pgstash pgstash-nocache pgbouncer pgpool")
 #              pgstash-nocache is pgstash with PGSTASH_CACHE__ENABLED=false;
@@ -81,6 +96,7 @@ WORKLOADS="${WORKLOADS:-SELECT1 W1 W2 W3 W4 W5 STALE TRIGGERS}"
 MODES="${MODES:-simple extended prepared}"
 CLIENTS="${CLIENTS:-1 32}"
 DURATION="${DURATION:-10}"
+REPEAT="${REPEAT:-1}"
 TARGETS="${TARGETS:-direct pgstash pgstash-nocache pgbouncer pgpool}"
 SCALE="${SCALE:-10}"
 CHECK_CLIENTS="${CHECK_CLIENTS:-32}"
@@ -106,6 +122,13 @@ PASSTHROUGH="$(compgen -e | grep '^PGSTASH_' |
   while read -r v; do printf '%s=%q ' "$v" "${!v}"; done || true)"
 COMMAND="${PASSTHROUGH}WORKLOADS=\"$WORKLOADS\" MODES=\"$MODES\" CLIENTS=\"$CLIENTS\" DURATION=$DURATION TARGETS=\"$TARGETS\" SCALE=$SCALE"
 [[ "$CHECK_CLIENTS" != 32 ]] && COMMAND+=" CHECK_CLIENTS=$CHECK_CLIENTS"
+# REPEAT only when set and only when a workload it repeats runs (not only
+# STALE/TRIGGERS).
+if [[ -n "$(printenv REPEAT || true)" ]]; then
+  for _wl in SELECT1 W1 W2 W3 W4 W5; do
+    [[ " $WORKLOADS " == *" $_wl "* ]] && { COMMAND+=" REPEAT=$REPEAT"; break; }
+  done
+fi
 [[ "$BENCH_METRICS" != auto ]] && COMMAND+=" BENCH_METRICS=$BENCH_METRICS"
 # The STALE/TRIGGERS knobs only when set and only when those workloads run.
 for v in STALE_SOURCES STALE_MODES STALE_RATE STALE_WRITERS STALE_DURATION STALE_SYNC_COMMIT; do
@@ -775,6 +798,16 @@ workload_modes() {
   echo "${out[*]}"
 }
 
+# The targets in the order of round $1 of a repeated cell (REPEAT): TARGETS
+# in odd rounds, reversed in even ones (ABBA: A B, B A, A B, ...).
+round_targets() {
+  local t out=()
+  for t in $TARGETS; do
+    if (( $1 % 2 )); then out+=("$t"); else out=("$t" "${out[@]}"); fi
+  done
+  echo "${out[*]}"
+}
+
 # Whether workload $1 runs against target $2 (SELECT1: direct only).
 workload_runs_on() {
   [[ "$1" != SELECT1 || "$2" == direct ]]
@@ -862,6 +895,9 @@ hit_ratio() {
 # One pgbench run: run_one WORKLOAD MODE CLIENTS TARGET [LABEL]; appends a row
 # to $RESULTS, whose target column is LABEL (default TARGET; TRIGGERS uses
 # labels like direct.on.2). Runs RUN_DURATION seconds if set, else DURATION.
+# RUN_ROUND, if set while REPEAT > 1, is the round (1..REPEAT) of a repeated
+# cell: it names the run's directory and the log line, not the row (a cell's
+# rows are in RESULTS in round order; see cell_results).
 # Columns: workload mode clients target tps tx p50_ms p99_ms failed
 #          proxy_cpu_us pg_cpu_us hit_ratio status
 # hit_ratio: a fraction; "n/a" for a cache whose counters couldn't be read
@@ -871,9 +907,10 @@ RESULTS=""
 run_one() {
   local wl=$1 mode=$2 clients=$3 t=$4 label=${5:-$4} dur=${RUN_DURATION:-$DURATION}
   local jobs=1 dir out rc pg0 pg1 px0 px1 tps tx failed p50 p99 pxcpu pgcpu status=ok
-  local cached=0 c0="" c1="" hit=""
+  local cached=0 c0="" c1="" hit="" round=""
   (( clients >= 2 && clients % 2 == 0 )) && jobs=2   # 2 cores on the bench box
-  dir="$WORK/runs/${wl}_${mode}_c${clients}_${label}"
+  if (( REPEAT > 1 )); then round=${RUN_ROUND:-}; fi
+  dir="$WORK/runs/${wl}_${mode}_c${clients}_${label}${round:+_r$round}"
   mkdir -p "$dir"
   workload_args "$wl"
 
@@ -882,7 +919,7 @@ run_one() {
     return 0
   fi
 
-  log "run $wl mode=$mode clients=$clients target=$label (${dur}s)"
+  log "run $wl mode=$mode clients=$clients target=$label (${dur}s${round:+, round $round of $REPEAT})"
   if c0="$(hit_counters "$t")"; then cached=1; fi
   pg0=$(tree_ticks "$PG_PID"); px0=$(tree_ticks "${T_PID[$t]}")
   # timeout guards against a proxy that hangs; -n everywhere for fairness.
@@ -1316,17 +1353,80 @@ run_triggers() {
 
 # ---------------------------------------------------------------------------
 # Target check list (DESIGN.md "Performance targets", "Caching must never
-# lose"), computed from $RESULTS at CHECK_CLIENTS clients.
+# lose"), computed from $CELLS at CHECK_CLIENTS clients.
 # ---------------------------------------------------------------------------
+
+# One row per cell (workload, mode, clients, target) of the ordinary
+# workloads, from RESULTS, which has one row per run: with REPEAT > 1 a cell
+# has up to REPEAT rows there, in round order. Writes $CELLS, the cells in
+# the order they first ran, with RESULTS' 13 columns plus a 14th, runs:
+#   tps, p50_ms, p99_ms, proxy_cpu_us, pg_cpu_us, hit_ratio: the median over
+#     the runs that have a value, each column on its own (with an even count,
+#     the mean of the two middle values); hit_ratio is "n/a" when no run has
+#     a number but one has n/a
+#   tx, failed: the sum over the runs
+#   status: "ok" when every run was ok, else the first failing run's status,
+#     followed by "(run k of REPEAT)" when REPEAT > 1
+#   runs: each run's TPS, rounded, in round order ("—" for a run without a
+#     TPS, and for rounds that did not run because the target had gone down)
+# A cell with one run keeps that run's fields as they are (the same
+# strings), so with REPEAT=1 the report is what it was without REPEAT.
+# STALE and TRIGGERS rows are left out: their sections read RESULTS.
+CELLS=""
+cell_results() {
+  awk -F'\t' -v OFS='\t' -v rep="$REPEAT" '
+    $1 == "STALE" || $1 == "TRIGGERS" { next }
+    {
+      k = $1 SUBSEP $2 SUBSEP $3 SUBSEP $4
+      if (!(k in cnt)) { cnt[k] = 0; order[++ncells] = k }
+      i = ++cnt[k]
+      for (f = 1; f <= 13; f++) val[k, i, f] = $f
+    }
+    # median of column f over the runs of cell k that have a number there;
+    # the middle string itself for an odd count, else the mean printed by fmt.
+    function med(k, f, fmt,   n, i, j, x, v) {
+      n = 0
+      for (i = 1; i <= cnt[k]; i++) { x = val[k, i, f]; if (x != "" && x != "n/a") v[++n] = x }
+      if (n == 0) return ""
+      for (i = 2; i <= n; i++)
+        for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { x = v[j]; v[j] = v[j - 1]; v[j - 1] = x }
+      if (n % 2) return v[(n + 1) / 2]
+      return sprintf(fmt, (v[n / 2] + v[n / 2 + 1]) / 2)
+    }
+    function sum(k, f,   n, i, x, s) {
+      if (cnt[k] == 1) return val[k, 1, f]
+      n = 0; s = 0
+      for (i = 1; i <= cnt[k]; i++) { x = val[k, i, f]; if (x != "") { n++; s += x } }
+      return n ? sprintf("%d", s) : ""
+    }
+    END {
+      for (c = 1; c <= ncells; c++) {
+        k = order[c]
+        hit = med(k, 12, "%.4f")
+        if (hit == "") for (i = 1; i <= cnt[k]; i++) if (val[k, i, 12] == "n/a") hit = "n/a"
+        status = "ok"
+        for (i = 1; i <= cnt[k]; i++) if (val[k, i, 13] != "ok") {
+          status = val[k, i, 13] (rep > 1 ? " (run " i " of " rep ")" : ""); break
+        }
+        runs = ""
+        for (i = 1; i <= (cnt[k] > rep ? cnt[k] : rep); i++)
+          runs = runs (i > 1 ? ", " : "") (i > cnt[k] || val[k, i, 5] == "" ? "—" : sprintf("%.0f", val[k, i, 5]))
+        print val[k, 1, 1], val[k, 1, 2], val[k, 1, 3], val[k, 1, 4], med(k, 5, "%.6f"), sum(k, 6),
+          med(k, 7, "%.3f"), med(k, 8, "%.3f"), sum(k, 9), med(k, 10, "%.1f"), med(k, 11, "%.1f"),
+          hit, status, runs
+      }
+    }' "$RESULTS" >"$CELLS"
+}
+
 declare -A R_TPS=() R_PXCPU=() R_PGCPU=() R_HIT=() R_STATUS=()
 load_results() {
   local wl mode c t tps tx p50 p99 failed pxcpu pgcpu hit status k
   # Unit separator instead of tab: read collapses runs of whitespace IFS
   # characters, which would shift the empty fields of a "target down" row.
-  while IFS=$'\037' read -r wl mode c t tps tx p50 p99 failed pxcpu pgcpu hit status; do
+  while IFS=$'\037' read -r wl mode c t tps tx p50 p99 failed pxcpu pgcpu hit status _; do
     k="$wl|$mode|$c|$t"
     R_TPS[$k]="$tps"; R_PXCPU[$k]="$pxcpu"; R_PGCPU[$k]="$pgcpu"; R_HIT[$k]="$hit"; R_STATUS[$k]="$status"
-  done < <(tr '\t' '\037' <"$RESULTS")
+  done < <(tr '\t' '\037' <"$CELLS")
 }
 
 CHECK_LINES=()
@@ -1539,6 +1639,8 @@ AWK_FMT_HIT='function hitfmt(x) { return x == "" ? "—" : (x == "n/a" ? "n/a" :
 write_report() {
   local tmp="$OUT.tmp.$$" wl t reason load_end line
   load_end="$(cut -d' ' -f1-3 /proc/loadavg)"
+  CELLS="$WORK/cells.tsv"
+  cell_results
   load_results
   target_checks
   {
@@ -1569,7 +1671,8 @@ write_report() {
     elif has "$TARGETS" pgpool; then
       echo "- pgpool: $("$PGPOOL_BIN" --version 2>&1 | head -n1), num_init_children=$(awk -F"= *" '/^num_init_children/ {print $2}' "$WORK/pgpool/pgpool.conf" 2>/dev/null), backend_clustering_mode=raw, one backend, connection_cache=on, max_pool=1, load_balance_mode=off, memory_cache_enabled=on (memqcache_method=shmem, auto invalidation on writes); hit ratio from \`SHOW pool_cache\`: Δnum_cache_hits / (Δnum_cache_hits + Δnum_selects)"
     fi
-    echo "- Each run: \`pgbench -n -T $DURATION -M <mode> -c <clients> -j <1|2>\`, no re-initialisation between runs (W4 and W5 modify data). \`-M prepared\` runs for W1 only; SELECT1 runs against direct with \`-M simple\` only."
+    echo "- Each run: \`pgbench -n -T $DURATION -M <mode> -c <clients> -j <1|2>\`, no re-initialisation between runs (W4 and W5 modify data). \`-M prepared\` runs for W1 only; SELECT1 runs against direct with \`-M simple\` only.$(
+      (( REPEAT > 1 )) && echo " REPEAT=$REPEAT: each value in the workload tables and the CPU table is the median of $REPEAT interleaved runs of its cell (workload, mode, clients, target): for each workload, mode and client count, round 1 over the targets in the order of TARGETS, round 2 in reverse order, and so on (ABBA), so that drift over time affects all targets alike. Each metric's median is taken on its own (with an even count, the mean of the two middle values), so one row's TPS and p99 may come from different runs; \"failed tx\" is the total over the runs; \"runs\" lists each run's TPS in round order; the status is \"ok\" only if every run was, else the first failing run's status with \"(run k of $REPEAT)\". Ratios and the target check list use the medians. Later rounds of a cell may find a cache warmed by its earlier rounds. STALE and TRIGGERS are not repeated (they have rounds of their own).")"
     echo
     for t in $TARGETS; do
       if [[ "${T_STATUS[$t]:-}" != ok ]]; then
@@ -1579,7 +1682,7 @@ write_report() {
     done
     echo "## Targets"
     echo
-    echo "From DESIGN.md, checked against this run at $CHECK_CLIENTS clients: ${CHECK_COUNT[met]} met, ${CHECK_COUNT["NOT met"]} NOT met, ${CHECK_COUNT[n/a]} n/a (not measured in this run, with the reason)."
+    echo "From DESIGN.md, checked against this run at $CHECK_CLIENTS clients$( (( REPEAT > 1 )) && echo " (medians of $REPEAT interleaved runs)"): ${CHECK_COUNT[met]} met, ${CHECK_COUNT["NOT met"]} NOT met, ${CHECK_COUNT[n/a]} n/a (not measured in this run, with the reason)."
     echo
     for line in "${CHECK_LINES[@]}"; do echo "$line"; done
     echo
@@ -1592,9 +1695,15 @@ write_report() {
       echo
       workload_desc "$wl"
       echo
-      echo "| target | mode | clients | TPS | TPS/direct | p50 ms | p99 ms | p50/direct | p99/direct | proxy CPU µs/tx (direct: Postgres) | Postgres CPU µs/tx | hit ratio | failed tx | status |"
-      echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-      awk -F'\t' -v wl="$wl" "$AWK_FMT_HIT"'
+      if (( REPEAT > 1 )); then
+        echo "| target | mode | clients | TPS | TPS/direct | runs | p50 ms | p99 ms | p50/direct | p99/direct | proxy CPU µs/tx (direct: Postgres) | Postgres CPU µs/tx | hit ratio | failed tx | status |"
+        echo "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+      else
+        echo "| target | mode | clients | TPS | TPS/direct | p50 ms | p99 ms | p50/direct | p99/direct | proxy CPU µs/tx (direct: Postgres) | Postgres CPU µs/tx | hit ratio | failed tx | status |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+      fi
+      # f[14] (each run's TPS) only with REPEAT > 1, after TPS/direct.
+      awk -F'\t' -v wl="$wl" -v rep="$REPEAT" "$AWK_FMT_HIT"'
         function ratio(a, b) { return (a == "" || b == "" || b + 0 == 0) ? "—" : sprintf("%.2f", a / b) }
         function dash(x) { return x == "" ? "—" : x }
         $1 == wl {
@@ -1606,11 +1715,11 @@ write_report() {
           for (i = 1; i <= n; i++) {
             split(row[i], f, "\t"); key = f[2] SUBSEP f[3]
             tps = f[5] == "" ? "—" : sprintf("%.1f", f[5])
-            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
-              f[4], f[2], f[3], tps, ratio(f[5], dt[key]), dash(f[7]), dash(f[8]),
+            printf "| %s | %s | %s | %s | %s |%s %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+              f[4], f[2], f[3], tps, ratio(f[5], dt[key]), (rep > 1 ? " " f[14] " |" : ""), dash(f[7]), dash(f[8]),
               ratio(f[7], d50[key]), ratio(f[8], d99[key]), dash(f[10]), dash(f[11]), hitfmt(f[12]), dash(f[9]), f[13]
           }
-        }' "$RESULTS"
+        }' "$CELLS"
       echo
     done
     if has "$WORKLOADS" W1; then
@@ -1635,7 +1744,7 @@ write_report() {
             r = (f[10] == "" || dpg[key] == "" || dpg[key] + 0 == 0) ? "—" : sprintf("%.3f", f[10] / dpg[key])
             printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", f[2], f[3], name, dash(f[10]), dash(f[11]), sum, r, hitfmt(f[12])
           }
-        }' "$RESULTS"
+        }' "$CELLS"
       echo
     fi
     echo "## Method and caveats"
@@ -1658,7 +1767,7 @@ write_report() {
 
 # ---------------------------------------------------------------------------
 main() {
-  local t wl mode c
+  local t wl mode c r
   LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
   for wl in $WORKLOADS; do has "$KNOWN_WORKLOADS" "$wl" || die "unknown workload $wl (known: $KNOWN_WORKLOADS)"; done
   for mode in $MODES; do case "$mode" in simple|extended|prepared) ;; *) die "unknown mode $mode";; esac; done
@@ -1674,6 +1783,7 @@ main() {
   [[ "$STALE_RATE" =~ ^[0-9]+$ && "$STALE_WRITERS" =~ ^[1-9][0-9]*$ && "$STALE_DURATION" =~ ^[1-9][0-9]*$ ]] \
     || die "STALE_RATE, STALE_WRITERS and STALE_DURATION must be numbers"
   [[ "$TRIGGER_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "TRIGGER_ROUNDS must be a positive number"
+  [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive number"
   [[ "$STALE_SYNC_COMMIT" == on || "$STALE_SYNC_COMMIT" == off ]] || die "STALE_SYNC_COMMIT must be on or off"
 
   install_tools
@@ -1701,6 +1811,9 @@ main() {
 
   # Targets innermost, so the rows compared with each other ran back to back
   # under the most similar conditions (and direct, if listed first, first).
+  # With REPEAT > 1, rounds of all targets in ABBA order (round_targets)
+  # between the client count and the target, so that every target's runs of
+  # a cell are spread over the same stretch of time.
   for wl in $WORKLOADS; do
     case "$wl" in
       STALE) run_stale; continue ;;
@@ -1708,10 +1821,12 @@ main() {
     esac
     for mode in $(workload_modes "$wl"); do
       for c in $CLIENTS; do
-        for t in $TARGETS; do
-          [[ "${T_STATUS[$t]:-}" == ok ]] || continue
-          workload_runs_on "$wl" "$t" || continue
-          run_one "$wl" "$mode" "$c" "$t"
+        for (( r = 1; r <= REPEAT; r++ )); do
+          for t in $(round_targets "$r"); do
+            [[ "${T_STATUS[$t]:-}" == ok ]] || continue
+            workload_runs_on "$wl" "$t" || continue
+            RUN_ROUND=$r run_one "$wl" "$mode" "$c" "$t"
+          done
         done
       done
     done
