@@ -144,6 +144,11 @@ impl FillGuard {
             return FillOutcome::NotAdmitted;
         }
         entry.ttl = ttl;
+        // A TTL too long for the clock is as good as none.
+        let now = std::time::Instant::now();
+        entry.expires = now
+            .checked_add(ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let entry = Arc::new(entry);
         // A bump landing right here leaves a stale entry in the map; harmless, because
         // every hit re-checks the snapshot.

@@ -17,6 +17,7 @@ use moka::sync::Cache;
 
 use super::doorkeeper::Doorkeeper;
 use super::fill::{self, FillGuard, FlightShard, Pending, Resolved};
+use super::front::Front;
 use super::{BuildMix, CacheKey, Generations, Snapshot};
 
 /// Bookkeeping bytes charged per entry on top of the response: the entry itself and
@@ -33,6 +34,9 @@ pub struct Entry {
     pub rows: u64,
     pub(super) snapshot: Snapshot,
     pub(super) ttl: Duration,
+    /// When the TTL runs out (set with `ttl` when the entry is stored; moka counts from its
+    /// insert, a moment later).
+    pub(super) expires: Instant,
 }
 
 impl Entry {
@@ -43,6 +47,7 @@ impl Entry {
             rows,
             snapshot,
             ttl: Duration::ZERO,
+            expires: Instant::now(),
         }
     }
 
@@ -98,6 +103,8 @@ pub(super) struct Inner {
     pub(super) doorkeeper: Option<Doorkeeper>,
     stale_removed: AtomicU64,
     pub(super) wait_timeouts: AtomicU64,
+    /// Recent small hits, in front of moka (see [`super::front`]).
+    front: Option<Front>,
 }
 
 /// The answer to [`L1::lookup`].
@@ -140,8 +147,11 @@ impl L1 {
 
     pub fn with_config(config: L1Config) -> Self {
         let hasher = BuildMix::new();
+        // An eighth of the budget is the front's worst case; moka gets the rest.
+        let front = Front::for_budget(config.max_bytes / 8);
+        let front_bytes = front.as_ref().map_or(0, Front::worst_case_bytes);
         let cache = Cache::builder()
-            .max_capacity(config.max_bytes)
+            .max_capacity(config.max_bytes.saturating_sub(front_bytes))
             .weigher(|_, e: &Arc<Entry>| e.weight())
             .expire_after(PerEntryTtl)
             .build_with_hasher(hasher.clone());
@@ -156,6 +166,7 @@ impl L1 {
                 doorkeeper: config.admit_on_second_miss.then(Doorkeeper::new),
                 stale_removed: AtomicU64::new(0),
                 wait_timeouts: AtomicU64::new(0),
+                front,
             }),
         }
     }
@@ -165,9 +176,19 @@ impl L1 {
     /// loads and an `Arc` clone.
     #[inline]
     pub fn lookup(&self, key: CacheKey, gens: &Generations) -> Lookup {
+        let front = self.inner.front.as_ref();
+        if let Some((f, entry)) = front.and_then(|f| Some((f, f.get(key)?))) {
+            if gens.is_current(&entry.snapshot) {
+                return Lookup::Hit(entry);
+            }
+            f.forget(key, &entry);
+        }
         let mut found_stale = false;
         if let Some(entry) = self.inner.cache.get(&key) {
             if gens.is_current(&entry.snapshot) {
+                if let Some(f) = front {
+                    f.put(key, &entry);
+                }
                 return Lookup::Hit(entry);
             }
             self.inner.remove_stale(key, &entry);
@@ -217,6 +238,9 @@ impl L1 {
     /// does.
     pub fn clear(&self) {
         self.inner.cache.invalidate_all();
+        if let Some(f) = &self.inner.front {
+            f.clear();
+        }
     }
 
     /// Applies moka's deferred evictions and counters now (tests, metrics scrapes).
@@ -235,6 +259,9 @@ impl Inner {
     #[cold]
     fn remove_stale(&self, key: CacheKey, stale: &Arc<Entry>) {
         self.stale_removed.fetch_add(1, Relaxed);
+        if let Some(f) = &self.front {
+            f.forget(key, stale);
+        }
         self.cache
             .entry(key)
             .and_compute_with(|current| match current {

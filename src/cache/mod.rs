@@ -33,6 +33,7 @@
 mod bypass;
 mod doorkeeper;
 mod fill;
+mod front;
 mod generations;
 mod l1;
 #[cfg(test)]

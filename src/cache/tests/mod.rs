@@ -304,3 +304,41 @@ fn an_absurd_ttl_is_accepted_without_panic() {
     l1.run_pending_tasks();
     assert!(is_hit(&l1, key(1), &gens));
 }
+
+// The front of recent hits (cache/front.rs) is only a shortcut: what it serves is held to
+// the same generations, TTL and FLUSH as moka's entries.
+
+#[test]
+fn a_hit_from_the_front_is_still_checked_against_the_generations() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let _ = fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL);
+    assert!(
+        is_hit(&l1, key(1), &gens),
+        "the first hit goes to the front"
+    );
+    assert!(is_hit(&l1, key(1), &gens), "served from the front");
+    gens.bump_wide(T);
+    let Lookup::Miss(guard) = l1.lookup(key(1), &gens) else {
+        panic!("a stale entry must be a miss, from the front too");
+    };
+    assert!(guard.found_stale());
+}
+
+#[test]
+fn an_entry_past_its_ttl_is_not_served_from_the_front() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let ttl = Duration::from_millis(50);
+    let _ = fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], ttl);
+    assert!(is_hit(&l1, key(1), &gens));
+    std::thread::sleep(Duration::from_millis(80));
+    assert!(!is_hit(&l1, key(1), &gens), "expired");
+}
+
+#[test]
+fn flush_empties_the_front_too() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let _ = fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL);
+    assert!(is_hit(&l1, key(1), &gens));
+    l1.clear();
+    assert!(!is_hit(&l1, key(1), &gens));
+}
