@@ -115,13 +115,16 @@ fn main() {
             fresh += 1;
             let key = CacheKey(u128::from(fresh));
             if let Lookup::Miss(guard) = admitting.lookup(key, &gens) {
+                // As the relay does: the response is copied only if it is going to be stored.
                 let snap = gens.snapshot(&[Dependency::Key(table, fresh)]);
-                let response = bytes::Bytes::from(vec![b'D'; 64]);
-                let _ = black_box(guard.fill(
-                    Entry::new(response, 1, snap),
-                    std::time::Duration::from_secs(600),
-                    &gens,
-                ));
+                let ttl = std::time::Duration::from_secs(600);
+                match guard.refusal(&snap, ttl, &gens) {
+                    Some(refused) => drop(black_box(refused)),
+                    None => {
+                        let response = bytes::Bytes::from(vec![b'D'; 64]);
+                        let _ = black_box(guard.fill(Entry::new(response, 1, snap), ttl, &gens));
+                    }
+                }
             }
         },
     );

@@ -5,14 +5,17 @@
 
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use super::l1::{Entry, Inner, Lookup};
-use super::{BuildMix, CacheKey, Generations};
+use super::{BuildMix, CacheKey, Generations, Snapshot};
 
 /// The miss path of [`L1::lookup`](super::L1::lookup): join the fill in flight for this
 /// key, or start one.
@@ -22,11 +25,10 @@ pub(super) fn miss(
     key: CacheKey,
     gens: &Generations,
     found_stale: bool,
+    fills_before: u64,
 ) -> Lookup {
-    let mut flights = this
-        .shard(key)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    let shard = this.shard(key);
+    let mut flights = shard.flights.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(flight) = flights.get(&key) {
         if flight.started.elapsed() < this.wait_timeout {
             flight.wanted.store(true, Relaxed);
@@ -41,8 +43,10 @@ pub(super) fn miss(
         return Lookup::Miss(FillGuard::follower(this, key, found_stale));
     }
     // A fill may have completed between our cache read and taking the lock (fillers
-    // insert before they leave the in-flight map).
-    if let Some(entry) = this.cache.get(&key)
+    // insert, then count, then leave the in-flight map). Only then is a second cache read
+    // worth its cost.
+    if shard.fills.load(SeqCst) != fills_before
+        && let Some(entry) = this.cache.get(&key)
         && gens.is_current(&entry.snapshot)
     {
         return Lookup::Hit(entry);
@@ -69,7 +73,22 @@ pub(super) fn miss(
     })
 }
 
-pub(super) type FlightShard = Mutex<HashMap<CacheKey, Arc<Flight>, BuildMix>>;
+/// The fills in flight for a share of the keys.
+pub(super) struct FlightShard {
+    pub(super) flights: Mutex<HashMap<CacheKey, Arc<Flight>, BuildMix>>,
+    /// Entries stored by fills of these keys so far: a miss that saw no change since its
+    /// cache read knows no fill completed in between.
+    pub(super) fills: AtomicU64,
+}
+
+impl FlightShard {
+    pub(super) fn new(hasher: BuildMix) -> Self {
+        Self {
+            flights: Mutex::new(HashMap::with_hasher(hasher)),
+            fills: AtomicU64::new(0),
+        }
+    }
+}
 
 /// A fill in progress that others can wait for.
 pub(super) struct Flight {
@@ -129,19 +148,9 @@ impl FillGuard {
     /// Stores the entry unless a generation it depends on moved since its snapshot (the
     /// fill race: a read that started before a write committed must not stay cached).
     pub fn fill(mut self, mut entry: Entry, ttl: Duration, gens: &Generations) -> FillOutcome {
-        if ttl.is_zero() {
+        if let Some(refused) = self.refusal(&entry.snapshot, ttl, gens) {
             self.finish(None);
-            return FillOutcome::NoTtl;
-        }
-        if !gens.is_current(&entry.snapshot) {
-            self.finish(None);
-            return FillOutcome::Stale;
-        }
-        if !self.admit && !self.flight.as_ref().is_some_and(|f| f.wanted.load(Relaxed)) {
-            // A waiter joining right now finds no entry and goes upstream itself: one
-            // uncoalesced query, never a wrong answer.
-            self.finish(None);
-            return FillOutcome::NotAdmitted;
+            return refused;
         }
         entry.ttl = ttl;
         // A TTL too long for the clock is as good as none.
@@ -153,8 +162,31 @@ impl FillGuard {
         // A bump landing right here leaves a stale entry in the map; harmless, because
         // every hit re-checks the snapshot.
         self.inner.cache.insert(self.key, Arc::clone(&entry));
+        self.inner.shard(self.key).fills.fetch_add(1, SeqCst);
         self.finish(Some(entry));
         FillOutcome::Stored
+    }
+
+    /// Why [`FillGuard::fill`] would not store a result with this snapshot and TTL now, if
+    /// it would not: lets the caller skip building an entry that would be thrown away (most
+    /// first misses, under `admit_on_second_miss`). The refusals are checked in this order.
+    pub fn refusal(
+        &self,
+        snapshot: &Snapshot,
+        ttl: Duration,
+        gens: &Generations,
+    ) -> Option<FillOutcome> {
+        if ttl.is_zero() {
+            Some(FillOutcome::NoTtl)
+        } else if !gens.is_current(snapshot) {
+            Some(FillOutcome::Stale)
+        } else if !self.admit && !self.flight.as_ref().is_some_and(|f| f.wanted.load(Relaxed)) {
+            // A waiter joining right now finds no entry and goes upstream itself: one
+            // uncoalesced query, never a wrong answer.
+            Some(FillOutcome::NotAdmitted)
+        } else {
+            None
+        }
     }
 
     /// Store the result even on the key's first miss (the caller knows it repeats: another
@@ -179,7 +211,7 @@ impl FillGuard {
         };
         {
             let shard = self.inner.shard(self.key);
-            let mut flights = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut flights = shard.flights.lock().unwrap_or_else(PoisonError::into_inner);
             if flights
                 .get(&self.key)
                 .is_some_and(|f| Arc::ptr_eq(f, &flight))

@@ -5,9 +5,11 @@
 //! and a stale entry is dropped and reported as a miss. The check at fill time only keeps
 //! known-stale results out (and lets the caller count them).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -156,7 +158,7 @@ impl L1 {
             .expire_after(PerEntryTtl)
             .build_with_hasher(hasher.clone());
         let flights = (0..FLIGHT_SHARDS)
-            .map(|_| Mutex::new(HashMap::with_hasher(hasher.clone())))
+            .map(|_| FlightShard::new(hasher.clone()))
             .collect();
         Self {
             inner: Arc::new(Inner {
@@ -184,6 +186,7 @@ impl L1 {
             f.forget(key, &entry);
         }
         let mut found_stale = false;
+        let fills_before = self.inner.shard(key).fills.load(SeqCst);
         if let Some(entry) = self.inner.cache.get(&key) {
             if gens.is_current(&entry.snapshot) {
                 if let Some(f) = front {
@@ -194,7 +197,7 @@ impl L1 {
             self.inner.remove_stale(key, &entry);
             found_stale = true;
         }
-        fill::miss(&self.inner, key, gens, found_stale)
+        fill::miss(&self.inner, key, gens, found_stale, fills_before)
     }
 
     /// [`L1::lookup`], waiting for a concurrent fill if there is one.
@@ -230,7 +233,12 @@ impl L1 {
     pub fn fills_in_flight(&self) -> usize {
         let shards = self.inner.flights.iter();
         shards
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .map(|s| {
+                s.flights
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .len()
+            })
             .sum()
     }
 
@@ -268,5 +276,12 @@ impl Inner {
                 Some(c) if Arc::ptr_eq(c.value(), stale) => Op::Remove,
                 _ => Op::Nop,
             });
+    }
+}
+
+#[cfg(test)]
+impl L1 {
+    pub(super) fn inner_for_tests(&self) -> &Arc<Inner> {
+        &self.inner
     }
 }

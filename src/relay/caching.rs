@@ -6,8 +6,8 @@
 use crate::analysis::{self, Analysis, ColumnValue, DdlScope, KeyValue, TableWrite, WriteEffect};
 pub use crate::cache::Invalidation;
 use crate::cache::{
-    Bypass, BypassConfig, CacheKey, Dependency, Doorkeeper, Entry, FillGuard, FillOutcome,
-    Generations, Invalidator, L1, L1Config, QueryStats, Resolved, Snapshot, TableId,
+    BuildMix, Bypass, BypassConfig, CacheKey, Dependency, Doorkeeper, Entry, FillGuard,
+    FillOutcome, Generations, Invalidator, L1, L1Config, QueryStats, Resolved, Snapshot, TableId,
 };
 use crate::catalog::Catalog;
 use crate::config::{CacheConfig, CacheRule, UpstreamTarget};
@@ -33,12 +33,12 @@ pub struct CacheShared {
     unhealthy: SourceHealth,
     upstream: UpstreamTarget,
     connect_timeout: Duration,
-    catalogs: Mutex<HashMap<String, CatalogCell>>,
+    catalogs: Mutex<HashMap<String, CatalogCell, BuildMix>>,
     /// Keyed by (hash of the database name, hash of the query text).
-    analyses: Mutex<HashMap<(u64, u64), Arc<Analyzed>>>,
+    analyses: Mutex<HashMap<(u64, u64), Arc<Analyzed>, BuildMix>>,
     /// Keyed by (hash of the database name, hash of the literal shape's text): see
     /// [`analysis::literal_shape`].
-    shapes: Mutex<HashMap<(u64, u64), ShapeMemo>>,
+    shapes: Mutex<HashMap<(u64, u64), ShapeMemo, BuildMix>>,
     /// Texts analysed through their shape, by hash: such a text enters `analyses` on its
     /// second sighting only. Under a uniform workload (`pgbench -S -M simple`) most texts
     /// are seen once, and memoising each cost more (a copy, an insert, later a drop) than
@@ -194,9 +194,9 @@ impl CacheShared {
             config,
             upstream,
             connect_timeout,
-            catalogs: Mutex::default(),
-            analyses: Mutex::default(),
-            shapes: Mutex::default(),
+            catalogs: Mutex::new(HashMap::with_hasher(BuildMix::new())),
+            analyses: Mutex::new(HashMap::with_hasher(BuildMix::new())),
+            shapes: Mutex::new(HashMap::with_hasher(BuildMix::new())),
             texts_seen: Doorkeeper::with_bits_log2(18),
         })
     }
@@ -410,18 +410,25 @@ impl CacheShared {
         dbs.iter().map(|(d, r)| (d.clone(), r.clone())).collect()
     }
 
-    /// Store a captured response in L1 (and L2 when it had a Redis snapshot).
-    pub fn fill(&self, key: CacheKey, fill: Fill, response: bytes::Bytes) -> FillOutcome {
-        let outcome = fill.guard.fill(
-            Entry::new(response.clone(), fill.rows, fill.snapshot),
-            fill.ttl,
-            &self.gens,
-        );
+    /// Store a captured response in L1 (and L2 when it had a Redis snapshot). The bytes
+    /// are copied only if they are going to be stored.
+    pub fn fill(&self, key: CacheKey, fill: Fill, response: &[u8]) -> FillOutcome {
+        let refused = fill.guard.refusal(&fill.snapshot, fill.ttl, &self.gens);
+        let (outcome, response) = match refused {
+            // Dropping the guard tells whoever waits for this fill to go upstream.
+            Some(refused) => (refused, None),
+            None => {
+                let response = bytes::Bytes::copy_from_slice(response);
+                let entry = Entry::new(response.clone(), fill.rows, fill.snapshot);
+                (fill.guard.fill(entry, fill.ttl, &self.gens), Some(response))
+            }
+        };
         let m = metrics();
         match outcome {
             FillOutcome::Stored => {
                 m.fills_stored.inc();
-                if let (Some(tier), Some(snap)) = (&self.tier, fill.redis) {
+                if let (Some(tier), Some(snap), Some(response)) = (&self.tier, fill.redis, response)
+                {
                     tier.store(key, snap, response, fill.rows, fill.ttl);
                 }
             }

@@ -889,8 +889,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             metrics().fills_unfit.inc();
             return;
         }
-        let response = Bytes::copy_from_slice(&self.to_client[f.start..]);
-        let outcome = cache.fill(f.key, f, response);
+        let start = f.start;
+        let outcome = cache.fill(f.key, f, &self.to_client[start..]);
         tracing::trace!(?outcome, len, "cache fill");
     }
 

@@ -342,3 +342,66 @@ fn flush_empties_the_front_too() {
     l1.clear();
     assert!(!is_hit(&l1, key(1), &gens));
 }
+
+#[test]
+fn refusal_says_in_advance_what_fill_would_refuse() {
+    let (gens, l1) = (Generations::new(1024), admitting_on_second_miss());
+    let deps = [Dependency::AnyOf(T)];
+    let Lookup::Miss(first) = l1.lookup(key(1), &gens) else {
+        panic!("expected a miss");
+    };
+    let snap = gens.snapshot(&deps);
+    assert_eq!(
+        first.refusal(&snap, Duration::ZERO, &gens),
+        Some(FillOutcome::NoTtl)
+    );
+    assert_eq!(
+        first.refusal(&snap, TTL, &gens),
+        Some(FillOutcome::NotAdmitted)
+    );
+    drop(first);
+    let Lookup::Miss(second) = l1.lookup(key(1), &gens) else {
+        panic!("expected a miss");
+    };
+    let snap = gens.snapshot(&deps);
+    assert_eq!(
+        second.refusal(&snap, TTL, &gens),
+        None,
+        "second miss: stored"
+    );
+    gens.bump_wide(T);
+    assert_eq!(
+        second.refusal(&snap, TTL, &gens),
+        Some(FillOutcome::Stale),
+        "a write since the snapshot comes before admission"
+    );
+    assert_eq!(
+        second.fill(Entry::new(Bytes::from_static(b"rows"), 1, snap), TTL, &gens),
+        FillOutcome::Stale
+    );
+}
+
+#[test]
+fn a_fill_completing_between_a_cache_read_and_the_in_flight_check_is_a_hit() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    let inner = l1.inner_for_tests();
+    // A lookup read the shard's fill count, then missed in the cache...
+    let fills_before = inner.shard(key(1)).fills.load(SeqCst);
+    // ...while another lookup's fill of the same key completed...
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL),
+        FillOutcome::Stored
+    );
+    // ...so the first one, finding no fill in flight, must read the cache again.
+    assert!(matches!(
+        fill::miss(inner, key(1), &gens, false, fills_before),
+        Lookup::Hit(_)
+    ));
+    // With no fill since its read, a miss is a miss.
+    let fills_now = inner.shard(key(2)).fills.load(SeqCst);
+    assert!(matches!(
+        fill::miss(inner, key(2), &gens, false, fills_now),
+        Lookup::Miss(_)
+    ));
+}
