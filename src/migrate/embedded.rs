@@ -54,6 +54,12 @@ pub static MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/0004_lean_row_trigger.up.sql"),
         down: include_str!("../../migrations/0004_lean_row_trigger.down.sql"),
     },
+    Migration {
+        version: 5,
+        name: "concat_notify_payload",
+        up: include_str!("../../migrations/0005_concat_notify_payload.up.sql"),
+        down: include_str!("../../migrations/0005_concat_notify_payload.down.sql"),
+    },
 ];
 
 /// The embedded migration with this version.

@@ -2,6 +2,7 @@
 //! install (the row triggers' switch of 0003).
 
 use crate::fixture::fresh_database;
+use crate::notify::payload_has;
 use crate::support::shared_pg;
 use pgstash::invalidation::installed::Missing;
 use pgstash::invalidation::notify::{self, NotifyError};
@@ -136,7 +137,18 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     let (_db, mut c) = fresh("migrate_down").await;
     migrate::up(&mut c).await.expect("up");
 
-    // 0004 first: the row trigger's function is 0002's again.
+    // 0005 first: the payload is built with json_build_object again, as 0004 had it.
+    assert!(
+        !notify_change_source(&c).await.contains("json_build_object"),
+        "0005 builds the payload by concatenation"
+    );
+    let reverted = migrate::down(&mut c, 1).await.expect("down 1");
+    assert_eq!(versions(&reverted), vec![5]);
+    assert!(
+        notify_change_source(&c).await.contains("json_build_object"),
+        "down restores 0004's trigger function"
+    );
+    // Then 0004: the row trigger's function is 0002's again.
     assert!(
         !notify_change_source(&c).await.contains("pgstash.notified"),
         "0004 replaced 0002's bookkeeping"
@@ -156,7 +168,7 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     assert_eq!(versions(&reverted), vec![3]);
     assert_eq!(
         pending(&c).await,
-        vec![(1, false), (2, false), (3, true), (4, true)]
+        vec![(1, false), (2, false), (3, true), (4, true), (5, true)]
     );
     assert_eq!(
         notify_triggers(&c).await,
@@ -190,14 +202,15 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
         "and restores what it replaced"
     );
     let reapplied = migrate::up(&mut c).await.expect("up 0003 again");
-    assert_eq!(versions(&reapplied), vec![3, 4]);
+    assert_eq!(versions(&reapplied), vec![3, 4, 5]);
     assert!(!notify_change_source(&c).await.contains("pgstash.notified"));
+    assert!(!notify_change_source(&c).await.contains("json_build_object"));
 
-    let reverted = migrate::down(&mut c, 3).await.expect("down 3");
-    assert_eq!(versions(&reverted), vec![4, 3, 2]);
+    let reverted = migrate::down(&mut c, 4).await.expect("down 4");
+    assert_eq!(versions(&reverted), vec![5, 4, 3, 2]);
     assert_eq!(
         pending(&c).await,
-        vec![(1, false), (2, true), (3, true), (4, true)]
+        vec![(1, false), (2, true), (3, true), (4, true), (5, true)]
     );
     assert_eq!(
         notify_triggers(&c).await,
@@ -220,11 +233,11 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     );
 
     let reapplied = migrate::up(&mut c).await.expect("up again");
-    assert_eq!(versions(&reapplied), vec![2, 3, 4]);
+    assert_eq!(versions(&reapplied), vec![2, 3, 4, 5]);
     assert_eq!(notify_triggers(&c).await, 1);
 
     let all = migrate::down(&mut c, 10).await.expect("down everything");
-    assert_eq!(versions(&all), vec![4, 3, 2, 1], "newest first");
+    assert_eq!(versions(&all), vec![5, 4, 3, 2, 1], "newest first");
     assert!(
         !pgstash_schema_exists(&c).await,
         "reverting 0001 leaves nothing of pgstash"
@@ -339,7 +352,7 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
     );
     assert_eq!(
         pending(&c).await,
-        vec![(1, false), (2, true), (3, true), (4, true)],
+        vec![(1, false), (2, true), (3, true), (4, true), (5, true)],
         "0001 stays applied, the later ones pending"
     );
     assert_eq!(notify_triggers(&c).await, 0, "nothing of 0002 is left");
@@ -351,7 +364,7 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
         .await
         .expect("the lock was released")
         .expect("up after the obstacle is gone");
-    assert_eq!(versions(&applied), vec![2, 3, 4]);
+    assert_eq!(versions(&applied), vec![2, 3, 4, 5]);
 }
 
 async fn all_notify_triggers(c: &Client) -> i64 {
@@ -374,10 +387,11 @@ async fn set_row_triggers(c: &Client, on: bool) -> i32 {
         .get(0)
 }
 
-/// Payloads heard on the channel up to and including the first that contains `last`.
+/// Payloads heard on the channel up to and including the first whose field `last.0` is
+/// `last.1`.
 async fn payloads_until(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    last: &str,
+    last: (&str, &str),
 ) -> Vec<String> {
     let mut seen = Vec::new();
     loop {
@@ -385,7 +399,7 @@ async fn payloads_until(
             .await
             .unwrap_or_else(|_| panic!("no payload with {last:?}; heard {seen:#?}"))
             .expect("the raw listener is running");
-        let done = payload.contains(last);
+        let done = payload_has(&payload, last.0, last.1);
         seen.push(payload);
         if done {
             return seen;
@@ -410,18 +424,18 @@ async fn row_triggers_switch_off_and_back_on() {
     assert_eq!(all_notify_triggers(&c).await, 0);
     assert!(!choice(&c).await);
     // A NOTIFY listener hears at once that it can no longer vouch for the database.
-    payloads_until(&mut payloads, r#""kind": "uninstalled""#).await;
+    payloads_until(&mut payloads, ("kind", "uninstalled")).await;
     // Writes send nothing now, and a table created later gets no trigger (its DDL is
     // still reported, in commit order after the write).
     c.batch_execute("INSERT INTO existing VALUES (1, 1); CREATE TABLE later (id int);")
         .await
         .expect("write and create");
-    let heard = payloads_until(&mut payloads, r#""table" : "later""#).await;
+    let heard = payloads_until(&mut payloads, ("table", "later")).await;
     assert!(
-        !heard.iter().any(|p| p.contains(r#""kind" : "rows""#)),
+        !heard.iter().any(|p| payload_has(p, "kind", "rows")),
         "{heard:#?}"
     );
-    payloads_until(&mut payloads, r#""kind": "uninstalled""#).await;
+    payloads_until(&mut payloads, ("kind", "uninstalled")).await;
     assert_eq!(all_notify_triggers(&c).await, 0);
     // So the NOTIFY source refuses the database, and says how to switch them back on.
     let err = notify::ensure_installed(&c, &db)
@@ -453,11 +467,9 @@ async fn row_triggers_switch_off_and_back_on() {
     c.batch_execute("INSERT INTO later VALUES (1)")
         .await
         .expect("write");
-    let heard = payloads_until(&mut payloads, r#""table" : "later""#).await;
+    let heard = payloads_until(&mut payloads, ("table", "later")).await;
     assert!(
-        heard
-            .last()
-            .is_some_and(|p| p.contains(r#""kind" : "rows""#)),
+        heard.last().is_some_and(|p| payload_has(p, "kind", "rows")),
         "{heard:#?}"
     );
 
@@ -483,10 +495,12 @@ async fn row_triggers_switch_off_and_back_on() {
         .await
         .expect("enabled again");
 
-    // Off, then 0004 and 0003 reverted: 0002 has no switch, so every table gets its
-    // trigger back.
+    // Off, then 0005, 0004 and 0003 reverted: 0002 has no switch, so every table gets
+    // its trigger back.
     set_row_triggers(&c, false).await;
-    migrate::down(&mut c, 2).await.expect("down 0004 and 0003");
+    migrate::down(&mut c, 3)
+        .await
+        .expect("down 0005, 0004 and 0003");
     assert_eq!(all_notify_triggers(&c).await, 2);
     notify::ensure_installed(&c, &db)
         .await
