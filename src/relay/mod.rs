@@ -667,7 +667,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             && self.expect.is_empty()
             && match self.tx_status {
                 b'I' => true,
-                b'T' => !self.strict_tx && !self.settings.has("default_transaction_isolation"),
+                // Both settings can make every later BEGIN REPEATABLE READ or SERIALIZABLE,
+                // whose reads see the transaction's snapshot: they must neither be served
+                // from the cache nor fill it (an old snapshot would be stored as fresh).
+                b'T' => {
+                    !self.strict_tx
+                        && !self.settings.has("default_transaction_isolation")
+                        && !self.settings.has("session_characteristics")
+                }
                 _ => false,
             }
     }

@@ -193,6 +193,39 @@ async fn volatile_functions_locking_reads_and_repeatable_read_bypass_the_cache()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_characteristics_make_later_transactions_bypass_the_cache() {
+    // SET SESSION CHARACTERISTICS makes every later BEGIN a REPEATABLE READ transaction,
+    // whose reads must see its snapshot, not what the cache holds now.
+    let (proxy, db, _direct) = setup(5).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let other = proxy.connect("postgres", "", &db).await;
+    c.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .expect("set");
+    c.batch_execute("BEGIN").await.expect("begin");
+    let before = simple_int(&c, "SELECT v FROM t WHERE id = 4").await;
+    other
+        .execute("UPDATE t SET v = v + 1 WHERE id = 4", &[])
+        .await
+        .expect("update through pgstash");
+    // Cached by the other client, fresh for everyone outside c's transaction.
+    let after = simple_int(&other, "SELECT v FROM t WHERE id = 4").await;
+    assert_eq!(
+        simple_int(&other, "SELECT v FROM t WHERE id = 4").await,
+        after
+    );
+    assert_ne!(before, after);
+    assert_eq!(
+        simple_int(&c, "SELECT v FROM t WHERE id = 4").await,
+        before,
+        "the transaction's snapshot, not the cached row"
+    );
+    c.batch_execute("COMMIT").await.expect("commit");
+    // Outside a transaction block each statement is its own snapshot: the cache may serve.
+    assert_eq!(simple_int(&c, "SELECT v FROM t WHERE id = 4").await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_search_paths_databases_and_timezones_never_share_entries() {
     let pg = shared_pg();
     let db = fresh_database(pg, "privacy");
