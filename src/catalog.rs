@@ -45,6 +45,11 @@ pub struct Catalog {
     volatile: HashSet<String>,
     /// Every function name known, to tell "volatile" from "unknown".
     functions: HashSet<String>,
+    /// Whether sessions of this database may start with a default isolation stricter than
+    /// READ COMMITTED (postgresql.conf, `ALTER DATABASE`/`ALTER ROLE ... SET
+    /// default_transaction_isolation`): a plain BEGIN may then open a snapshot transaction,
+    /// whose reads must neither be served from the cache nor fill it.
+    pub strict_isolation_default: bool,
     pub loaded_at: Option<Instant>,
 }
 
@@ -158,6 +163,24 @@ impl Catalog {
             }
             cat.functions.insert(name);
         }
+        // When in doubt (any setting that is not plainly READ COMMITTED/UNCOMMITTED, for
+        // this database or all, for any role), strict.
+        let row = client
+            .query_one(
+                "SELECT lower(current_setting('default_transaction_isolation'))
+                          NOT IN ('read committed', 'read uncommitted')
+                     OR EXISTS (
+                        SELECT 1
+                          FROM pg_db_role_setting s, unnest(s.setconfig) AS c(item)
+                         WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database
+                                                      WHERE datname = current_database()))
+                           AND lower(c.item) LIKE '%transaction_isolation=%'
+                           AND lower(btrim(split_part(c.item, '=', 2), ' ''\"'))
+                               NOT IN ('read committed', 'read uncommitted'))",
+                &[],
+            )
+            .await?;
+        cat.strict_isolation_default = row.get(0);
         cat.loaded_at = Some(Instant::now());
         Ok(cat)
     }

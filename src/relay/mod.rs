@@ -674,9 +674,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     !self.strict_tx
                         && !self.settings.has("default_transaction_isolation")
                         && !self.settings.has("session_characteristics")
+                        && self.isolation_default_is_read_committed()
                 }
                 _ => false,
             }
+    }
+
+    /// Whether a plain BEGIN opens a READ COMMITTED transaction in this database, as far as
+    /// its loaded catalog tells (not loaded yet: no, to be safe).
+    fn isolation_default_is_read_committed(&self) -> bool {
+        self.cache
+            .as_ref()
+            .and_then(|c| c.loaded_catalog(&self.database))
+            .is_some_and(|c| !c.strict_isolation_default)
     }
 
     /// A simple Query: answer it from the cache if possible. Returns true when answered.

@@ -192,37 +192,61 @@ async fn volatile_functions_locking_reads_and_repeatable_read_bypass_the_cache()
     c.batch_execute("COMMIT").await.expect("commit");
 }
 
+/// In a transaction that `begin` opens with a snapshot (REPEATABLE READ), reads must see
+/// the snapshot, not what the cache holds now, and must not leave that snapshot in the cache.
+async fn a_snapshot_transaction_bypasses_the_cache(c: &Client, other: &Client, begin: &str) {
+    c.batch_execute(begin).await.expect("begin");
+    let before = simple_int(c, "SELECT v FROM t WHERE id = 4").await;
+    other
+        .execute("UPDATE t SET v = v + 1 WHERE id = 4", &[])
+        .await
+        .expect("update through pgstash");
+    // Cached by the other client, fresh for everyone outside c's transaction.
+    let after = simple_int(other, "SELECT v FROM t WHERE id = 4").await;
+    assert_eq!(
+        simple_int(other, "SELECT v FROM t WHERE id = 4").await,
+        after
+    );
+    assert_ne!(before, after);
+    assert_eq!(
+        simple_int(c, "SELECT v FROM t WHERE id = 4").await,
+        before,
+        "the transaction's snapshot, not the cached row"
+    );
+    c.batch_execute("COMMIT").await.expect("commit");
+    // Outside a transaction block each statement is its own snapshot: the cache may serve,
+    // and must not hold the old snapshot's row.
+    assert_eq!(simple_int(c, "SELECT v FROM t WHERE id = 4").await, after);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_characteristics_make_later_transactions_bypass_the_cache() {
-    // SET SESSION CHARACTERISTICS makes every later BEGIN a REPEATABLE READ transaction,
-    // whose reads must see its snapshot, not what the cache holds now.
     let (proxy, db, _direct) = setup(5).await;
     let c = proxy.connect("postgres", "", &db).await;
     let other = proxy.connect("postgres", "", &db).await;
     c.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .await
         .expect("set");
-    c.batch_execute("BEGIN").await.expect("begin");
-    let before = simple_int(&c, "SELECT v FROM t WHERE id = 4").await;
-    other
-        .execute("UPDATE t SET v = v + 1 WHERE id = 4", &[])
+    a_snapshot_transaction_bypasses_the_cache(&c, &other, "BEGIN").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_default_of_repeatable_read_makes_transactions_bypass_the_cache() {
+    let (proxy, db, direct) = setup(5).await;
+    direct
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" SET default_transaction_isolation = 'repeatable read'"
+        ))
         .await
-        .expect("update through pgstash");
-    // Cached by the other client, fresh for everyone outside c's transaction.
-    let after = simple_int(&other, "SELECT v FROM t WHERE id = 4").await;
+        .expect("alter database");
+    // New sessions (and pgstash's server connections) start with it.
+    let c = proxy.connect("postgres", "", &db).await;
+    let other = proxy.connect("postgres", "", &db).await;
     assert_eq!(
-        simple_int(&other, "SELECT v FROM t WHERE id = 4").await,
-        after
+        simple_int(&c, "SHOW default_transaction_isolation").await,
+        "repeatable read"
     );
-    assert_ne!(before, after);
-    assert_eq!(
-        simple_int(&c, "SELECT v FROM t WHERE id = 4").await,
-        before,
-        "the transaction's snapshot, not the cached row"
-    );
-    c.batch_execute("COMMIT").await.expect("commit");
-    // Outside a transaction block each statement is its own snapshot: the cache may serve.
-    assert_eq!(simple_int(&c, "SELECT v FROM t WHERE id = 4").await, after);
+    a_snapshot_transaction_bypasses_the_cache(&c, &other, "BEGIN").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
