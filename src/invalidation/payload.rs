@@ -18,8 +18,8 @@ pub(super) enum Meaning {
 pub(super) struct Payload {
     pub meaning: Meaning,
     /// No later than the change: the writing transaction's start for the row trigger of
-    /// migrations 0004 and 0005 (its first write to the table under 0002's), the time of the command
-    /// for the DDL hooks. Staleness measured from it is an upper bound.
+    /// migrations 0004 and 0005 (its first write to the table under 0002's), the time of
+    /// the command for the DDL hooks. Staleness measured from it is an upper bound.
     pub at: Option<SystemTime>,
     /// The writing transaction, to keep its changes together.
     pub xid: Option<String>,

@@ -670,23 +670,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 // Both settings can make every later BEGIN REPEATABLE READ or SERIALIZABLE,
                 // whose reads see the transaction's snapshot: they must neither be served
                 // from the cache nor fill it (an old snapshot would be stored as fresh).
+                // The database's own default is checked in `serve_plan`, with its catalog.
                 b'T' => {
                     !self.strict_tx
                         && !self.settings.has("default_transaction_isolation")
                         && !self.settings.has("session_characteristics")
-                        && self.isolation_default_is_read_committed()
                 }
                 _ => false,
             }
-    }
-
-    /// Whether a plain BEGIN opens a READ COMMITTED transaction in this database, as far as
-    /// its loaded catalog tells (not loaded yet: no, to be safe).
-    fn isolation_default_is_read_committed(&self) -> bool {
-        self.cache
-            .as_ref()
-            .and_then(|c| c.loaded_catalog(&self.database))
-            .is_some_and(|c| !c.strict_isolation_default)
     }
 
     /// A simple Query: answer it from the cache if possible. Returns true when answered.
@@ -715,7 +706,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.query_analyzed = Some(analyzed);
             return Ok(false);
         };
-        let answered = self.serve_plan(&cache, &plan, &analyzed, None).await?;
+        let answered = self
+            .serve_plan(&cache, &catalog, &plan, &analyzed, None)
+            .await?;
         if !answered {
             self.query_analyzed = Some(analyzed);
         }
@@ -726,6 +719,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     async fn serve_plan(
         &mut self,
         cache: &CacheShared,
+        catalog: &crate::catalog::Catalog,
         plan: &caching::ReadPlan,
         analyzed: &caching::Analyzed,
         on_hit: Option<&(dyn Fn(&mut Self) + Send + Sync)>,
@@ -739,7 +733,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 return Ok(false);
             }
         };
-        if !self.cache_allowed_now() {
+        // A plain BEGIN may open a snapshot transaction where the database (or a role)
+        // defaults to REPEATABLE READ or SERIALIZABLE.
+        if !self.cache_allowed_now() || (self.tx_status == b'T' && catalog.strict_isolation_default)
+        {
             m.bypass(BypassReason::Transaction);
             return Ok(false);
         }
@@ -877,7 +874,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
         };
         if self
-            .serve_plan(&cache, &plan, &analyzed, Some(&register))
+            .serve_plan(&cache, &catalog, &plan, &analyzed, Some(&register))
             .await?
         {
             self.batch.clear();
