@@ -570,6 +570,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     }
                     self.pinned.get_or_insert(why);
                 }
+                // The transaction's settings are no longer the ones the cache key holds.
+                Effect::TxSetting => self.strict_tx = true,
                 Effect::DiscardAll | Effect::DeallocateAll => {
                     self.statements.clear();
                     self.server_conn().prepared.clear();

@@ -1,6 +1,6 @@
 //! What a statement does to session state, as far as the pooler is concerned.
 
-use super::scan::{contains_ignore_case, first_word, leading_words, statements};
+use super::scan::{call_args, contains_ignore_case, first_word, leading_words, statements};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -22,6 +22,9 @@ pub enum Effect {
     /// Session state that lives only in this server connection (temp tables, session advisory
     /// locks, LISTEN, WITH HOLD cursors, SQL PREPARE): the client must keep it.
     Pin(&'static str),
+    /// A setting changed for the current transaction only, in a way the cache key does not
+    /// follow (`set_config(..., true)`): the cache is bypassed until the transaction ends.
+    TxSetting,
 }
 
 /// The session effects of every statement in a query string, in order.
@@ -46,21 +49,26 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         "deallocate",
         "listen",
         "prepare",
+        "do",
         "create",
         "declare",
     ]
     .iter()
     .any(|k| first.eq_ignore_ascii_case(k))
     {
-        return if contains_ignore_case(stmt, b"advisory_lock") {
+        if contains_ignore_case(stmt, b"advisory_lock") {
             let lower = stmt.to_ascii_lowercase();
-            (lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock"))
-                .then_some(Effect::Pin("session advisory lock"))
-        } else if contains_ignore_case(stmt, b"into temp") {
-            Some(Effect::Pin("temporary table"))
-        } else {
-            None
-        };
+            if lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock") {
+                return Some(Effect::Pin("session advisory lock"));
+            }
+        }
+        if contains_ignore_case(stmt, b"into temp") {
+            return Some(Effect::Pin("temporary table"));
+        }
+        if contains_ignore_case(stmt, b"set_config") {
+            return set_config_effect(stmt);
+        }
+        return None;
     }
     let w = leading_words(stmt, 4);
     let word = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
@@ -85,8 +93,34 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         "prepare" => Some(Effect::Pin("SQL PREPARE")),
         "create" if is_temp_create(&w) => Some(Effect::Pin("temporary table")),
         "declare" if contains_words(stmt, "with hold") => Some(Effect::Pin("WITH HOLD cursor")),
+        // A DO block can SET (or set_config) for the session in ways no statement text we
+        // relay shows; "set" anywhere in it is enough to keep its connection.
+        "do" if contains_ignore_case(stmt, b"set") => {
+            Some(Effect::Pin("DO block that may change settings"))
+        }
         _ => None,
     }
+}
+
+/// `set_config(name, value, is_local)` changes a setting without a `SET` statement, so the
+/// pooler cannot replay it and the cache key cannot carry it. A session-wide change keeps
+/// the client on its server connection (which is discarded afterwards, never handed to
+/// anyone else); a change for the transaction only makes the rest of the transaction
+/// bypass the cache. Only a literal `true` counts as local: `$3` or an expression might not be.
+fn set_config_effect(stmt: &str) -> Option<Effect> {
+    let calls = call_args(stmt, "set_config");
+    if calls.is_empty() {
+        // The name, but not as a call (a string, a column): nothing to follow.
+        return None;
+    }
+    let all_local = calls.iter().all(
+        |c| matches!(c, Some(args) if args.len() == 3 && args[2].eq_ignore_ascii_case("true")),
+    );
+    Some(if all_local {
+        Effect::TxSetting
+    } else {
+        Effect::Pin("set_config")
+    })
 }
 
 fn is_temp_create(w: &[String]) -> bool {
@@ -183,5 +217,34 @@ mod tests {
         assert_eq!(effects_of("SELECT pg_advisory_xact_lock(1)"), vec![]);
         assert_eq!(effects_of("SELECT 'LISTEN x'"), vec![]);
         assert_eq!(effects_of("CREATE TABLE temp (a int)"), vec![]);
+    }
+
+    #[test]
+    fn set_config_pins_unless_every_call_is_transaction_local() {
+        for sql in [
+            "SELECT set_config('search_path', 'a', false)",
+            "select pg_catalog.SET_CONFIG('role', 'bob', $3)",
+            "SELECT set_config('a', 'b', true), set_config('c', 'd', false)",
+            "SELECT set_config('a', 'b'",
+            "DO $$ BEGIN PERFORM set_config('search_path', 'a', false); END $$",
+            "do $$ begin execute 'SET search_path = a'; end $$",
+        ] {
+            assert!(
+                matches!(effects_of(sql).as_slice(), [Effect::Pin(_)]),
+                "{sql}"
+            );
+        }
+        assert_eq!(
+            effects_of(
+                "SELECT set_config('search_path', 'a,b', TRUE), set_config('x.y', '1', true)"
+            ),
+            vec![Effect::TxSetting]
+        );
+        assert_eq!(
+            effects_of("SELECT 'set_config(1, 2, false)' AS s"),
+            vec![Effect::Pin("set_config")]
+        );
+        assert_eq!(effects_of("SELECT set_config_count FROM t"), vec![]);
+        assert_eq!(effects_of("DO $$ BEGIN RAISE NOTICE 'hi'; END $$"), vec![]);
     }
 }

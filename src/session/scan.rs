@@ -166,6 +166,78 @@ pub fn leading_words(stmt: &str, n: usize) -> Vec<String> {
     words
 }
 
+/// The top-level arguments of every call of `name(...)` in `stmt` (matched ASCII
+/// case-insensitively, also when schema-qualified, and also inside literals, which only
+/// errs on the side of noticing), each argument trimmed. A call whose closing parenthesis
+/// is missing yields `None` in its place: the caller must assume the worst.
+pub fn call_args<'a>(stmt: &'a str, name: &str) -> Vec<Option<Vec<&'a str>>> {
+    let b = stmt.as_bytes();
+    let n = name.len();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + n <= b.len() {
+        let word_start = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+        if !(word_start && b[i..i + n].eq_ignore_ascii_case(name.as_bytes())) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + n;
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        if b.get(j) != Some(&b'(') {
+            i += n;
+            continue;
+        }
+        let (args, end) = split_args(stmt, j);
+        out.push(args);
+        i = end;
+    }
+    out
+}
+
+/// The arguments between the parenthesis at `open` and its match, and where scanning
+/// resumes.
+fn split_args(stmt: &str, open: usize) -> (Option<Vec<&str>>, usize) {
+    let b = stmt.as_bytes();
+    let mut args = Vec::new();
+    let mut depth = 0usize;
+    let mut start = open + 1;
+    let mut i = open + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\'' | b'"' => i = skip_quoted(b, i, b[i]),
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |p| i + p + 1)
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
+            b'$' => i = skip_dollar(b, i),
+            b'(' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b')' | b']' if depth > 0 => {
+                depth -= 1;
+                i += 1;
+            }
+            b')' => {
+                args.push(stmt[start..i].trim());
+                return (Some(args), i + 1);
+            }
+            b',' if depth == 0 => {
+                args.push(stmt[start..i].trim());
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    (None, b.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +310,24 @@ mod tests {
             let _ = statements(s);
             let _ = leading_words(s, 3);
         }
+    }
+
+    #[test]
+    fn call_args_split_at_top_level_commas_only() {
+        assert_eq!(
+            call_args(
+                "SELECT pg_catalog.Set_Config('a', 'x,y)', true), my_set_config(1), set_config ( f(1, 2), $1, false )",
+                "set_config"
+            ),
+            vec![
+                Some(vec!["'a'", "'x,y)'", "true"]),
+                Some(vec!["f(1, 2)", "$1", "false"])
+            ]
+        );
+        assert_eq!(
+            call_args("SELECT set_config('a', 'b'", "set_config"),
+            vec![None]
+        );
+        assert!(call_args("SELECT 'set_config'", "set_config").is_empty());
     }
 }

@@ -250,6 +250,56 @@ async fn a_database_default_of_repeatable_read_makes_transactions_bypass_the_cac
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_never_leaks_a_search_path_into_the_cache_or_to_other_clients() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "setconfig");
+    pg.psql_db(
+        &db,
+        "CREATE SCHEMA a; CREATE TABLE a.s (x text); INSERT INTO a.s VALUES ('schema a');
+         CREATE TABLE public.s (x text); INSERT INTO public.s VALUES ('public');",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let q = "SELECT x FROM s";
+    let pa = proxy.connect("postgres", "", &db).await;
+    let pb = proxy.connect("postgres", "", &db).await;
+    pa.simple_query("SELECT set_config('search_path', 'a', false)")
+        .await
+        .expect("set_config");
+    // The pool is LIFO: without care, pb is handed the connection pa just changed, which
+    // carries the same settings fingerprint as a fresh one.
+    for _ in 0..2 {
+        assert_eq!(simple_int(&pb, q).await, "public");
+        assert_eq!(simple_int(&pa, q).await, "schema a");
+    }
+    drop(pa);
+    let pc = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert_eq!(simple_int(&pc, q).await, "public");
+        assert_eq!(simple_int(&pb, q).await, "public");
+    }
+    // For one transaction only, in both protocols: the rest of it reads through.
+    pb.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(simple_int(&pb, q).await, "public");
+    pb.simple_query("SELECT set_config('search_path', 'a', true)")
+        .await
+        .expect("local set_config");
+    assert_eq!(simple_int(&pb, q).await, "schema a");
+    let row = pb.query_one(q, &[]).await.expect("extended read");
+    assert_eq!(row.get::<_, String>(0), "schema a");
+    pb.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(simple_int(&pb, q).await, "public");
+    pb.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(simple_int(&pb, q).await, "public");
+    pb.query("SELECT set_config($1, $2, true)", &[&"search_path", &"a"])
+        .await
+        .expect("local set_config, extended");
+    assert_eq!(simple_int(&pb, q).await, "schema a");
+    pb.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(simple_int(&pb, q).await, "public");
+    assert_eq!(simple_int(&pc, q).await, "public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_search_paths_databases_and_timezones_never_share_entries() {
     let pg = shared_pg();
     let db = fresh_database(pg, "privacy");
