@@ -1,7 +1,7 @@
 //! What the cache needs to know about a database's schema, read from `pg_catalog` over a
 //! control-plane connection (tokio-postgres): which relations are views over which tables,
-//! which tables inherit from which (partitions), each table's primary key, and which
-//! functions are volatile.
+//! which tables inherit from which (partitions), which tables row-security policies read,
+//! each table's primary key, and which functions are volatile.
 //!
 //! Relations are identified by their bare name, whatever the schema: a write to `s1.t`
 //! invalidates reads of `s2.t` too. That over-invalidates when two schemas share a table name,
@@ -34,8 +34,13 @@ pub struct IntKey {
 
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
-    /// Relation name → the names of the base tables it reads (itself for a table).
+    /// Relation name → the names of the other relations a read of it reads: a view's base
+    /// tables, and the tables a row-security policy on a table reads, recursively.
     bases: HashMap<String, Vec<String>>,
+    /// Relations whose reads run a function that is not immutable where the query text does
+    /// not show it (in a view's definition, in a row-security policy, at any depth): like a
+    /// volatile call in the text, their reads are never cached.
+    opaque: HashSet<String>,
     /// Table name → names of tables whose rows it shares (ancestors and descendants).
     family: HashMap<String, Vec<String>>,
     /// Table name → integer primary key, when unambiguous across schemas.
@@ -82,7 +87,9 @@ impl Catalog {
                    JOIN pg_class v ON v.oid = r.ev_class
                    JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass
                    JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
-                  WHERE v.relkind IN ('v', 'm') AND t.oid <> v.oid",
+                  WHERE v.relkind IN ('v', 'm') AND t.oid <> v.oid
+                    AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                               'information_schema'::regnamespace)",
                 &[],
             )
             .await?;
@@ -90,9 +97,66 @@ impl Catalog {
         for r in rows {
             direct.entry(r.get(0)).or_default().push(r.get(1));
         }
-        for view in direct.keys() {
+        // Row-security policies: a policy's expression may read other tables (a membership
+        // subquery), and its rows change when they do. Policies count whether or not row
+        // security is enabled or applies to the reader: when in doubt, depend.
+        let rows = client
+            .query(
+                "SELECT DISTINCT c.relname::text, t.relname::text
+                   FROM pg_policy pol
+                   JOIN pg_class c ON c.oid = pol.polrelid
+                   JOIN pg_depend d ON d.objid = pol.oid AND d.classid = 'pg_policy'::regclass
+                   JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
+                  WHERE t.oid <> c.oid",
+                &[],
+            )
+            .await?;
+        for r in rows {
+            direct.entry(r.get(0)).or_default().push(r.get(1));
+        }
+        // Functions that are not immutable, called where a view's definition or a policy's
+        // USING expression calls them. pg_depend does not record built-in functions (now(),
+        // nextval()), so the stored expression trees are searched for every function id they
+        // call, and for CURRENT_DATE-like keywords (SQLValueFunction; only the ones of type
+        // `name`, CURRENT_USER and friends, are answered by the cache key). current_setting()
+        // and the like are allowed for the same reason: the key holds role, database and
+        // settings. A materialized view is not here: reading it runs nothing. System schemas
+        // are skipped (never cached anyway), or a user table named like an
+        // information_schema view would be caught by its name.
+        let rows = client
+            .query(
+                r"WITH expr AS (
+                    SELECT v.relname::text AS rel, r.ev_action::text AS tree
+                      FROM pg_rewrite r
+                      JOIN pg_class v ON v.oid = r.ev_class
+                     WHERE v.relkind = 'v'
+                       AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                                  'information_schema'::regnamespace)
+                    UNION ALL
+                    SELECT c.relname::text, pol.polqual::text
+                      FROM pg_policy pol
+                      JOIN pg_class c ON c.oid = pol.polrelid
+                     WHERE pol.polqual IS NOT NULL
+                  )
+                  SELECT e.rel
+                    FROM expr e,
+                         regexp_matches(e.tree, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)', 'g') m
+                    JOIN pg_proc p ON p.oid = m[1]::oid
+                   WHERE p.provolatile <> 'i'
+                     AND p.proname NOT IN ('current_setting', 'current_user', 'session_user',
+                                           'current_role', 'current_schema', 'current_database')
+                  UNION
+                  SELECT e.rel
+                    FROM expr e,
+                         regexp_matches(e.tree, '\{SQLVALUEFUNCTION :op \d+ :type (\d+)', 'g') m
+                   WHERE m[1] <> '19'",
+                &[],
+            )
+            .await?;
+        let opaque: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        for rel in direct.keys() {
             let mut seen = HashSet::new();
-            let mut stack = vec![view.clone()];
+            let mut stack = vec![rel.clone()];
             while let Some(n) = stack.pop() {
                 if !seen.insert(n.clone()) {
                     continue;
@@ -101,8 +165,13 @@ impl Catalog {
                     stack.extend(next.iter().cloned());
                 }
             }
-            cat.bases.insert(view.clone(), seen.into_iter().collect());
+            if seen.iter().any(|n| opaque.contains(n)) {
+                cat.opaque.insert(rel.clone());
+            }
+            seen.remove(rel);
+            cat.bases.insert(rel.clone(), seen.into_iter().collect());
         }
+        cat.opaque.extend(opaque);
         let rows = client
             .query(
                 "SELECT c.relname::text, p.relname::text
@@ -188,10 +257,22 @@ impl Catalog {
     /// The base tables a read of relation `name` depends on (the name itself included).
     pub fn read_dependencies(&self, name: &str) -> Vec<String> {
         let mut out = vec![name.to_string()];
-        if let Some(b) = self.bases.get(name) {
-            out.extend(b.iter().cloned());
-        }
+        out.extend(self.other_reads(name).iter().cloned());
         out
+    }
+
+    /// The relations a read of `name` reads besides itself (a view's tables, its policies'
+    /// tables); empty for most tables.
+    pub fn other_reads(&self, name: &str) -> &[String] {
+        if self.bases.is_empty() {
+            return &[];
+        }
+        self.bases.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether reading `name` runs functions the cache cannot vouch for (see `opaque`).
+    pub fn is_opaque(&self, name: &str) -> bool {
+        !self.opaque.is_empty() && self.opaque.contains(name)
     }
 
     /// The names a write to table `name` must invalidate: itself and its inheritance family.

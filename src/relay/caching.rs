@@ -599,6 +599,9 @@ pub fn read_plan(
     params: Option<&BindParams<'_>>,
 ) -> Option<ReadPlan> {
     let Analysis::Read(r) = a else { return None };
+    if r.tables.iter().any(|t| catalog.is_opaque(&t.name)) {
+        return None;
+    }
     let mut deps = Vec::new();
     let mut tables = Vec::new();
     let point = r.point.as_ref().and_then(|p| {
@@ -610,6 +613,10 @@ pub fn read_plan(
         Some((name, k)) => {
             let t = table_id(&name);
             deps.push(Dependency::Key(t, k));
+            for other in catalog.other_reads(&name) {
+                deps.push(Dependency::AnyOf(table_id(other)));
+                tables.push(other.clone());
+            }
             tables.push(name);
         }
         None => {

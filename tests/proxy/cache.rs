@@ -300,6 +300,106 @@ async fn set_config_never_leaks_a_search_path_into_the_cache_or_to_other_clients
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_that_call_functions_are_never_served_stale() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "viewfn");
+    pg.psql_db(
+        &db,
+        "CREATE SEQUENCE sq;
+         CREATE VIEW nv AS SELECT nextval('sq')::text AS n;
+         CREATE VIEW nv2 AS SELECT n FROM nv;
+         CREATE TABLE owners (id int PRIMARY KEY, name text);
+         INSERT INTO owners VALUES (1, 'ann');
+         CREATE FUNCTION owner_name(int) RETURNS text STABLE LANGUAGE sql
+             AS $$ SELECT name FROM owners WHERE id = $1 $$;
+         CREATE VIEW ov AS SELECT owner_name(1) AS o;
+         CREATE TABLE stock (id int PRIMARY KEY, n int);
+         INSERT INTO stock VALUES (1, 5);
+         CREATE VIEW plain AS SELECT n + 1 AS n1 FROM stock;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    // Each read of a view over nextval() advances the sequence, as Postgres would.
+    for expected in 1..=4 {
+        assert_eq!(
+            simple_int(&c, "SELECT n FROM nv").await,
+            expected.to_string()
+        );
+    }
+    assert_eq!(simple_int(&c, "SELECT n FROM nv2").await, "5");
+    assert_eq!(simple_int(&c, "SELECT n FROM nv2").await, "6");
+    // A stable function reads a table the view's text does not name.
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, "SELECT o FROM ov").await, "ann");
+    }
+    c.batch_execute("UPDATE owners SET name = 'bob' WHERE id = 1")
+        .await
+        .expect("update");
+    assert_eq!(simple_int(&c, "SELECT o FROM ov").await, "bob");
+    // A view of immutable expressions over a table is still cached, and still fresh.
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, "SELECT n1::text FROM plain").await, "6");
+    }
+    c.batch_execute("UPDATE stock SET n = 7 WHERE id = 1")
+        .await
+        .expect("update");
+    assert_eq!(simple_int(&c, "SELECT n1::text FROM plain").await, "8");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_security_policies_that_read_other_tables_are_never_served_stale() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "rlsdeps");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE members (usr text, org int);
+         INSERT INTO members VALUES ('md5user', 1);
+         CREATE TABLE docs (id int PRIMARY KEY, org int, body text);
+         INSERT INTO docs VALUES (1, 1, 'org one'), (2, 2, 'org two');
+         ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY member_of ON docs
+             USING (org IN (SELECT m.org FROM members m WHERE m.usr = current_user));
+         CREATE TABLE switch (enabled bool);
+         INSERT INTO switch VALUES (true);
+         CREATE FUNCTION notes_enabled() RETURNS bool STABLE LANGUAGE sql
+             AS $$ SELECT enabled FROM switch $$;
+         CREATE TABLE notes (id int PRIMARY KEY, body text);
+         INSERT INTO notes VALUES (1, 'note');
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY when_enabled ON notes USING (notes_enabled());
+         GRANT SELECT ON members, docs, switch, notes TO md5user;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
+    let m = proxy.connect("md5user", "md5pass", &db).await;
+    let admin = proxy.connect("postgres", "", &db).await;
+    let all = "SELECT coalesce(string_agg(body, ','), '-') FROM docs";
+    let point = "SELECT coalesce((SELECT body FROM docs WHERE id = 1), '-')";
+    let point_ext = "SELECT body FROM docs WHERE id = $1";
+    for _ in 0..3 {
+        assert_eq!(simple_int(&m, all).await, "org one");
+        assert_eq!(simple_int(&m, point).await, "org one");
+        assert_eq!(m.query(point_ext, &[&1i32]).await.expect("read").len(), 1);
+        assert_eq!(
+            simple_int(&m, "SELECT count(*)::text FROM notes").await,
+            "1"
+        );
+    }
+    admin
+        .batch_execute(
+            "DELETE FROM members WHERE usr = 'md5user'; UPDATE switch SET enabled = false",
+        )
+        .await
+        .expect("revoke membership");
+    assert_eq!(simple_int(&m, all).await, "-");
+    assert_eq!(simple_int(&m, point).await, "-");
+    assert_eq!(m.query(point_ext, &[&1i32]).await.expect("read").len(), 0);
+    assert_eq!(
+        simple_int(&m, "SELECT count(*)::text FROM notes").await,
+        "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_search_paths_databases_and_timezones_never_share_entries() {
     let pg = shared_pg();
     let db = fresh_database(pg, "privacy");
