@@ -41,8 +41,13 @@ pub struct Catalog {
     /// not show it (in a view's definition, in a row-security policy, at any depth): like a
     /// volatile call in the text, their reads are never cached.
     opaque: HashSet<String>,
-    /// Table name → names of tables whose rows it shares (ancestors and descendants).
+    /// Relation name → the names a write to it changes, itself included: its inheritance
+    /// family (partitions, ancestors), the tables its foreign keys cascade into (ON
+    /// DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT), a view's base tables, transitively.
     family: HashMap<String, Vec<String>>,
+    /// Relations with user triggers or rules (pgstash's own NOTIFY triggers aside): a write
+    /// to them may write any table.
+    triggered: HashSet<String>,
     /// Table name → integer primary key, when unambiguous across schemas.
     keys: HashMap<String, IntKey>,
     /// Function names with at least one overload that is not immutable. Stable functions
@@ -97,6 +102,8 @@ impl Catalog {
         for r in rows {
             direct.entry(r.get(0)).or_default().push(r.get(1));
         }
+        // A write through an (auto-updatable) view changes its base table.
+        let mut write_edges = direct.clone();
         // Row-security policies: a policy's expression may read other tables (a membership
         // subquery), and its rows change when they do. Policies count whether or not row
         // security is enabled or applies to the reader: when in doubt, depend.
@@ -181,24 +188,57 @@ impl Catalog {
                 &[],
             )
             .await?;
-        let mut edges: HashMap<String, Vec<String>> = HashMap::new();
         for r in rows {
             let (child, parent): (String, String) = (r.get(0), r.get(1));
-            edges.entry(child.clone()).or_default().push(parent.clone());
-            edges.entry(parent).or_default().push(child);
+            write_edges
+                .entry(child.clone())
+                .or_default()
+                .push(parent.clone());
+            write_edges.entry(parent).or_default().push(child);
         }
-        for start in edges.keys() {
+        let rows = client
+            .query(
+                "SELECT DISTINCT p.relname::text, c.relname::text
+                   FROM pg_constraint k
+                   JOIN pg_class c ON c.oid = k.conrelid
+                   JOIN pg_class p ON p.oid = k.confrelid
+                  WHERE k.contype = 'f'
+                    AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))",
+                &[],
+            )
+            .await?;
+        for r in rows {
+            write_edges.entry(r.get(0)).or_default().push(r.get(1));
+        }
+        for start in write_edges.keys() {
             let mut seen = HashSet::new();
             let mut stack = vec![start.clone()];
             while let Some(n) = stack.pop() {
                 if seen.insert(n.clone())
-                    && let Some(next) = edges.get(&n)
+                    && let Some(next) = write_edges.get(&n)
                 {
                     stack.extend(next.iter().cloned());
                 }
             }
             cat.family.insert(start.clone(), seen.into_iter().collect());
         }
+        let rows = client
+            .query(
+                "SELECT c.relname::text
+                   FROM pg_trigger t
+                   JOIN pg_class c ON c.oid = t.tgrelid
+                   JOIN pg_proc f ON f.oid = t.tgfoid
+                   JOIN pg_namespace n ON n.oid = f.pronamespace
+                  WHERE NOT t.tgisinternal AND n.nspname <> 'pgstash'
+                 UNION
+                 SELECT c.relname::text
+                   FROM pg_rewrite r
+                   JOIN pg_class c ON c.oid = r.ev_class
+                  WHERE r.rulename <> '_RETURN'",
+                &[],
+            )
+            .await?;
+        cat.triggered = rows.iter().map(|r| r.get(0)).collect();
         let rows = client
             .query(
                 "SELECT c.relname::text, count(*) OVER (PARTITION BY c.relname),
@@ -275,11 +315,23 @@ impl Catalog {
         !self.opaque.is_empty() && self.opaque.contains(name)
     }
 
-    /// The names a write to table `name` must invalidate: itself and its inheritance family.
+    /// The names a write to relation `name` must invalidate (see `family`).
     pub fn write_targets(&self, name: &str) -> Vec<String> {
         match self.family.get(name) {
             Some(f) => f.clone(),
             None => vec![name.to_string()],
+        }
+    }
+
+    /// Whether a write to `name` may also write tables no statement names (a trigger or
+    /// rule on it, or on a table the write reaches).
+    pub fn writes_elsewhere(&self, name: &str) -> bool {
+        if self.triggered.is_empty() {
+            return false;
+        }
+        match self.family.get(name) {
+            Some(f) => f.iter().any(|t| self.triggered.contains(t)),
+            None => self.triggered.contains(name),
         }
     }
 

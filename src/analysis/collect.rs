@@ -68,7 +68,12 @@ pub(crate) fn collect<T: Visit>(node: &T, funcs: &dyn FunctionVolatility) -> Col
 
 impl Collector<'_> {
     fn bypass(&mut self, reason: BypassReason) {
-        self.out.bypass.get_or_insert(reason);
+        // The first reason, unless a later one says the statement may write: callers need
+        // that one to know a transaction's reads can no longer trust the cache.
+        match &self.out.bypass {
+            Some(old) if old.may_write() || !reason.may_write() => {}
+            _ => self.out.bypass = Some(reason),
+        }
     }
 
     fn is_cte(&self, name: &str) -> bool {

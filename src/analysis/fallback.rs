@@ -150,6 +150,8 @@ fn statement(items: &[Item<'_>], why: Refusal) -> Analysis {
                 table,
                 effect: WriteEffect::Wide,
             }],
+            // Unparsed text: its calls are unknown.
+            hidden_writes: true,
         }),
         None => flush(why.flush()),
     };

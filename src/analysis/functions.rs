@@ -226,6 +226,14 @@ const ALLOW: &[&str] = &[
     "width_bucket",
 ];
 
+/// Whether `name` (as a bypass reason names it) is one of the built-ins denied by name.
+pub(crate) fn is_denied_builtin(name: &str) -> bool {
+    let name = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    SEQUENCE.contains(&name)
+        || DENY.contains(&name)
+        || DENY_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// Returns why a call to `schema.name` makes a read uncacheable, or `None` if it is safe.
 pub(crate) fn check(
     schema: Option<&str>,

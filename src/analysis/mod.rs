@@ -87,8 +87,18 @@ fn parse_and_classify(sql: &str, funcs: &dyn FunctionVolatility) -> Result<Analy
         Ok(match statements.as_slice() {
             [] => Analysis::Other,
             [one] => statement::classify(one, funcs),
-            many => combine(many.iter().map(|s| statement::classify(s, funcs)))
-                .unwrap_or(Analysis::Bypass(BypassReason::MultipleStatements)),
+            many => {
+                let parts: Vec<Analysis> =
+                    many.iter().map(|s| statement::classify(s, funcs)).collect();
+                // Reads only: say so, unless one of them calls a function that may write.
+                let writer = parts.iter().find_map(|p| match p {
+                    Analysis::Bypass(r) if r.may_write() => Some(r.clone()),
+                    _ => None,
+                });
+                combine(parts).unwrap_or(Analysis::Bypass(
+                    writer.unwrap_or(BypassReason::MultipleStatements),
+                ))
+            }
         })
     })
 }
@@ -102,9 +112,13 @@ pub(crate) fn combine(parts: impl IntoIterator<Item = Analysis>) -> Option<Analy
     let mut any_ddl = false;
     let mut flush = None;
     let mut creates_temp = false;
+    let mut hidden_writes = false;
     for part in parts {
         match part {
-            Analysis::Write(w) => writes.extend(w.tables),
+            Analysis::Write(w) => {
+                hidden_writes |= w.hidden_writes;
+                writes.extend(w.tables);
+            }
             Analysis::Ddl(d) => {
                 any_ddl = true;
                 creates_temp |= d.creates_temp;
@@ -135,7 +149,10 @@ pub(crate) fn combine(parts: impl IntoIterator<Item = Analysis>) -> Option<Analy
             creates_temp,
         }))
     } else if !writes.is_empty() {
-        Some(Analysis::Write(WriteInfo { tables: writes }))
+        Some(Analysis::Write(WriteInfo {
+            tables: writes,
+            hidden_writes,
+        }))
     } else {
         None
     }

@@ -50,6 +50,9 @@ pub struct PointKey {
 pub struct WriteInfo {
     /// One entry per written table occurrence (a table written twice appears twice).
     pub tables: Vec<TableWrite>,
+    /// The statement also calls a function that may write tables it does not name (see
+    /// [`BypassReason::may_write`]).
+    pub hidden_writes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +184,18 @@ pub enum BypassReason {
 }
 
 impl BypassReason {
+    /// Whether the statement calls a function that may write tables it does not name: a
+    /// volatile or unknown function other than the built-ins the analysis denies by name
+    /// (time, randomness, sequences, session and system functions).
+    pub fn may_write(&self) -> bool {
+        match self {
+            Self::VolatileFunction(name) | Self::UnknownFunction(name) => {
+                !super::functions::is_denied_builtin(name)
+            }
+            _ => false,
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             Self::TooLong => "too_long",

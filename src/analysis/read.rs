@@ -8,7 +8,8 @@ use super::collect::{Collected, collect};
 use super::combine;
 use super::keys::{Qualifiers, relation_parts, table_ref, table_ref_from_parts};
 use super::model::{
-    Analysis, DdlInfo, DdlScope, FlushReason, FunctionVolatility, PointKey, ReadInfo, WriteInfo,
+    Analysis, BypassReason, DdlInfo, DdlScope, FlushReason, FunctionVolatility, PointKey, ReadInfo,
+    WriteInfo,
 };
 
 pub(crate) fn classify(statement: &Statement, funcs: &dyn FunctionVolatility) -> Analysis {
@@ -51,6 +52,10 @@ fn effects(collected: &Collected, into: Option<Analysis>) -> Option<Analysis> {
     if !collected.writes.is_empty() {
         parts.push(Analysis::Write(WriteInfo {
             tables: collected.writes.clone(),
+            hidden_writes: collected
+                .bypass
+                .as_ref()
+                .is_some_and(BypassReason::may_write),
         }));
     }
     parts.extend(into);

@@ -163,7 +163,10 @@ fn wide_writes<'a>(names: impl IntoIterator<Item = &'a ObjectName>) -> Analysis 
         })
     });
     match writes.collect::<Option<Vec<_>>>() {
-        Some(tables) => Analysis::Write(WriteInfo { tables }),
+        Some(tables) => Analysis::Write(WriteInfo {
+            tables,
+            hidden_writes: false,
+        }),
         None => flush(FlushReason::Unrecognised),
     }
 }

@@ -542,6 +542,23 @@ pub fn invalidations(
     (out, names)
 }
 
+/// Whether a statement may write tables that neither its text nor the catalog's write
+/// targets name: a call of a function that may write, a procedure, unparsed or
+/// database-wide DDL, or a write to a table with triggers or rules.
+pub fn writes_unnamed_tables(a: &Analysis, catalog: &Catalog) -> bool {
+    match a {
+        Analysis::Bypass(reason) => reason.may_write(),
+        Analysis::Write(w) => {
+            w.hidden_writes
+                || w.tables
+                    .iter()
+                    .any(|t| catalog.writes_elsewhere(&t.table.name))
+        }
+        Analysis::Ddl(d) => matches!(d.scope, DdlScope::Database(_)),
+        Analysis::Read(_) | Analysis::Other => false,
+    }
+}
+
 /// The canonical integer keys a write touches, if every row it touches is pinned by the
 /// table's integer primary key.
 fn int_keys(

@@ -946,6 +946,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 self.pinned.get_or_insert("temporary relation");
             }
         }
+        // A write no statement names (a function's, a procedure's, a trigger's) is visible to
+        // the rest of its transaction: the cache cannot say which reads it changed.
+        if caching::writes_unnamed_tables(&analyzed.analysis, &catalog) {
+            self.strict_tx = true;
+        }
         let (inv, tables) = caching::invalidations(&analyzed.analysis, &catalog, params);
         self.pending_inv.extend(inv);
         self.tx_written.extend(tables);

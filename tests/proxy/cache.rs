@@ -400,6 +400,74 @@ async fn row_security_policies_that_read_other_tables_are_never_served_stale() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_the_text_does_not_show_are_seen_by_the_transaction_and_after_it() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "hidden");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (id int PRIMARY KEY,
+                             parent_id int REFERENCES parent ON DELETE CASCADE);
+         INSERT INTO parent VALUES (1), (2);
+         INSERT INTO child VALUES (10, 1), (20, 2);
+         CREATE VIEW child_v AS SELECT id, parent_id FROM child;
+         CREATE TABLE log (n int);
+         CREATE FUNCTION add_log() RETURNS int VOLATILE LANGUAGE sql
+             AS $$ INSERT INTO log VALUES (1) RETURNING n $$;
+         CREATE PROCEDURE add_log_proc() LANGUAGE sql AS $$ INSERT INTO log VALUES (2) $$;
+         CREATE TABLE audited (id int PRIMARY KEY);
+         CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN INSERT INTO log VALUES (3); RETURN NEW; END $$;
+         CREATE TRIGGER audit AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION audit();",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    let children = "SELECT count(*)::text FROM child";
+    let logs = "SELECT count(*)::text FROM log";
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, children).await, "2");
+        assert_eq!(simple_int(&c, logs).await, "0");
+    }
+    // Inside a transaction, Postgres shows the transaction its own writes, wherever
+    // they came from: a cascade, a function, a procedure, a trigger.
+    for (write, read, expected) in [
+        ("DELETE FROM parent WHERE id = 1", children, "1"),
+        ("SELECT add_log()", logs, "1"),
+        ("CALL add_log_proc()", logs, "1"),
+        ("INSERT INTO audited VALUES (1)", logs, "1"),
+    ] {
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.batch_execute(write).await.expect(write);
+        assert_eq!(simple_int(&c, read).await, expected, "after {write}");
+        let table = if read == logs { "log" } else { "child" };
+        let extended: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect("extended read")
+            .get(0);
+        assert_eq!(extended.to_string(), expected, "extended, after {write}");
+        c.batch_execute("ROLLBACK").await.expect("rollback");
+        assert_eq!(
+            simple_int(&c, read).await,
+            if read == logs { "0" } else { "2" }
+        );
+    }
+    // Committed, through pgstash: the cascade and the write through a view invalidate the
+    // tables they really changed.
+    c.batch_execute("DELETE FROM parent WHERE id = 2")
+        .await
+        .expect("cascade");
+    assert_eq!(simple_int(&c, children).await, "1");
+    for _ in 0..2 {
+        assert_eq!(simple_int(&c, children).await, "1");
+    }
+    c.batch_execute("INSERT INTO child_v VALUES (30, 1)")
+        .await
+        .expect("insert through a view");
+    assert_eq!(simple_int(&c, children).await, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_search_paths_databases_and_timezones_never_share_entries() {
     let pg = shared_pg();
     let db = fresh_database(pg, "privacy");

@@ -204,12 +204,19 @@ impl<'a> Wal<'a> {
         summarize(&self.next_commit_with_time().await.1)
     }
 
-    /// [`next_commit`](Self::next_commit) without pgstash's own tables: the DDL hooks keep
-    /// their bookkeeping (`pgstash.relation_names`) in the transaction they report on.
+    /// The next commit that changed a user table, without pgstash's own tables: the DDL
+    /// hooks keep their bookkeeping (`pgstash.relation_names`) in the transaction they
+    /// report on, and a commit of pgstash's alone (a hook's housekeeping, a heartbeat) may
+    /// land between a test's cursor and the statement it waits for. A statement whose
+    /// report is wrongly empty still fails: its wait times out.
     async fn next_user_commit(&mut self) -> BTreeMap<String, Rows> {
-        let mut commit = self.next_commit().await;
-        commit.retain(|table, _| !table.starts_with("pgstash."));
-        commit
+        loop {
+            let mut commit = self.next_commit().await;
+            commit.retain(|table, _| !table.starts_with("pgstash."));
+            if !commit.is_empty() {
+                return commit;
+            }
+        }
     }
 
     /// Wait for an unhealthy report whose reason contains `part`; returns the reason.

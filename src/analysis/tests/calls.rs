@@ -160,3 +160,32 @@ fn syntax_reported_as_calls_is_allowed() {
         Analysis::Read(_)
     ));
 }
+
+#[test]
+fn calls_that_may_write_are_told_apart_from_denied_built_ins() {
+    // NoCatalog knows no user function: unknown ones may write, built-ins denied by name
+    // (time, randomness, sequences, system functions) do not.
+    assert!(bypass("SELECT add_row(1)").may_write());
+    assert!(bypass("SELECT app.add_row(1)").may_write());
+    for sql in [
+        "SELECT now()",
+        "SELECT random()",
+        "SELECT nextval('s')",
+        "SELECT pg_catalog.pg_backend_pid()",
+        "SELECT * FROM t WHERE ts > now()",
+    ] {
+        assert!(!bypass(sql).may_write(), "{sql}");
+    }
+    // Whatever comes first, a call that may write is the reason given.
+    assert!(bypass("SELECT now(), add_row(1)").may_write());
+    assert!(bypass("SELECT add_row(1), now()").may_write());
+    assert!(bypass("SELECT now(); SELECT add_row(1)").may_write());
+    assert_eq!(
+        bypass("SELECT 1; SELECT 2"),
+        BypassReason::MultipleStatements
+    );
+    // In a write, the call is recorded next to the written tables.
+    assert!(write("INSERT INTO orders VALUES (next_order_no(), 1)").hidden_writes);
+    assert!(!write("INSERT INTO orders VALUES (1, 2)").hidden_writes);
+    assert!(!write("UPDATE t SET ts = now() WHERE id = 1").hidden_writes);
+}
