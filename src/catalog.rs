@@ -160,7 +160,25 @@ impl Catalog {
                 &[],
             )
             .await?;
-        let opaque: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        let mut opaque: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        // Relations whose contents change without a write to them: a sequence (nextval() is
+        // no write), a foreign table (written in another server), and a table with foreign
+        // partitions or children.
+        let rows = client
+            .query(
+                "WITH RECURSIVE up(oid) AS (
+                    SELECT oid FROM pg_class
+                     WHERE relkind IN ('S', 'f')
+                       AND relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                                'information_schema'::regnamespace)
+                    UNION
+                    SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.oid
+                 )
+                 SELECT c.relname::text FROM up JOIN pg_class c USING (oid)",
+                &[],
+            )
+            .await?;
+        opaque.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         for rel in direct.keys() {
             let mut seen = HashSet::new();
             let mut stack = vec![rel.clone()];

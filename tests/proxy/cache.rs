@@ -468,6 +468,56 @@ async fn writes_the_text_does_not_show_are_seen_by_the_transaction_and_after_it(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_and_foreign_tables_are_read_from_postgres() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "outside");
+    pg.psql_db(
+        &db,
+        &format!(
+            "CREATE SEQUENCE sq;
+             CREATE VIEW sq_v AS SELECT last_value FROM sq;
+             CREATE EXTENSION postgres_fdw;
+             CREATE SERVER here FOREIGN DATA WRAPPER postgres_fdw
+                 OPTIONS (host '127.0.0.1', port '{port}', dbname '{db}');
+             CREATE USER MAPPING FOR CURRENT_USER SERVER here OPTIONS (user 'postgres');
+             CREATE TABLE remote_src (id int, v int);
+             INSERT INTO remote_src VALUES (1, 1);
+             CREATE FOREIGN TABLE remote (id int, v int)
+                 SERVER here OPTIONS (table_name 'remote_src');
+             CREATE TABLE parted (id int, v int) PARTITION BY RANGE (id);
+             CREATE FOREIGN TABLE parted_far PARTITION OF parted FOR VALUES FROM (0) TO (100)
+                 SERVER here OPTIONS (table_name 'remote_src');",
+            port = pg.port
+        ),
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    let reads = [
+        "SELECT last_value::text FROM sq",
+        "SELECT last_value::text FROM sq_v",
+    ];
+    for n in 1..=3 {
+        simple_int(&c, "SELECT nextval('sq')::text").await;
+        for r in reads {
+            assert_eq!(simple_int(&c, r).await, n.to_string(), "{r}");
+        }
+    }
+    // The foreign table's rows live in remote_src: a write there changes them.
+    let reads = ["SELECT v::text FROM remote", "SELECT v::text FROM parted"];
+    for _ in 0..3 {
+        for r in reads {
+            assert_eq!(simple_int(&c, r).await, "1", "{r}");
+        }
+    }
+    c.batch_execute("UPDATE remote_src SET v = 2")
+        .await
+        .expect("update");
+    for r in reads {
+        assert_eq!(simple_int(&c, r).await, "2", "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_search_paths_databases_and_timezones_never_share_entries() {
     let pg = shared_pg();
     let db = fresh_database(pg, "privacy");

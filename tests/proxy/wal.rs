@@ -907,7 +907,12 @@ async fn the_source_stops_vouching_while_its_ddl_hooks_are_reverted_or_disabled(
     w.sql("ALTER EVENT TRIGGER pgstash_ddl_command_end ENABLE")
         .await;
     w.wait_healthy().await;
+    // The source resumes from its slot: commits it had not read when the event trigger
+    // stopped it (migrations 0004 and 0005 above, a hook's database change) may still
+    // arrive after it reports healthy within its lag bound. A marker row ends them.
     w.cursor = w.rec.snapshot().len();
+    w.sql("INSERT INTO t VALUES (1000, 0)").await;
+    while w.next_commit().await != expect([keys("t", &["1000"])]) {}
     w.sql("ALTER TABLE t ADD COLUMN w int").await;
     assert_eq!(w.next_user_commit().await, expect([whole("t")]));
     stop_and_drop_slot(&mut w).await;
