@@ -249,6 +249,15 @@ impl Visitor for Collector<'_> {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         match expr {
             Expr::Function(function) => self.call(&function.name),
+            // Text computed in the query and read as a date or time ('no' || 'w') may
+            // spell "now"; a plain column or literal is judged on its own.
+            Expr::Cast {
+                expr: inner,
+                data_type,
+                ..
+            } if builds_text(inner) && is_datetime_type(data_type) => {
+                self.bypass(BypassReason::TimeLiteral);
+            }
             Expr::Identifier(ident) if ident.quote_style.is_none() => {
                 let name = ident.value.to_ascii_lowercase();
                 if functions::is_bare_function_keyword(&name) {
@@ -284,4 +293,63 @@ impl Visitor for Collector<'_> {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Whether `e` computes text from pieces: a concatenation or a string function.
+fn builds_text(e: &Expr) -> bool {
+    const STRING_FUNCTIONS: &[&str] = &[
+        "btrim",
+        "concat",
+        "concat_ws",
+        "format",
+        "initcap",
+        "left",
+        "lower",
+        "lpad",
+        "ltrim",
+        "overlay",
+        "regexp_replace",
+        "repeat",
+        "replace",
+        "reverse",
+        "right",
+        "rpad",
+        "rtrim",
+        "split_part",
+        "substr",
+        "substring",
+        "translate",
+        "trim",
+        "upper",
+    ];
+    match e {
+        Expr::Nested(inner) => builds_text(inner),
+        Expr::BinaryOp {
+            op: sqlparser::ast::BinaryOperator::StringConcat,
+            ..
+        }
+        | Expr::Substring { .. }
+        | Expr::Trim { .. }
+        | Expr::Overlay { .. } => true,
+        Expr::Function(f) => f.name.0.last().is_some_and(|part| {
+            part.as_ident()
+                .is_some_and(|i| STRING_FUNCTIONS.contains(&i.value.to_ascii_lowercase().as_str()))
+        }),
+        _ => false,
+    }
+}
+
+/// Date, time and timestamp types, their arrays and ranges, by name.
+fn is_datetime_type(t: &sqlparser::ast::DataType) -> bool {
+    let name = t.to_string().to_ascii_lowercase();
+    [
+        "date",
+        "time",
+        "tsrange",
+        "tstzrange",
+        "tsmultirange",
+        "tstzmultirange",
+    ]
+    .iter()
+    .any(|w| name.contains(w))
 }

@@ -253,14 +253,30 @@ pub fn canonical_integer(text: &str) -> Option<String> {
     })
 }
 
-/// Whether a string is one of PostgreSQL's special date/time inputs that mean "the current
-/// time" (`'now'::timestamptz`, `date 'today'`). The caller can apply it to text parameters
-/// bound to date/time types.
+/// Whether a string holds one of PostgreSQL's special date/time inputs that mean "the
+/// current time" as a word of its own: alone (`'now'::timestamptz`, `date 'today'`) or
+/// inside an array, range or longer input (`'{now}'`, `'[today,infinity)'`,
+/// `'today 10:00'`). A string that merely contains such a word ('Now and then') bypasses
+/// too: wider, never wrong. The caller also applies it to text parameters.
 pub fn is_time_literal(text: &str) -> bool {
-    let t = text.trim();
-    ["now", "today", "tomorrow", "yesterday"]
-        .iter()
-        .any(|w| t.eq_ignore_ascii_case(w))
+    const WORDS: [&[u8]; 4] = [b"now", b"today", b"tomorrow", b"yesterday"];
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if !b[i].is_ascii_alphabetic() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && b[i].is_ascii_alphabetic() {
+            i += 1;
+        }
+        let word = &b[start..i];
+        if WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ pub struct BindParams<'a> {
     pub tail: &'a [u8],
     formats: Vec<i16>,
     values: Vec<Option<&'a [u8]>>,
+    /// The parameter type OIDs the statement was parsed with (0: left to the server).
+    types: Vec<u32>,
 }
 
 impl<'a> BindParams<'a> {
@@ -44,7 +46,25 @@ impl<'a> BindParams<'a> {
             tail,
             formats,
             values,
+            types: Vec::new(),
         })
+    }
+
+    /// With the parameter types of the statement's Parse (an i16 count, then the OIDs):
+    /// a binary value is only read as an integer when its type says it is one.
+    pub fn with_types(mut self, param_types: &[u8]) -> Self {
+        let n = param_types
+            .get(..2)
+            .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize);
+        self.types = (0..n)
+            .map_while(|i| {
+                let at = 2 + 4 * i;
+                param_types
+                    .get(at..at + 4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            })
+            .collect();
+        self
     }
 
     /// Whether a text parameter spells a moment relative to now ('now', 'today', ...): a
@@ -74,6 +94,16 @@ impl<'a> BindParams<'a> {
         if format == 0 {
             canonical_int(std::str::from_utf8(value).ok()?)
         } else {
+            // Unspecified (0): the server infers the compared column's integer type, and a
+            // binary value of another width is refused. Any other type (float8, numeric,
+            // text...) has its own binary form, which is no integer.
+            const INT2: u32 = 21;
+            const INT4: u32 = 23;
+            const INT8: u32 = 20;
+            let declared = self.types.get(n - 1).copied().unwrap_or(0);
+            if !matches!(declared, 0 | INT2 | INT4 | INT8) {
+                return None;
+            }
             match value.len() {
                 2 => Some(i16::from_be_bytes(value.try_into().ok()?) as i64),
                 4 => Some(i32::from_be_bytes(value.try_into().ok()?) as i64),
@@ -132,5 +162,51 @@ mod tests {
         for cut in 0..body.len() {
             let _ = BindParams::parse(&body[..cut]);
         }
+    }
+
+    #[test]
+    fn binary_values_of_other_types_are_not_integers() {
+        let types = |oids: &[u32]| {
+            let mut b = (oids.len() as i16).to_be_bytes().to_vec();
+            for o in oids {
+                b.extend_from_slice(&o.to_be_bytes());
+            }
+            b
+        };
+        let five = 5.0f64.to_be_bytes();
+        let body = bind(&[1], &[Some(&five)]);
+        let float8 = types(&[701]);
+        assert_eq!(
+            BindParams::parse(&body)
+                .unwrap()
+                .with_types(&float8)
+                .int_param(1),
+            None
+        );
+        let body = bind(&[1], &[Some(b"12")]);
+        let text = types(&[25]);
+        assert_eq!(
+            BindParams::parse(&body)
+                .unwrap()
+                .with_types(&text)
+                .int_param(1),
+            None
+        );
+        let body = bind(&[1], &[Some(&7i64.to_be_bytes())]);
+        let int8 = types(&[20]);
+        assert_eq!(
+            BindParams::parse(&body)
+                .unwrap()
+                .with_types(&int8)
+                .int_param(1),
+            Some(7)
+        );
+        assert_eq!(
+            BindParams::parse(&body)
+                .unwrap()
+                .with_types(&types(&[0]))
+                .int_param(1),
+            Some(7)
+        );
     }
 }

@@ -96,6 +96,8 @@ pub struct Relay<R, W> {
     tx_written: HashSet<String>,
     /// The open transaction is REPEATABLE READ or SERIALIZABLE: its reads bypass the cache.
     strict_tx: bool,
+    /// Set while the held server connection lacks startup values a RESET took away.
+    settings_restore: Option<String>,
     /// DDL ran in the open transaction: the catalog must be re-read at commit.
     schema_dirty: bool,
     /// The last CommandComplete was ROLLBACK.
@@ -152,6 +154,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             to_publish: Vec::new(),
             tx_written: HashSet::new(),
             strict_tx: false,
+            settings_restore: None,
             schema_dirty: false,
             last_tag_rollback: false,
         }
@@ -305,6 +308,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         if self.skip_to_sync && tag != b'S' {
             return Ok(true);
+        }
+        if self.settings_restore.is_some()
+            && self.server.is_some()
+            && self.tx_status == b'I'
+            && self.server_idle()
+        {
+            self.restore_settings().await?;
         }
         if self.server.is_none() {
             // Without a server connection nothing is in flight and no transaction is open, so
@@ -610,10 +620,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 if self.tx_status == b'I' {
                     self.undone = false;
                 }
-                if self.settings.settle(self.tx_status, undone) {
-                    let fp = self.settings.fingerprint();
-                    self.server_conn().settings_hash = fp;
-                }
+                let changed = self.settings.settle(self.tx_status, undone);
+                self.settings_settled(changed);
             }
             b'E' => {
                 self.undone = true;
@@ -621,9 +629,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             b'C' => {
                 self.copy_in = false;
-                self.last_tag_rollback = msg.body().starts_with(b"ROLLBACK\0");
+                let tag = msg.body();
+                self.last_tag_rollback = tag.starts_with(b"ROLLBACK\0");
                 if self.last_tag_rollback {
                     self.undone = true;
+                } else if tag.starts_with(b"COMMIT\0") {
+                    // Committed now, whatever follows in this query string or pipeline (a
+                    // new transaction that rolls back, COMMIT AND CHAIN's next one).
+                    let changed = self.settings.commit();
+                    self.settings_settled(changed);
+                    self.writes_committed();
+                    self.undone = false;
+                } else if tag.starts_with(b"COMMIT PREPARED\0") {
+                    // A prepared transaction, maybe another session's, whose writes we
+                    // may never have seen.
+                    self.pending_inv.push(crate::cache::Invalidation::All);
+                    self.writes_committed();
                 }
             }
             b'G' => {
@@ -666,6 +687,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // A pinned client may have temp tables shadowing names, or other private state the
         // cache key does not capture: it is served by Postgres only.
         self.pinned.is_none()
+            && self.settings_restore.is_none()
             && self.expect.is_empty()
             && match self.tx_status {
                 b'I' => true,
@@ -842,6 +864,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(params) = bind::BindParams::parse(bind.body()) else {
             return Ok(false);
         };
+        let params = params.with_types(&stmt.param_types);
         if params.has_time_literal() {
             return Ok(false);
         }
@@ -924,12 +947,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // Stricter isolation, and settings changed inside the transaction (SET LOCAL ROLE,
         // SET search_path before COMMIT...) that the cache key does not carry yet: bypass the
         // cache until the transaction ends.
-        use crate::session::scan::{contains_ignore_case, first_word};
-        let first = first_word(sql).unwrap_or("");
+        use crate::session::scan::{contains_ignore_case, first_word, statements};
+        let changes_settings = |stmt: &str| {
+            let first = first_word(stmt).unwrap_or("");
+            first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
+        };
         if contains_ignore_case(sql, b"repeatable read")
             || contains_ignore_case(sql, b"serializable")
-            || first.eq_ignore_ascii_case("set")
-            || first.eq_ignore_ascii_case("reset")
+            || changes_settings(sql)
+            // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
+            || (sql.contains(';') && statements(sql).into_iter().any(changes_settings))
         {
             self.strict_tx = true;
         }
@@ -967,24 +994,77 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some((stmt, _)) = cstr_at(body, p1) else {
             return;
         };
-        let sql = if stmt.is_empty() {
-            self.statements.unnamed.as_ref().map(|s| s.sql.clone())
+        let statement = if stmt.is_empty() {
+            self.statements.unnamed.as_ref()
         } else {
-            self.statements.get(stmt).map(|s| s.sql.clone())
+            self.statements.get(stmt)
         };
-        if let (Some(sql), Some(params)) = (sql, bind::BindParams::parse(body)) {
+        let Some((sql, types)) = statement.map(|s| (s.sql.clone(), s.param_types.clone())) else {
+            return;
+        };
+        if let Some(params) = bind::BindParams::parse(body) {
+            let params = params.with_types(&types);
             self.note_statement(&sql, Some(&params), None).await;
+        }
+    }
+
+    /// The settings may have changed as a transaction ended or committed: record what the
+    /// server connection now carries.
+    fn settings_settled(&mut self, changed: bool) {
+        if let Some(sql) = self.settings.take_restore_sql() {
+            // It carries the server's defaults where the client expects its startup values:
+            // nobody may take it for settled until they are restored (see `dispatch`).
+            self.server_conn().settings_hash = 0;
+            self.settings_restore = Some(sql);
+        } else if changed {
+            let fp = self.settings.fingerprint();
+            self.server_conn().settings_hash = fp;
+        }
+    }
+
+    /// Give back the startup values a RESET took from the held server connection.
+    async fn restore_settings(&mut self) -> Result<(), RelayError> {
+        let Some(sql) = self.settings_restore.take() else {
+            return Ok(());
+        };
+        let fp = self.settings.fingerprint();
+        let conn = self.server_conn();
+        let answer = async {
+            conn.send(&protocol::query(&sql)).await.ok()?;
+            conn.drain_until_ready().await.ok()
+        }
+        .await;
+        match answer {
+            Some(msgs) if !msgs.iter().any(|m| m.tag() == b'E') => {
+                conn.settings_hash = fp;
+                Ok(())
+            }
+            _ => {
+                self.server_lost("could not restore the session's startup settings".into())
+                    .await
+            }
         }
     }
 
     /// ReadyForQuery with status idle: what the transaction wrote is now visible to others.
     fn transaction_ended(&mut self) {
-        let Some(cache) = self.cache.clone() else {
-            return;
-        };
         // Only a final ROLLBACK undoes writes; anything else (even an error after a COMMIT in
         // the same query string) may have committed them, so invalidate.
         if !self.last_tag_rollback {
+            self.writes_committed();
+        }
+        self.pending_inv.clear();
+        self.tx_written.clear();
+        self.strict_tx = false;
+        self.schema_dirty = false;
+    }
+
+    /// The writes noted so far are committed: invalidate what they touched.
+    fn writes_committed(&mut self) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        {
             metrics().invalidated(InvalidationOrigin::Proxy, self.pending_inv.len() as u64);
             if cache.tier.is_some() {
                 // Redis first, then L1 (in `publish_committed`, before the client hears of
@@ -1002,7 +1082,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         self.pending_inv.clear();
         self.tx_written.clear();
-        self.strict_tx = false;
         self.schema_dirty = false;
     }
 
@@ -1094,6 +1173,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         self.cancel.set(None).await;
         self.server = None;
+        // Its settings hash says "unknown": the next checkout gives it all the settings.
+        self.settings_restore = None;
     }
 
     async fn server_lost(&mut self, why: String) -> Result<(), RelayError> {

@@ -1,6 +1,9 @@
 //! What a statement does to session state, as far as the pooler is concerned.
 
-use super::scan::{call_args, contains_ignore_case, first_word, leading_words, statements};
+use super::scan::{
+    Tok, call_args, contains_ignore_case, dotted_name, first_word, leading_words, statements,
+    tokens,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -22,6 +25,11 @@ pub enum Effect {
     /// Session state that lives only in this server connection (temp tables, session advisory
     /// locks, LISTEN, WITH HOLD cursors, SQL PREPARE): the client must keep it.
     Pin(&'static str),
+    /// `SAVEPOINT name`, `RELEASE name`, `ROLLBACK TO name` (names folded): a rollback to a
+    /// savepoint undoes the `SET`s made after it, and only those.
+    Savepoint(String),
+    Release(String),
+    RollbackTo(String),
     /// A setting changed for the current transaction only, in a way the cache key does not
     /// follow (`set_config(..., true)`): the cache is bypassed until the transaction ends.
     TxSetting,
@@ -52,6 +60,10 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         "do",
         "create",
         "declare",
+        "savepoint",
+        "release",
+        "rollback",
+        "abort",
     ]
     .iter()
     .any(|k| first.eq_ignore_ascii_case(k))
@@ -68,22 +80,45 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         if contains_ignore_case(stmt, b"set_config") {
             return set_config_effect(stmt);
         }
+        // pg_settings is a view whose UPDATE runs set_config().
+        if contains_ignore_case(stmt, b"pg_settings") && contains_ignore_case(stmt, b"update") {
+            return Some(Effect::Pin("UPDATE of pg_settings"));
+        }
         return None;
+    }
+    let toks = tokens(stmt, 8);
+    let tword = |i: usize| match toks.get(i) {
+        Some(Tok::Word(w)) => w.as_str(),
+        _ => "",
+    };
+    match tword(0) {
+        "set" => return Some(set_effect(stmt, &toks)),
+        "reset" => return Some(reset_effect(&toks)),
+        "savepoint" => return Some(savepoint_effect(&toks, 1, Effect::Savepoint)),
+        "release" => {
+            let at = if tword(1) == "savepoint" { 2 } else { 1 };
+            return Some(savepoint_effect(&toks, at, Effect::Release));
+        }
+        "rollback" | "abort" => {
+            // ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name
+            let mut at = 1;
+            if matches!(tword(at), "work" | "transaction") {
+                at += 1;
+            }
+            if tword(at) != "to" {
+                return None;
+            }
+            at += 1;
+            if tword(at) == "savepoint" {
+                at += 1;
+            }
+            return Some(savepoint_effect(&toks, at, Effect::RollbackTo));
+        }
+        _ => {}
     }
     let w = leading_words(stmt, 4);
     let word = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
     match word(0) {
-        "set" => set_effect(stmt, &w),
-        "reset" => Some(match word(1) {
-            "all" => Effect::ResetAll,
-            "session" if word(2) == "authorization" => Effect::Reset {
-                key: "session_authorization".into(),
-            },
-            "time" => Effect::Reset {
-                key: "timezone".into(),
-            },
-            k => Effect::Reset { key: k.into() },
-        }),
         "discard" if word(1) == "all" => Some(Effect::DiscardAll),
         "discard" if word(1) == "temp" || word(1) == "temporary" => None,
         "deallocate" if word(1) == "all" || (word(1) == "prepare" && word(2) == "all") => {
@@ -107,10 +142,28 @@ fn effect_of(stmt: &str) -> Option<Effect> {
 /// the client on its server connection (which is discarded afterwards, never handed to
 /// anyone else); a change for the transaction only makes the rest of the transaction
 /// bypass the cache. Only a literal `true` counts as local: `$3` or an expression might not be.
+/// How often `word` occurs (ASCII case-insensitively) not as part of a longer identifier.
+fn standalone_words(stmt: &str, word: &[u8]) -> usize {
+    let b = stmt.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+    (0..b.len().saturating_sub(word.len() - 1))
+        .filter(|&i| {
+            b[i..i + word.len()].eq_ignore_ascii_case(word)
+                && (i == 0 || !ident(b[i - 1]))
+                && b.get(i + word.len()).is_none_or(|&c| !ident(c))
+        })
+        .count()
+}
+
 fn set_config_effect(stmt: &str) -> Option<Effect> {
     let calls = call_args(stmt, "set_config");
+    if calls.len() < standalone_words(stmt, b"set_config") {
+        // Written some other way (`"set_config"(...)`, a comment before the parenthesis):
+        // maybe a call whose arguments are not readable here.
+        return Some(Effect::Pin("set_config"));
+    }
     if calls.is_empty() {
-        // The name, but not as a call (a string, a column): nothing to follow.
+        // Only inside longer identifiers (`set_config_count`): nothing to follow.
         return None;
     }
     let all_local = calls.iter().all(
@@ -140,24 +193,58 @@ fn contains_words(stmt: &str, phrase: &str) -> bool {
     norm.contains(phrase)
 }
 
-fn set_effect(stmt: &str, w: &[String]) -> Option<Effect> {
-    let word = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
-    // SET LOCAL and transaction-scoped forms end with the transaction: nothing to carry.
-    let (base, i) = if word(1) == "session" { (2, 2) } else { (1, 1) };
-    let key = match word(i) {
-        "local" | "transaction" | "constraints" => return None,
-        "characteristics" => "session_characteristics".to_string(),
-        "time" if word(i + 1) == "zone" => "timezone".into(),
-        "authorization" if base == 2 => "session_authorization".into(),
-        "names" => "client_encoding".into(),
-        "schema" => "search_path".into(),
-        "" => return None,
-        k => k.to_string(),
+/// `SET [SESSION | LOCAL] ...`: what to carry to other connections. A name the pooler
+/// cannot read keeps the client on its connection rather than guess.
+fn set_effect(stmt: &str, toks: &[Tok]) -> Effect {
+    let word = |i: usize| match toks.get(i) {
+        Some(Tok::Word(w)) => w.as_str(),
+        _ => "",
     };
-    Some(Effect::Set {
+    let i = if word(1) == "session" { 2 } else { 1 };
+    let key = match word(i) {
+        // SET LOCAL and transaction-scoped forms end with the transaction: nothing to carry
+        // (the relay bypasses the cache for the rest of it).
+        "local" | "transaction" | "constraints" if i == 1 => return Effect::TxSetting,
+        "characteristics" if i == 2 => "session_characteristics".to_string(),
+        "authorization" if i == 2 => "session_authorization".to_string(),
+        "time" if word(i + 1) == "zone" => "timezone".to_string(),
+        "names" => "client_encoding".to_string(),
+        "schema" => "search_path".to_string(),
+        _ => match dotted_name(toks, i) {
+            Some((name, _)) => name,
+            None => return Effect::Pin("a SET the pooler cannot read"),
+        },
+    };
+    Effect::Set {
         key,
         stmt: stmt.to_string(),
-    })
+    }
+}
+
+/// `RESET name | ALL | SESSION AUTHORIZATION | TIME ZONE`.
+fn reset_effect(toks: &[Tok]) -> Effect {
+    let word = |i: usize| match toks.get(i) {
+        Some(Tok::Word(w)) => w.as_str(),
+        _ => "",
+    };
+    let key = match word(1) {
+        "all" => return Effect::ResetAll,
+        "session" if word(2) == "authorization" => "session_authorization".to_string(),
+        "time" if word(2) == "zone" => "timezone".to_string(),
+        _ => match dotted_name(toks, 1) {
+            Some((name, _)) => name,
+            None => return Effect::Pin("a RESET the pooler cannot read"),
+        },
+    };
+    Effect::Reset { key }
+}
+
+fn savepoint_effect(toks: &[Tok], at: usize, make: fn(String) -> Effect) -> Effect {
+    match toks.get(at) {
+        Some(Tok::Word(w)) => make(w.clone()),
+        Some(Tok::Quoted(q)) => make(q.clone()),
+        _ => Effect::Pin("a savepoint the pooler cannot read"),
+    }
 }
 
 #[cfg(test)]
@@ -168,14 +255,17 @@ mod tests {
     fn session_set_is_tracked_and_local_set_is_not() {
         assert_eq!(
             effects_of("SET search_path TO app, public; SET LOCAL work_mem = '1MB'"),
-            vec![Effect::Set {
-                key: "search_path".into(),
-                stmt: "SET search_path TO app, public".into()
-            }]
+            vec![
+                Effect::Set {
+                    key: "search_path".into(),
+                    stmt: "SET search_path TO app, public".into()
+                },
+                Effect::TxSetting
+            ]
         );
         assert_eq!(
             effects_of("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
-            vec![]
+            vec![Effect::TxSetting]
         );
         assert!(
             matches!(&effects_of("set time zone 'UTC'")[0], Effect::Set { key, .. } if key == "timezone")
@@ -246,5 +336,70 @@ mod tests {
         );
         assert_eq!(effects_of("SELECT set_config_count FROM t"), vec![]);
         assert_eq!(effects_of("DO $$ BEGIN RAISE NOTICE 'hi'; END $$"), vec![]);
+    }
+
+    #[test]
+    fn quoted_and_dotted_setting_names_are_tracked_by_their_folded_name() {
+        let key = |sql: &str| match effects_of(sql).as_slice() {
+            [Effect::Set { key, .. }] | [Effect::Reset { key }] => key.clone(),
+            other => panic!("{sql}: {other:?}"),
+        };
+        assert_eq!(key("SET \"search_path\" TO s2"), "search_path");
+        assert_eq!(key("RESET \"TimeZone\""), "timezone");
+        assert_eq!(key("SET SESSION \"TimeZone\" = 'UTC'"), "timezone");
+        assert_eq!(key("SET myapp.tenant = 4"), "myapp.tenant");
+        assert_eq!(key("SET myapp.\"Other\" = 4"), "myapp.other");
+        assert_eq!(key("reset myapp.tenant"), "myapp.tenant");
+        assert_eq!(key("RESET ROLE"), "role");
+        assert_eq!(
+            key("SET SESSION AUTHORIZATION bob"),
+            "session_authorization"
+        );
+        assert!(matches!(effects_of("SET = 1").as_slice(), [Effect::Pin(_)]));
+    }
+
+    #[test]
+    fn savepoint_statements_are_recognised() {
+        assert_eq!(
+            effects_of("SAVEPOINT a"),
+            vec![Effect::Savepoint("a".into())]
+        );
+        assert_eq!(
+            effects_of("savepoint \"B\""),
+            vec![Effect::Savepoint("B".into())]
+        );
+        assert_eq!(
+            effects_of("RELEASE SAVEPOINT a"),
+            vec![Effect::Release("a".into())]
+        );
+        assert_eq!(effects_of("release A"), vec![Effect::Release("a".into())]);
+        for sql in [
+            "ROLLBACK TO a",
+            "ROLLBACK TO SAVEPOINT a",
+            "rollback work to savepoint A",
+            "ROLLBACK TRANSACTION TO a",
+        ] {
+            assert_eq!(
+                effects_of(sql),
+                vec![Effect::RollbackTo("a".into())],
+                "{sql}"
+            );
+        }
+        assert_eq!(effects_of("ROLLBACK"), vec![]);
+        assert_eq!(effects_of("ROLLBACK AND CHAIN"), vec![]);
+    }
+
+    #[test]
+    fn other_ways_to_change_settings_pin() {
+        for sql in [
+            "SELECT \"set_config\"('search_path', 's2', false)",
+            "SELECT set_config/**/('search_path', 's2', true)",
+            "UPDATE pg_settings SET setting = 's2' WHERE name = 'search_path'",
+        ] {
+            assert!(
+                matches!(effects_of(sql).as_slice(), [Effect::Pin(_)]),
+                "{sql}"
+            );
+        }
     }
 }

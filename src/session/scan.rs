@@ -166,6 +166,80 @@ pub fn leading_words(stmt: &str, n: usize) -> Vec<String> {
     words
 }
 
+/// A token of a statement's head, for the few statements whose operands the pooler reads
+/// (SET/RESET names, savepoint names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tok {
+    /// An unquoted word, lower-cased.
+    Word(String),
+    /// A double-quoted identifier, as written inside the quotes (`""` undoubled).
+    Quoted(String),
+    /// Any other character outside comments and whitespace; a string literal or dollar
+    /// quote ends tokenizing, as operands follow.
+    Punct(u8),
+}
+
+/// The first `n` tokens of `stmt`, skipping comments.
+pub fn tokens(stmt: &str, n: usize) -> Vec<Tok> {
+    let b = stmt.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() && out.len() < n {
+        let c = b[i];
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            i = b[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |p| i + p + 1);
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i = skip_block_comment(b, i);
+        } else if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            let s = i;
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+            {
+                i += 1;
+            }
+            out.push(Tok::Word(stmt[s..i].to_ascii_lowercase()));
+        } else if c == b'"' {
+            let end = skip_quoted(b, i, b'"');
+            if end > b.len() || end < i + 2 || b[end - 1] != b'"' {
+                break;
+            }
+            out.push(Tok::Quoted(stmt[i + 1..end - 1].replace("\"\"", "\"")));
+            i = end;
+        } else if c == b'\'' || c == b'$' {
+            break;
+        } else {
+            out.push(Tok::Punct(c));
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A possibly dotted, possibly quoted name starting at token `i` (`app.tenant`,
+/// `"TimeZone"`), lower-cased as PostgreSQL looks settings up; and the index after it.
+pub fn dotted_name(toks: &[Tok], mut i: usize) -> Option<(String, usize)> {
+    let mut name = String::new();
+    loop {
+        match toks.get(i)? {
+            Tok::Word(w) => name.push_str(w),
+            Tok::Quoted(q) => name.push_str(&q.to_lowercase()),
+            Tok::Punct(_) => return None,
+        }
+        i += 1;
+        if toks.get(i) == Some(&Tok::Punct(b'.')) {
+            name.push('.');
+            i += 1;
+        } else {
+            return Some((name, i));
+        }
+    }
+}
+
 /// The top-level arguments of every call of `name(...)` in `stmt` (matched ASCII
 /// case-insensitively, also when schema-qualified, and also inside literals, which only
 /// errs on the side of noticing), each argument trimmed. A call whose closing parenthesis
@@ -329,5 +403,22 @@ mod tests {
             vec![None]
         );
         assert!(call_args("SELECT 'set_config'", "set_config").is_empty());
+    }
+
+    #[test]
+    fn tokens_read_quoted_and_dotted_names() {
+        let t = tokens("SET /* c */ \"Time\"\"Zone\" TO 'x'", 8);
+        assert_eq!(
+            t,
+            vec![
+                Tok::Word("set".into()),
+                Tok::Quoted("Time\"Zone".into()),
+                Tok::Word("to".into())
+            ]
+        );
+        let t = tokens("set session MyApp.\"Tenant\" = 1", 8);
+        assert_eq!(dotted_name(&t, 2), Some(("myapp.tenant".into(), 5)));
+        assert_eq!(dotted_name(&tokens("reset \"unterminated", 4), 1), None);
+        assert_eq!(dotted_name(&tokens("reset = x", 4), 1), None);
     }
 }

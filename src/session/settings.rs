@@ -19,8 +19,17 @@ pub struct Settings {
     /// Session `SET`s in the order they were made, one per parameter.
     sets: Vec<(String, String)>,
     staged: Vec<Effect>,
+    /// Open savepoints of the current transaction: name and how many effects were staged
+    /// when it was set.
+    savepoints: Vec<(String, usize)>,
+    /// Startup parameters a committed RESET (or RESET ALL, DISCARD ALL) sent back to the
+    /// server's default: Postgres would have restored the startup value, so the relay must.
+    restore: Vec<String>,
     hash: u64,
 }
+
+/// Settings `RESET ALL` leaves alone (GUC_NO_RESET_ALL in PostgreSQL).
+const NOT_RESET_BY_ALL: &[&str] = &["role", "session_authorization"];
 
 impl Settings {
     /// From the startup packet's parameters, including `-c name=value` items of `options`.
@@ -57,33 +66,110 @@ impl Settings {
 
     /// Record an effect seen in a statement the server is executing.
     pub fn stage(&mut self, e: Effect) {
-        if matches!(
-            e,
-            Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll | Effect::DiscardAll
-        ) {
-            self.staged.push(e);
+        match e {
+            Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll | Effect::DiscardAll => {
+                self.staged.push(e)
+            }
+            Effect::Savepoint(name) => self.savepoints.push((name, self.staged.len())),
+            Effect::Release(name) => {
+                if let Some(at) = self.savepoints.iter().rposition(|(n, _)| *n == name) {
+                    self.savepoints.truncate(at);
+                }
+            }
+            // The savepoint stays; what was staged after it is undone.
+            Effect::RollbackTo(name) => {
+                if let Some(at) = self.savepoints.iter().rposition(|(n, _)| *n == name) {
+                    self.staged.truncate(self.savepoints[at].1);
+                    self.savepoints.truncate(at + 1);
+                }
+            }
+            _ => {}
         }
+    }
+
+    /// A COMMIT completed (possibly `AND CHAIN`, possibly followed by more statements in
+    /// the same query string): what was staged is in effect. Returns true when the settings
+    /// changed.
+    pub fn commit(&mut self) -> bool {
+        self.savepoints.clear();
+        self.apply_staged()
+    }
+
+    /// The SQL that gives back the startup values a committed RESET removed, if any; the
+    /// server connection does not carry these settings until it has run.
+    pub fn take_restore_sql(&mut self) -> Option<String> {
+        if self.restore.is_empty() {
+            return None;
+        }
+        let keys = std::mem::take(&mut self.restore);
+        let items: Vec<String> = self
+            .startup
+            .iter()
+            .filter(|(k, _)| keys.iter().any(|r| r.eq_ignore_ascii_case(k)))
+            .map(|(k, v)| {
+                format!(
+                    "pg_catalog.set_config({},{},false)",
+                    quote_literal(k),
+                    quote_literal(v)
+                )
+            })
+            .collect();
+        (!items.is_empty()).then(|| format!("SELECT {}", items.join(",")))
     }
 
     /// The server reached ReadyForQuery: keep staged effects if what ran is committed (idle
     /// and nothing failed or rolled back), drop them if it was undone, wait if still in a
     /// transaction. Returns true when the settings changed.
     pub fn settle(&mut self, status: u8, undone: bool) -> bool {
-        if status != b'I' || self.staged.is_empty() {
+        if status != b'I' {
             return false;
         }
-        let staged = std::mem::take(&mut self.staged);
+        self.savepoints.clear();
         if undone {
+            self.staged.clear();
             return false;
         }
-        for e in staged {
+        self.apply_staged()
+    }
+
+    fn apply_staged(&mut self) -> bool {
+        if self.staged.is_empty() {
+            return false;
+        }
+        for e in std::mem::take(&mut self.staged) {
             match e {
                 Effect::Set { key, stmt } => {
+                    // SET SESSION AUTHORIZATION also resets the role.
+                    if key == "session_authorization" {
+                        self.sets.retain(|(k, _)| k != "role");
+                    }
                     self.sets.retain(|(k, _)| *k != key);
                     self.sets.push((key, stmt));
                 }
-                Effect::Reset { key } => self.sets.retain(|(k, _)| *k != key),
-                Effect::ResetAll | Effect::DiscardAll => self.sets.clear(),
+                Effect::Reset { key } => {
+                    if key == "session_authorization" {
+                        self.sets.retain(|(k, _)| k != "role");
+                    }
+                    self.sets.retain(|(k, _)| *k != key);
+                    if self
+                        .startup
+                        .iter()
+                        .any(|(k, _)| k.eq_ignore_ascii_case(&key))
+                    {
+                        self.restore.push(key);
+                    }
+                }
+                Effect::ResetAll => {
+                    self.sets
+                        .retain(|(k, _)| NOT_RESET_BY_ALL.contains(&k.as_str()));
+                    self.restore
+                        .extend(self.startup.iter().map(|(k, _)| k.clone()));
+                }
+                Effect::DiscardAll => {
+                    self.sets.clear();
+                    self.restore
+                        .extend(self.startup.iter().map(|(k, _)| k.clone()));
+                }
                 _ => {}
             }
         }
@@ -234,5 +320,85 @@ mod tests {
     fn literals_are_quoted_safely() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+    }
+
+    fn set(key: &str, stmt: &str) -> Effect {
+        Effect::Set {
+            key: key.into(),
+            stmt: stmt.into(),
+        }
+    }
+
+    #[test]
+    fn reset_all_keeps_the_role_and_session_authorization_drops_it() {
+        let mut s = Settings::from_startup(&[]);
+        let plain = s.fingerprint();
+        s.stage(set("role", "SET ROLE alice"));
+        s.stage(set("search_path", "SET search_path = s2"));
+        s.stage(Effect::ResetAll);
+        assert!(s.settle(b'I', false));
+        assert_eq!(
+            s.apply_sql(),
+            "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;SET ROLE alice;"
+        );
+        s.stage(Effect::Reset {
+            key: "session_authorization".into(),
+        });
+        s.settle(b'I', false);
+        assert_eq!(s.fingerprint(), plain);
+        s.stage(set("role", "SET ROLE alice"));
+        s.stage(Effect::DiscardAll);
+        s.settle(b'I', false);
+        assert_eq!(s.fingerprint(), plain);
+    }
+
+    #[test]
+    fn rollback_to_savepoint_undoes_only_what_came_after_it() {
+        let mut s = Settings::from_startup(&[]);
+        s.stage(set("role", "SET ROLE alice"));
+        s.stage(Effect::Savepoint("a".into()));
+        s.stage(set("search_path", "SET search_path = s2"));
+        s.stage(Effect::RollbackTo("a".into()));
+        s.stage(set("timezone", "SET TimeZone = 'UTC'"));
+        s.stage(Effect::Release("a".into()));
+        // An error inside the savepoint made the server say ROLLBACK once; COMMIT decides.
+        assert!(s.commit());
+        assert_eq!(
+            s.apply_sql(),
+            "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;SET ROLE alice;SET TimeZone = 'UTC';"
+        );
+        assert!(
+            !s.settle(b'I', true),
+            "a later rolled-back transaction changes nothing"
+        );
+        assert!(s.apply_sql().contains("SET ROLE alice"));
+    }
+
+    #[test]
+    fn resetting_a_startup_parameter_asks_for_its_startup_value_back() {
+        let mut s = Settings::from_startup(&p(&[
+            ("options", "-c search_path=s2"),
+            ("application_name", "app"),
+        ]));
+        let fp = s.fingerprint();
+        s.stage(Effect::Reset {
+            key: "search_path".into(),
+        });
+        s.settle(b'I', false);
+        assert_eq!(s.fingerprint(), fp);
+        assert_eq!(
+            s.take_restore_sql().as_deref(),
+            Some("SELECT pg_catalog.set_config('search_path','s2',false)")
+        );
+        assert_eq!(s.take_restore_sql(), None);
+        s.stage(Effect::Reset {
+            key: "work_mem".into(),
+        });
+        s.settle(b'I', false);
+        assert_eq!(s.take_restore_sql(), None);
+        s.stage(Effect::DiscardAll);
+        s.settle(b'I', false);
+        let sql = s.take_restore_sql().expect("restore");
+        assert!(sql.contains("'search_path','s2'") && sql.contains("'application_name','app'"));
     }
 }

@@ -16,6 +16,7 @@ mod psql;
 mod python;
 mod recorder;
 mod resilience;
+mod session_state;
 mod shared_tier;
 mod sources;
 mod wal;

@@ -85,6 +85,30 @@ fn time_literals_bypass() {
 }
 
 #[test]
+fn time_words_inside_literals_and_built_text_bypass() {
+    for sql in [
+        "SELECT '{now}'::timestamptz[]",
+        "SELECT '(now)'::timestamptz",
+        "SELECT 'today 10:00'::timestamp",
+        "SELECT '[today,infinity)'::daterange",
+        "SELECT * FROM t WHERE d < 'Tomorrow'",
+        "SELECT ('no' || 'w')::timestamptz",
+        "SELECT CAST(lower('NOW') AS date)",
+        "SELECT concat('to', 'day')::date",
+    ] {
+        assert_eq!(bypass(sql), BypassReason::TimeLiteral, "{sql}");
+    }
+    for sql in [
+        "SELECT 'snowy'::text FROM t",
+        "SELECT ts::date FROM t",
+        "SELECT (a || b)::text FROM t",
+        "SELECT '2024-01-01 10:00'::timestamptz",
+    ] {
+        assert!(matches!(an(sql), Analysis::Read(_)), "{sql}");
+    }
+}
+
+#[test]
 fn common_builtins_need_no_catalog() {
     let r = read(
         "SELECT count(*), sum(a), avg(b), min(c), max(d), coalesce(e, 0), lower(f), upper(g), \

@@ -1,0 +1,260 @@
+//! Session state the pooler must follow exactly: a setting or role that one client leaves
+//! on a server connection must never reach another client, nor be missing for the client
+//! that set it, nor put a result under the wrong cache key.
+
+use crate::fixture::{Proxy, fresh_database};
+use crate::support::shared_pg;
+use tokio_postgres::Client;
+
+/// Schema `s2` shadows `public.t`, and `t` has row-level security per owner: who reads
+/// it, and through which search_path, shows in the answer.
+fn setup(pool: usize) -> (Proxy, String) {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "state");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE t (owner text, v text);
+         INSERT INTO t VALUES ('md5user', 'mine'), ('postgres', 'public');
+         ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON t USING (owner = current_user);
+         CREATE SCHEMA s2; CREATE TABLE s2.t (v text); INSERT INTO s2.t VALUES ('s2');
+         GRANT USAGE ON SCHEMA s2 TO md5user;
+         GRANT SELECT ON t, s2.t TO md5user;
+         CREATE TABLE pk (id int PRIMARY KEY, v text);
+         INSERT INTO pk SELECT g, 'old' || g FROM generate_series(1, 10) g;",
+    );
+    let proxy = Proxy::start(pg, move |c| c.pool.max_size = pool);
+    (proxy, db)
+}
+
+/// Rows `t` shows, comma-separated. The table owner (postgres) is not subject to the
+/// policy unless it is forced, so postgres sees both rows, md5user only its own.
+async fn rows(c: &Client) -> String {
+    let out = c
+        .simple_query("SELECT string_agg(v, ',' ORDER BY v) FROM t")
+        .await
+        .expect("read t");
+    out.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+async fn one(c: &Client, sql: &str) -> String {
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_and_set_local_in_one_query_make_the_transaction_read_through() {
+    let (proxy, db) = setup(2);
+    let warm = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert_eq!(rows(&warm).await, "mine,public");
+    }
+    let c = proxy.connect("postgres", "", &db).await;
+    c.simple_query("BEGIN; SET LOCAL ROLE md5user")
+        .await
+        .expect("begin");
+    assert_eq!(rows(&c).await, "mine", "as md5user, inside the transaction");
+    c.batch_execute("COMMIT").await.expect("commit");
+    c.simple_query("BEGIN; SET LOCAL search_path = s2")
+        .await
+        .expect("begin");
+    assert_eq!(rows(&c).await, "s2");
+    c.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(rows(&c).await, "mine,public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_all_keeps_the_role_as_postgres_does() {
+    let (proxy, db) = setup(1);
+    let a = proxy.connect("postgres", "", &db).await;
+    a.batch_execute("SET ROLE md5user; RESET ALL")
+        .await
+        .expect("set role, reset all");
+    assert_eq!(one(&a, "SELECT current_user::text").await, "md5user");
+    for _ in 0..3 {
+        assert_eq!(rows(&a).await, "mine");
+    }
+    // The only server connection goes to b between a's statements.
+    let b = proxy.connect("postgres", "", &db).await;
+    assert_eq!(one(&b, "SELECT current_user::text").await, "postgres");
+    for _ in 0..3 {
+        assert_eq!(rows(&b).await, "mine,public");
+    }
+    assert_eq!(rows(&a).await, "mine");
+    // RESET SESSION AUTHORIZATION ends the role too.
+    a.batch_execute("RESET SESSION AUTHORIZATION")
+        .await
+        .expect("reset session authorization");
+    assert_eq!(one(&a, "SELECT current_user::text").await, "postgres");
+    assert_eq!(rows(&a).await, "mine,public");
+    let c = proxy.connect("postgres", "", &db).await;
+    c.batch_execute("SET ROLE md5user").await.expect("set role");
+    assert_eq!(rows(&c).await, "mine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_to_savepoint_undoes_only_the_sets_after_it() {
+    let (proxy, db) = setup(1);
+    let a = proxy.connect("postgres", "", &db).await;
+    a.batch_execute("BEGIN; SET ROLE md5user; SAVEPOINT a")
+        .await
+        .expect("begin");
+    a.batch_execute("SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    a.batch_execute("ROLLBACK TO SAVEPOINT a; COMMIT")
+        .await
+        .expect("rollback to, commit");
+    assert_eq!(one(&a, "SELECT current_user::text").await, "md5user");
+    let b = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert_eq!(rows(&b).await, "mine,public");
+    }
+    assert_eq!(rows(&a).await, "mine");
+    let c = proxy.connect("postgres", "", &db).await;
+    c.batch_execute("BEGIN; SAVEPOINT a; SET search_path = s2; ROLLBACK TO a; COMMIT")
+        .await
+        .expect("set undone by rollback to");
+    for _ in 0..3 {
+        assert_eq!(rows(&c).await, "mine,public");
+        assert_eq!(rows(&b).await, "mine,public");
+    }
+    // COMMIT AND CHAIN keeps what the first transaction set, whatever the next one does.
+    let d = proxy.connect("postgres", "", &db).await;
+    d.batch_execute("BEGIN; SET search_path = s2; COMMIT AND CHAIN; ROLLBACK")
+        .await
+        .expect("commit and chain");
+    assert_eq!(rows(&d).await, "s2");
+    assert_eq!(rows(&b).await, "mine,public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_setting_names_are_followed() {
+    let (proxy, db) = setup(1);
+    let a = proxy.connect("postgres", "", &db).await;
+    a.batch_execute("SET \"search_path\" TO s2")
+        .await
+        .expect("set");
+    assert_eq!(rows(&a).await, "s2");
+    let b = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert_eq!(rows(&b).await, "mine,public");
+    }
+    assert_eq!(rows(&a).await, "s2");
+    a.batch_execute("RESET \"search_path\"")
+        .await
+        .expect("reset");
+    assert_eq!(rows(&a).await, "mine,public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_restores_the_startup_value_as_postgres_does() {
+    let (proxy, db) = setup(1);
+    let url = format!(
+        "{}?options=-c%20search_path%3Ds2",
+        proxy.url("postgres", "", &db)
+    );
+    let connect = || async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect with options");
+        tokio::spawn(conn);
+        client
+    };
+    let a = connect().await;
+    assert_eq!(rows(&a).await, "s2");
+    a.batch_execute("SET search_path = public")
+        .await
+        .expect("set");
+    assert_eq!(rows(&a).await, "mine,public");
+    a.batch_execute("RESET search_path").await.expect("reset");
+    assert_eq!(rows(&a).await, "s2", "back to the startup value");
+    let b = connect().await;
+    for _ in 0..3 {
+        assert_eq!(rows(&b).await, "s2");
+    }
+    for reset in ["RESET ALL", "DISCARD ALL"] {
+        a.batch_execute(reset).await.expect(reset);
+        assert_eq!(one(&a, "SHOW search_path").await, "s2", "after {reset}");
+        assert_eq!(rows(&a).await, "s2", "after {reset}");
+        assert_eq!(rows(&b).await, "s2");
+    }
+    let plain = proxy.connect("postgres", "", &db).await;
+    assert_eq!(rows(&plain).await, "mine,public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_invalidates_even_when_the_query_goes_on_to_roll_back() {
+    let (proxy, db) = setup(2);
+    let c = proxy.connect("postgres", "", &db).await;
+    let read = "SELECT v FROM pk WHERE id = 9";
+    for _ in 0..3 {
+        assert_eq!(one(&c, read).await, "old9");
+    }
+    c.batch_execute("BEGIN; UPDATE pk SET v = 'new9' WHERE id = 9; COMMIT; BEGIN; ROLLBACK")
+        .await
+        .expect("commit then rollback");
+    assert_eq!(one(&c, read).await, "new9");
+    // COMMIT AND CHAIN: committed while the next transaction is open.
+    let other = proxy.connect("postgres", "", &db).await;
+    let read8 = "SELECT v FROM pk WHERE id = 8";
+    for _ in 0..3 {
+        assert_eq!(one(&other, read8).await, "old8");
+    }
+    c.batch_execute("BEGIN; UPDATE pk SET v = 'new8' WHERE id = 8; COMMIT AND CHAIN")
+        .await
+        .expect("commit and chain");
+    assert_eq!(one(&other, read8).await, "new8");
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(one(&other, read8).await, "new8");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_float_parameters_are_not_read_as_integer_keys() {
+    use tokio_postgres::types::Type;
+    let (proxy, db) = setup(2);
+    let c = proxy.connect("postgres", "", &db).await;
+    let by_float = c
+        .prepare_typed("SELECT v FROM pk WHERE id = $1", &[Type::FLOAT8])
+        .await
+        .expect("prepare");
+    for _ in 0..3 {
+        let v: String = c
+            .query_one(&by_float, &[&5.0f64])
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(v, "old5");
+    }
+    c.batch_execute("UPDATE pk SET v = 'new5' WHERE id = 5")
+        .await
+        .expect("update");
+    let v: String = c
+        .query_one(&by_float, &[&5.0f64])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(v, "new5");
+    // And a write keyed by a float parameter invalidates the integer point read.
+    for _ in 0..3 {
+        assert_eq!(one(&c, "SELECT v FROM pk WHERE id = 6").await, "old6");
+    }
+    let update = c
+        .prepare_typed("UPDATE pk SET v = 'new6' WHERE id = $1", &[Type::FLOAT8])
+        .await
+        .expect("prepare update");
+    c.execute(&update, &[&6.0f64]).await.expect("update");
+    assert_eq!(one(&c, "SELECT v FROM pk WHERE id = 6").await, "new6");
+}
