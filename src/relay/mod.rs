@@ -98,6 +98,8 @@ pub struct Relay<R, W> {
     strict_tx: bool,
     /// Set while the held server connection lacks startup values a RESET took away.
     settings_restore: Option<String>,
+    /// The transaction changed role or database defaults (`ALTER ROLE ... SET`).
+    defaults_changed: bool,
     /// DDL ran in the open transaction: the catalog must be re-read at commit.
     schema_dirty: bool,
     /// The last CommandComplete was ROLLBACK.
@@ -155,6 +157,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             tx_written: HashSet::new(),
             strict_tx: false,
             settings_restore: None,
+            defaults_changed: false,
             schema_dirty: false,
             last_tag_rollback: false,
         }
@@ -969,6 +972,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         };
         if let Analysis::Ddl(d) = &analyzed.analysis {
             self.schema_dirty = true;
+            // ALTER ROLE/USER/DATABASE ... SET: new sessions start with other defaults.
+            let w = crate::session::scan::leading_words(sql, 2);
+            if w.first().is_some_and(|w| w == "alter")
+                && w.get(1)
+                    .is_some_and(|w| matches!(w.as_str(), "role" | "user" | "database"))
+            {
+                self.defaults_changed = true;
+            }
             if d.creates_temp {
                 self.pinned.get_or_insert("temporary relation");
             }
@@ -1057,6 +1068,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         self.tx_written.clear();
         self.strict_tx = false;
         self.schema_dirty = false;
+        self.defaults_changed = false;
     }
 
     /// The writes noted so far are committed: invalidate what they touched.
@@ -1079,6 +1091,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             if self.schema_dirty {
                 cache.schema_changed(&self.database);
             }
+        }
+        if std::mem::take(&mut self.defaults_changed) {
+            self.pool.retire_all();
         }
         self.pending_inv.clear();
         self.tx_written.clear();

@@ -27,7 +27,13 @@ pub enum CheckoutError {
 pub struct ServerManager {
     params: RwLock<ConnectParams>,
     max_lifetime: Duration,
+    retired: Retired,
 }
+
+/// Connections opened before this instant are not handed out again: they started their
+/// sessions with role or database defaults (`ALTER ROLE ... SET`) that have since changed.
+/// Shared by every pool.
+type Retired = Arc<RwLock<Option<std::time::Instant>>>;
 
 impl ServerManager {
     fn connect_params(&self) -> ConnectParams {
@@ -57,6 +63,12 @@ impl managed::Manager for ServerManager {
         if !conn.is_clean_and_alive() {
             return Err(RecycleError::message("connection closed or left unclean"));
         }
+        let retired = *self.retired.read().unwrap_or_else(|p| p.into_inner());
+        if retired.is_some_and(|t| conn.created <= t) {
+            return Err(RecycleError::message(
+                "role or database defaults changed since it connected",
+            ));
+        }
         Ok(())
     }
 }
@@ -68,6 +80,7 @@ pub struct ServerPool {
     checkout_timeout: Duration,
     /// (statement hash, settings fingerprint) pairs Postgres has accepted a Parse of.
     valid_statements: Arc<Mutex<HashSet<(u64, u64)>>>,
+    retired: Retired,
 }
 
 /// Bound on remembered statements; past it the set restarts (costing only server round trips).
@@ -128,6 +141,12 @@ impl ServerPool {
     pub fn status(&self) -> deadpool::Status {
         self.inner.status()
     }
+
+    /// Retire every server connection open now, in every pool: sessions started from here
+    /// on get the role and database defaults Postgres has now.
+    pub fn retire_all(&self) {
+        *self.retired.write().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
 }
 
 /// All pools, created on first use of a (database, user).
@@ -136,6 +155,7 @@ pub struct Pools {
     config: PoolConfig,
     connect_timeout: Duration,
     pools: Mutex<HashMap<(String, String), ServerPool>>,
+    retired: Retired,
 }
 
 impl Pools {
@@ -145,6 +165,7 @@ impl Pools {
             config,
             connect_timeout,
             pools: Mutex::new(HashMap::new()),
+            retired: Retired::default(),
         })
     }
 
@@ -175,6 +196,7 @@ impl Pools {
                 timeout: self.connect_timeout,
             }),
             max_lifetime: self.config.max_lifetime,
+            retired: Arc::clone(&self.retired),
         };
         let inner = managed::Pool::builder(manager)
             .max_size(self.config.max_size)
@@ -192,6 +214,7 @@ impl Pools {
             inner,
             checkout_timeout: self.config.checkout_timeout,
             valid_statements: Arc::default(),
+            retired: Arc::clone(&self.retired),
         };
         pools.insert(key, pool.clone());
         pool

@@ -258,3 +258,24 @@ async fn binary_float_parameters_are_not_read_as_integer_keys() {
     c.execute(&update, &[&6.0f64]).await.expect("update");
     assert_eq!(one(&c, "SELECT v FROM pk WHERE id = 6").await, "new6");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_defaults_changed_through_pgstash_reach_new_sessions() {
+    let (proxy, db) = setup(1);
+    let a = proxy.connect("postgres", "", &db).await;
+    let q = "SELECT '2024-01-02'::date::text";
+    for _ in 0..3 {
+        assert_eq!(one(&a, q).await, "2024-01-02");
+    }
+    a.batch_execute(&format!(
+        "ALTER DATABASE \"{db}\" SET DateStyle = 'SQL, DMY'"
+    ))
+    .await
+    .expect("alter database");
+    // A new session starts with the database's new default, as it would on Postgres.
+    let b = proxy.connect("postgres", "", &db).await;
+    assert_eq!(one(&b, "SHOW DateStyle").await, "SQL, DMY");
+    for _ in 0..3 {
+        assert_eq!(one(&b, q).await, "02/01/2024");
+    }
+}
