@@ -64,6 +64,14 @@ impl Doorkeeper {
         false
     }
 
+    /// Whether `key` was missed since the last clear, without recording anything. Every
+    /// stored entry was missed first, so `false` means L1 holds no entry for it, or one
+    /// stored before the last clear (then one more miss brings it back into use).
+    pub(super) fn maybe_missed(&self, key: CacheKey) -> bool {
+        let bit = (key.0 as u64 as usize) & ((1usize << self.bits_log2) - 1);
+        self.words[bit / 64].load(Relaxed) & (1u64 << (bit % 64)) != 0
+    }
+
     fn clear(&self) {
         self.set.store(0, Relaxed);
         for w in self.words.iter() {

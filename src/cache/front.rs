@@ -38,6 +38,9 @@ struct Slot {
 
 pub(super) struct Front {
     slots: Box<[Mutex<Option<Slot>>]>,
+    /// Per slot, a tag of the key it holds (0: none), read without the lock so that a
+    /// miss, by far the most common outcome for keys that are not hot, takes no lock.
+    tags: Box<[AtomicU64]>,
     /// Bumped by `clear`: slots filled before it are ignored.
     epoch: AtomicU64,
 }
@@ -55,6 +58,7 @@ impl Front {
         let n = 1usize << (usize::BITS - 1 - n.leading_zeros());
         Some(Self {
             slots: (0..n).map(|_| Mutex::new(None)).collect(),
+            tags: (0..n).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
         })
     }
@@ -64,15 +68,27 @@ impl Front {
         self.slots.len() as u64 * SLOT_WORST_CASE
     }
 
-    fn slot(&self, key: CacheKey) -> &Mutex<Option<Slot>> {
+    fn index(&self, key: CacheKey) -> usize {
         // The high half of the key: the low bits already pick doorkeeper bits and flight
         // shards.
-        &self.slots[((key.0 >> 64) as usize) & (self.slots.len() - 1)]
+        ((key.0 >> 64) as usize) & (self.slots.len() - 1)
+    }
+
+    fn slot(&self, key: CacheKey) -> &Mutex<Option<Slot>> {
+        &self.slots[self.index(key)]
+    }
+
+    /// Never 0 (the empty tag). A tag shared by two keys only costs a lock and a compare.
+    fn tag(key: CacheKey) -> u64 {
+        key.0 as u64 | 1
     }
 
     /// The entry last hit under `key`, if the slot still holds it, no clear happened since
     /// and its TTL has not run out. The caller must still check its snapshot.
     pub(super) fn get(&self, key: CacheKey) -> Option<Arc<Entry>> {
+        if self.tags[self.index(key)].load(Relaxed) != Self::tag(key) {
+            return None;
+        }
         let epoch = self.epoch.load(Relaxed);
         let slot = self
             .slot(key)
@@ -89,14 +105,17 @@ impl Front {
             return;
         }
         let epoch = self.epoch.load(Relaxed);
-        *self
+        let mut slot = self
             .slot(key)
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Slot {
+            .unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(Slot {
             key,
             entry: Arc::clone(entry),
             epoch,
         });
+        // Under the lock, so the tag always names the key the slot last got.
+        self.tags[self.index(key)].store(Self::tag(key), Relaxed);
     }
 
     /// Forget `key`'s slot if it holds `entry` (found stale: free its memory now).
@@ -107,6 +126,7 @@ impl Front {
             .unwrap_or_else(PoisonError::into_inner);
         if slot.as_ref().is_some_and(|s| Arc::ptr_eq(&s.entry, entry)) {
             *slot = None;
+            self.tags[self.index(key)].store(0, Relaxed);
         }
     }
 
@@ -115,8 +135,9 @@ impl Front {
         // FLUSH is about memory, not freshness (the generations see to that): an entry
         // that a concurrent hit puts back right after this is still checked like any other.
         self.epoch.fetch_add(1, Relaxed);
-        for s in self.slots.iter() {
+        for (s, t) in self.slots.iter().zip(self.tags.iter()) {
             *s.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            t.store(0, Relaxed);
         }
     }
 }
