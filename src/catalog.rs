@@ -55,6 +55,10 @@ pub struct Catalog {
     volatile: HashSet<String>,
     /// Every function name known, to tell "volatile" from "unknown".
     functions: HashSet<String>,
+    /// Names of functions outside the system schemas that are not immutable.
+    user_volatile: HashSet<String>,
+    /// Symbols of operators outside the system schemas whose function is not immutable.
+    user_operators: HashSet<String>,
     /// Whether sessions of this database may start with a default isolation stricter than
     /// READ COMMITTED (postgresql.conf, `ALTER DATABASE`/`ALTER ROLE ... SET
     /// default_transaction_isolation`): a plain BEGIN may then open a snapshot transaction,
@@ -290,6 +294,27 @@ impl Catalog {
             }
             cat.functions.insert(name);
         }
+        let rows = client
+            .query(
+                "SELECT DISTINCT proname::text FROM pg_proc
+                  WHERE provolatile <> 'i'
+                    AND pronamespace NOT IN ('pg_catalog'::regnamespace,
+                                             'information_schema'::regnamespace)",
+                &[],
+            )
+            .await?;
+        cat.user_volatile = rows.iter().map(|r| r.get(0)).collect();
+        let rows = client
+            .query(
+                "SELECT DISTINCT o.oprname::text FROM pg_operator o
+                   JOIN pg_proc p ON p.oid = o.oprcode
+                  WHERE p.provolatile <> 'i'
+                    AND o.oprnamespace NOT IN ('pg_catalog'::regnamespace,
+                                               'information_schema'::regnamespace)",
+                &[],
+            )
+            .await?;
+        cat.user_operators = rows.iter().map(|r| r.get(0)).collect();
         // When in doubt (any setting that is not plainly READ COMMITTED/UNCOMMITTED, for
         // this database or all, for any role), strict.
         let row = client
@@ -373,6 +398,14 @@ impl Catalog {
 impl crate::analysis::FunctionVolatility for Catalog {
     /// Stable counts as volatile here: a stable function may read tables the analysis cannot
     /// see it read, so its results could not be invalidated.
+    fn user_overload(&self, name: &str) -> bool {
+        self.user_volatile.contains(name)
+    }
+
+    fn user_operator(&self, symbol: &str) -> bool {
+        !self.user_operators.is_empty() && self.user_operators.contains(symbol)
+    }
+
     fn volatility(&self, _schema: Option<&str>, name: &str) -> Option<crate::analysis::Volatility> {
         use crate::analysis::Volatility;
         self.function_is_safe(name).map(|safe| {

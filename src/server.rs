@@ -69,9 +69,11 @@ pub async fn run(
     if let Some(cache) = &shared.cache
         && let Some(tier) = &cache.tier
     {
-        background.push(tokio::spawn(
-            tier.clone().subscribe_forever(cache.gens.clone()),
-        ));
+        let reload = Arc::clone(cache);
+        background.push(tokio::spawn(tier.clone().subscribe_forever(
+            cache.gens.clone(),
+            Arc::new(move || reload.schema_changed_everywhere()),
+        )));
     }
     let sources = tokio_util::sync::CancellationToken::new();
     if let Some(cache) = &shared.cache {

@@ -258,6 +258,23 @@ impl Visitor for Collector<'_> {
             } if builds_text(inner) && is_datetime_type(data_type) => {
                 self.bypass(BypassReason::TimeLiteral);
             }
+            // 'name'::regclass and friends look names up in the catalog, which no table
+            // generation follows.
+            Expr::Cast { data_type, .. } if is_reg_type(data_type) => {
+                self.bypass(BypassReason::SystemCatalog);
+            }
+            // A user-defined operator runs a function the analysis cannot see.
+            Expr::BinaryOp {
+                op:
+                    sqlparser::ast::BinaryOperator::Custom(_)
+                    | sqlparser::ast::BinaryOperator::PGCustomBinaryOperator(_),
+                ..
+            } => {
+                self.bypass(BypassReason::UnknownFunction("operator".into()));
+            }
+            Expr::BinaryOp { op, .. } if self.funcs.user_operator(&op.to_string()) => {
+                self.bypass(BypassReason::VolatileFunction(format!("operator {op}")));
+            }
             Expr::Identifier(ident) if ident.quote_style.is_none() => {
                 let name = ident.value.to_ascii_lowercase();
                 if functions::is_bare_function_keyword(&name) {
@@ -324,6 +341,7 @@ fn builds_text(e: &Expr) -> bool {
     ];
     match e {
         Expr::Nested(inner) => builds_text(inner),
+        Expr::Cast { expr, .. } => builds_text(expr),
         Expr::BinaryOp {
             op: sqlparser::ast::BinaryOperator::StringConcat,
             ..
@@ -352,4 +370,10 @@ fn is_datetime_type(t: &sqlparser::ast::DataType) -> bool {
     ]
     .iter()
     .any(|w| name.contains(w))
+}
+
+/// regclass, regtype, regproc, ...: object identifier types whose input reads the catalog.
+fn is_reg_type(t: &sqlparser::ast::DataType) -> bool {
+    let name = t.to_string().to_ascii_lowercase();
+    name.trim_start_matches("pg_catalog.").starts_with("reg")
 }

@@ -248,7 +248,7 @@ pub(crate) fn check(
         if DENY.contains(&name) || DENY_PREFIXES.iter().any(|p| name.starts_with(p)) {
             return Some(BypassReason::VolatileFunction(name.to_owned()));
         }
-        if ALLOW.binary_search(&name).is_ok() {
+        if ALLOW.binary_search(&name).is_ok() && !funcs.user_overload(name) {
             return None;
         }
     }

@@ -152,12 +152,23 @@ impl Qualifiers<'_> {
     }
 }
 
+fn is_integer_type(t: &sqlparser::ast::DataType) -> bool {
+    matches!(
+        t.to_string().to_ascii_lowercase().as_str(),
+        "int" | "integer" | "int2" | "int4" | "int8" | "smallint" | "bigint"
+    )
+}
+
 /// A literal or `$n`, looking through casts and parentheses (`$1::int`, `'5'::int`,
 /// `CAST(5 AS bigint)`, `int '5'`). Non-integer numbers, NULL and booleans are not keys.
 pub(crate) fn key_value(expr: &Expr) -> Option<KeyValue> {
     match expr {
         Expr::Nested(inner) => key_value(inner),
-        Expr::Cast { expr, .. } => key_value(expr),
+        // Only integer casts keep the value: `16777217::float4` is 16777216, `5.5::int` is 6.
+        Expr::Cast {
+            expr, data_type, ..
+        } if is_integer_type(data_type) => key_value(expr),
+        Expr::Cast { .. } => None,
         Expr::TypedString(typed) => literal(&typed.value.value),
         Expr::Value(v) => literal(&v.value),
         Expr::UnaryOp { op, expr } => {

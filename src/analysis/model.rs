@@ -276,6 +276,19 @@ pub enum Volatility {
 /// configuration explicitly allows.
 pub trait FunctionVolatility {
     fn volatility(&self, schema: Option<&str>, name: &str) -> Option<Volatility>;
+
+    /// Whether a function of this name that is not immutable exists outside the system
+    /// schemas: then a built-in name on the allow list may resolve to it (an overload
+    /// `public.md5(int)`), and the allow list must not vouch for the call.
+    fn user_overload(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// Whether an operator with this symbol, outside the system schemas, runs a function
+    /// that is not immutable (users may overload `##` or define `~~~`).
+    fn user_operator(&self, _symbol: &str) -> bool {
+        false
+    }
 }
 
 /// Knows no functions: every function outside the built-in allow list bypasses.

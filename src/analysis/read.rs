@@ -115,6 +115,10 @@ fn point_key(query: &Query, collected: &Collected) -> Option<PointKey> {
     else {
         return None;
     };
+    // `FROM t AS x(a, b)` renames columns: `b = 5` may be any column of t.
+    if alias.as_ref().is_some_and(|a| !a.columns.is_empty()) {
+        return None;
+    }
     let (parts, alias) = relation_parts(name, alias.as_ref())?;
     if !from.joins.is_empty() || table_ref_from_parts(parts).as_ref() != Some(table) {
         return None;

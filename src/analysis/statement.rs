@@ -36,9 +36,8 @@ pub(crate) fn classify(statement: &Statement, funcs: &dyn FunctionVolatility) ->
             (CopySource::Table { table_name, .. }, false) => wide_writes([table_name]),
             (CopySource::Table { .. }, true) => Analysis::Other,
             // `COPY (DELETE ... RETURNING *) TO STDOUT` writes.
-            (CopySource::Query(query), true) => {
-                read::effects_only(query.as_ref(), funcs).unwrap_or(Analysis::Other)
-            }
+            (CopySource::Query(query), true) => read::effects_only(query.as_ref(), funcs)
+                .unwrap_or_else(|| writer_call(&Statement::Query(query.clone()), funcs)),
             (CopySource::Query(_), false) => flush(FlushReason::Unrecognised),
         },
         S::Explain {
@@ -50,8 +49,22 @@ pub(crate) fn classify(statement: &Statement, funcs: &dyn FunctionVolatility) ->
             let runs = *analyze || options.iter().flatten().any(is_analyze_option);
             match classify(statement, funcs) {
                 effect @ (Analysis::Write(_) | Analysis::Ddl(_)) if runs => effect,
+                // EXPLAIN ANALYZE runs the query, and with it any function that writes.
+                Analysis::Bypass(r) if runs && r.may_write() => Analysis::Bypass(r),
                 _ => Analysis::Other,
             }
+        }
+        // A cursor runs its query (as FETCHes ask): its calls may write.
+        S::Declare { stmts } => {
+            for d in stmts {
+                if let Some(q) = &d.for_query {
+                    let a = writer_call(&Statement::Query(q.clone()), funcs);
+                    if !matches!(a, Analysis::Other) {
+                        return a;
+                    }
+                }
+            }
+            Analysis::Other
         }
 
         S::Grant { objects, .. } | S::Revoke { objects, .. } => match objects {
@@ -125,7 +138,6 @@ pub(crate) fn classify(statement: &Statement, funcs: &dyn FunctionVolatility) ->
         | S::NOTIFY { .. }
         | S::Deallocate { .. }
         | S::Prepare { .. }
-        | S::Declare { .. }
         | S::Fetch { .. }
         | S::Close { .. }
         | S::Vacuum(_)
@@ -221,4 +233,15 @@ fn is_analyze_option(option: &UtilityOption) -> bool {
         Some(_) => false,
     };
     !off
+}
+
+/// For statements that run a query without caching it (a cursor, COPY TO, EXPLAIN ANALYZE):
+/// its writes if any, else the bypass reason if it calls a function that may write (the
+/// transaction must then stop trusting the cache), else `Other`.
+fn writer_call(statement: &Statement, funcs: &dyn FunctionVolatility) -> Analysis {
+    match super::read::classify(statement, funcs) {
+        effect @ (Analysis::Write(_) | Analysis::Ddl(_)) => effect,
+        Analysis::Bypass(r) if r.may_write() => Analysis::Bypass(r),
+        _ => Analysis::Other,
+    }
 }

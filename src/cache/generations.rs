@@ -24,6 +24,13 @@ use super::{BuildMix, mix};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct TableId(pub u64);
 
+impl TableId {
+    /// Not a table: a `Wide` invalidation of it tells other instances that the schema of
+    /// some database changed (DDL), so their catalogs and analyses must be reloaded.
+    /// Nothing depends on it, so locally it bumps nothing.
+    pub const SCHEMA_CHANGED: TableId = TableId(u64::MAX);
+}
+
 /// What a cached read depends on.
 ///
 /// There is no stand-alone "wide" dependency: a point read that watched only `key(t, k)`

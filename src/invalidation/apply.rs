@@ -61,7 +61,14 @@ impl CacheSink {
 
 impl ChangeSink for CacheSink {
     fn apply(&self, db: &str, committed_at: Option<SystemTime>, changes: &[Change]) {
-        let invs = self.invalidations(db, changes);
+        let mut invs = self.invalidations(db, changes);
+        let ddl = changes
+            .iter()
+            .any(|c| matches!(c, Change::Database | Change::Table(_)));
+        if ddl && self.cache.tier.is_some() {
+            // Other instances reload their catalogs too (see TableId::SCHEMA_CHANGED).
+            invs.push(Invalidation::Wide(crate::cache::TableId::SCHEMA_CHANGED));
+        }
         // Locally at once; then Redis (other instances, L2), then locally again: an L1 copy
         // of an old L2 value made between the first bump and Redis's is dropped too.
         for inv in &invs {

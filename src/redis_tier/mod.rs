@@ -464,7 +464,13 @@ impl RedisTier {
 
     /// Listen to the channel for as long as the process lives: apply other instances'
     /// invalidations to `gens`, suspend L1 when deaf for too long, resync when back.
-    pub async fn subscribe_forever(self: Arc<Self>, gens: Arc<Generations>) {
+    /// `on_schema_change` runs when another instance reports DDL (see
+    /// [`TableId::SCHEMA_CHANGED`](crate::cache::TableId::SCHEMA_CHANGED)).
+    pub async fn subscribe_forever(
+        self: Arc<Self>,
+        gens: Arc<Generations>,
+        on_schema_change: Arc<dyn Fn() + Send + Sync>,
+    ) {
         tokio::spawn(Arc::clone(&self).watchdog(Arc::clone(&gens)));
         let channel = codec::channel(self.prefix());
         let ack_channel = codec::ack_channel(self.prefix());
@@ -530,6 +536,11 @@ impl RedisTier {
                 }
                 for inv in &invs {
                     gens.invalidate(inv);
+                }
+                if invs.iter().any(|i| {
+                    matches!(i, Invalidation::Wide(t) if *t == crate::cache::TableId::SCHEMA_CHANGED)
+                }) {
+                    on_schema_change();
                 }
                 metrics().invalidated(InvalidationOrigin::Redis, invs.len() as u64);
                 if let Some(id) = id {

@@ -235,6 +235,23 @@ impl CacheShared {
     }
 
     /// Forget what we know of `db`'s schema (after DDL), and the analyses that used it.
+    /// Another instance saw DDL in a database it does not name: forget every database's
+    /// catalog and analyses (each reloads on its next use).
+    pub fn schema_changed_everywhere(&self) {
+        self.catalogs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.analyses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.shapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     pub fn schema_changed(&self, db: &str) {
         self.catalogs
             .lock()

@@ -183,7 +183,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             let event = {
                 let has_server = self.server.is_some();
                 let read_client = self.to_server.len() < HIGH_WATER;
-                let read_server = self.to_client.len() < HIGH_WATER;
+                // A response captured for the cache is held back until it is complete, so
+                // it must be read up to the size it may be stored at (past that, the fill
+                // is dropped and the buffer flows again); else neither side would move.
+                let capturing = match (&self.fill, &self.cache) {
+                    (Some(f), Some(c)) => {
+                        self.to_client.len() - f.start <= c.config.max_result_bytes
+                    }
+                    _ => false,
+                };
+                let read_server = self.to_client.len() < HIGH_WATER || capturing;
                 let (sr, sw) = match self.server.as_deref_mut() {
                     Some(c) => (Some(&mut c.reader), Some(&mut c.writer)),
                     None => (None, None),
@@ -432,7 +441,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.skip_to_sync = true;
             return Ok(());
         }
-        let stmt = Statement::new(&body);
+        let stmt = Statement::new(&body, statements::scope(self.settings.fingerprint()));
         let name = Bytes::copy_from_slice(body.name);
         self.send_statement(&stmt, Some(name.clone()), false);
         self.statements.insert(name, stmt);
@@ -447,7 +456,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         if body.name.is_empty() || self.statements.contains(body.name) {
             return Ok(false);
         }
-        let stmt = Statement::new(&body);
+        let stmt = Statement::new(&body, statements::scope(self.settings.fingerprint()));
         if !self.pool.is_valid(stmt.hash, self.settings.fingerprint()) {
             return Ok(false);
         }
@@ -633,6 +642,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             b'C' => {
                 self.copy_in = false;
                 let tag = msg.body();
+                // DDL: later Parses get fresh server statements (see SCHEMA_EPOCH). Not for
+                // pinned clients, whose DDL is mostly temporary tables: each bump leaves
+                // a copy of every statement on long-lived server connections.
+                if self.pinned.is_none()
+                    && (tag.starts_with(b"ALTER ")
+                        || tag.starts_with(b"CREATE ")
+                        || tag.starts_with(b"DROP "))
+                {
+                    statements::SCHEMA_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.last_tag_rollback = tag.starts_with(b"ROLLBACK\0");
                 if self.last_tag_rollback {
                     self.undone = true;
@@ -837,7 +856,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     let stmt = if p.name.is_empty() {
                         Statement::unnamed(self.batch[i].raw().clone(), &p)
                     } else {
-                        Statement::new(&p)
+                        Statement::new(&p, statements::scope(self.settings.fingerprint()))
                     };
                     Some((Bytes::copy_from_slice(p.name), stmt))
                 }
@@ -1090,6 +1109,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             if self.schema_dirty {
                 cache.schema_changed(&self.database);
+                if cache.tier.is_some() {
+                    // Other instances reload their catalogs too.
+                    self.to_publish
+                        .push(Invalidation::Wide(crate::cache::TableId::SCHEMA_CHANGED));
+                }
             }
         }
         if std::mem::take(&mut self.defaults_changed) {

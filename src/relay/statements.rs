@@ -10,6 +10,7 @@ use crate::session::{Effect, effects_of};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use xxhash_rust::xxh3::Xxh3;
 
 #[derive(Debug, Clone)]
@@ -42,12 +43,28 @@ pub fn read_parse(body: &[u8]) -> Option<ParseBody<'_>> {
     })
 }
 
+/// Bumped when the relay sees DDL complete (a CREATE, ALTER or DROP tag). Statements
+/// parsed afterwards get new server names, so a server connection never runs a plan of
+/// the old schema for them ("cached plan must not change result type"), and no earlier
+/// acceptance of their Parse is taken for granted.
+pub static SCHEMA_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// What a server-side statement is shared under besides its text and types: the client's
+/// settings (search_path decides what the names mean and which parameter types Postgres
+/// infers) and the schema epoch.
+pub fn scope(settings_fingerprint: u64) -> u64 {
+    settings_fingerprint
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(SCHEMA_EPOCH.load(Relaxed))
+}
+
 impl Statement {
-    pub fn new(p: &ParseBody<'_>) -> Statement {
+    pub fn new(p: &ParseBody<'_>, scope: u64) -> Statement {
         let mut h = Xxh3::new();
         h.update(p.sql);
         h.update(&[0]);
         h.update(p.param_types);
+        h.update(&scope.to_le_bytes());
         let hash = h.digest();
         let server_name: Arc<str> = format!("pgstash_{hash:016x}").into();
         Statement {
@@ -117,23 +134,41 @@ mod tests {
 
     #[test]
     fn same_text_and_types_share_a_server_name_and_others_do_not() {
-        let a = Statement::new(&ParseBody {
-            name: b"s0",
-            sql: b"SELECT $1",
-            param_types: b"\0\x01\0\0\0\x17",
-        });
-        let b = Statement::new(&ParseBody {
-            name: b"s9",
-            sql: b"SELECT $1",
-            param_types: b"\0\x01\0\0\0\x17",
-        });
-        let c = Statement::new(&ParseBody {
-            name: b"s0",
-            sql: b"SELECT $1",
-            param_types: b"\0\x01\0\0\0\x19",
-        });
+        let a = Statement::new(
+            &ParseBody {
+                name: b"s0",
+                sql: b"SELECT $1",
+                param_types: b"\0\x01\0\0\0\x17",
+            },
+            7,
+        );
+        let b = Statement::new(
+            &ParseBody {
+                name: b"s9",
+                sql: b"SELECT $1",
+                param_types: b"\0\x01\0\0\0\x17",
+            },
+            7,
+        );
+        let c = Statement::new(
+            &ParseBody {
+                name: b"s0",
+                sql: b"SELECT $1",
+                param_types: b"\0\x01\0\0\0\x19",
+            },
+            7,
+        );
         assert_eq!(a.server_name, b.server_name);
         assert_ne!(a.server_name, c.server_name);
+        let other_scope = Statement::new(
+            &ParseBody {
+                name: b"s0",
+                sql: b"SELECT $1",
+                param_types: b"\0\x01\0\0\0\x17",
+            },
+            8,
+        );
+        assert_ne!(a.server_name, other_scope.server_name);
         let parsed = read_parse(&a.parse[5..]).unwrap();
         assert_eq!(parsed.name, a.server_name.as_bytes());
         assert_eq!(parsed.sql, b"SELECT $1");

@@ -209,6 +209,7 @@ fn set_effect(stmt: &str, toks: &[Tok]) -> Effect {
         "authorization" if i == 2 => "session_authorization".to_string(),
         "time" if word(i + 1) == "zone" => "timezone".to_string(),
         "names" => "client_encoding".to_string(),
+        "xml" if word(i + 1) == "option" => "xmloption".to_string(),
         "schema" => "search_path".to_string(),
         _ => match dotted_name(toks, i) {
             Some((name, _)) => name,

@@ -28,6 +28,10 @@ pub struct Settings {
     hash: u64,
 }
 
+/// DateStyle SETs kept for replay; past this the oldest goes (a client this busy changing
+/// it has long since set both parts again).
+const MAX_DATESTYLE_SETS: usize = 8;
+
 /// Settings `RESET ALL` leaves alone (GUC_NO_RESET_ALL in PostgreSQL).
 const NOT_RESET_BY_ALL: &[&str] = &["role", "session_authorization"];
 
@@ -143,7 +147,19 @@ impl Settings {
                     if key == "session_authorization" {
                         self.sets.retain(|(k, _)| k != "role");
                     }
-                    self.sets.retain(|(k, _)| *k != key);
+                    if key == "datestyle" {
+                        // `SET DateStyle = 'DMY'` changes only the order, keeping the output
+                        // format an earlier SET chose: replay them all, in order (a repeat
+                        // of the same text moves to the end).
+                        self.sets.retain(|(k, s)| *k != key || *s != stmt);
+                        if self.sets.iter().filter(|(k, _)| *k == key).count() >= MAX_DATESTYLE_SETS
+                            && let Some(at) = self.sets.iter().position(|(k, _)| *k == key)
+                        {
+                            self.sets.remove(at);
+                        }
+                    } else {
+                        self.sets.retain(|(k, _)| *k != key);
+                    }
                     self.sets.push((key, stmt));
                 }
                 Effect::Reset { key } => {
@@ -196,7 +212,8 @@ impl Settings {
         }
         for (_, stmt) in &self.sets {
             sql.push_str(stmt);
-            sql.push(';');
+            // A newline first: a statement may end in a `--` comment.
+            sql.push_str("\n;");
         }
         sql
     }
@@ -308,7 +325,7 @@ mod tests {
         });
         assert!(s.settle(b'I', false));
         assert_ne!(s.fingerprint(), before);
-        assert!(s.apply_sql().ends_with("SET TimeZone = 'UTC';"));
+        assert!(s.apply_sql().ends_with("SET TimeZone = 'UTC'\n;"));
         s.stage(Effect::Reset {
             key: "timezone".into(),
         });
@@ -339,7 +356,7 @@ mod tests {
         assert!(s.settle(b'I', false));
         assert_eq!(
             s.apply_sql(),
-            "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;SET ROLE alice;"
+            "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;SET ROLE alice\n;"
         );
         s.stage(Effect::Reset {
             key: "session_authorization".into(),
@@ -365,7 +382,7 @@ mod tests {
         assert!(s.commit());
         assert_eq!(
             s.apply_sql(),
-            "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;SET ROLE alice;SET TimeZone = 'UTC';"
+            "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;SET ROLE alice\n;SET TimeZone = 'UTC'\n;"
         );
         assert!(
             !s.settle(b'I', true),
@@ -400,5 +417,33 @@ mod tests {
         s.settle(b'I', false);
         let sql = s.take_restore_sql().expect("restore");
         assert!(sql.contains("'search_path','s2'") && sql.contains("'application_name','app'"));
+    }
+
+    #[test]
+    fn replayed_sets_survive_trailing_comments_and_partial_datestyles() {
+        let mut s = Settings::from_startup(&[]);
+        s.stage(set("search_path", "SET search_path TO public -- app init"));
+        s.stage(set("timezone", "SET TimeZone = 'Asia/Tokyo'"));
+        s.stage(set("datestyle", "SET DateStyle = 'SQL'"));
+        s.stage(set("datestyle", "SET DateStyle = 'DMY'"));
+        s.settle(b'I', false);
+        let sql = s.apply_sql();
+        assert!(
+            sql.contains("-- app init\n;SET TimeZone = 'Asia/Tokyo'\n;"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("SET DateStyle = 'SQL'\n;SET DateStyle = 'DMY'\n;"),
+            "{sql}"
+        );
+        let only_dmy = {
+            let mut o = Settings::from_startup(&[]);
+            o.stage(set("search_path", "SET search_path TO public -- app init"));
+            o.stage(set("timezone", "SET TimeZone = 'Asia/Tokyo'"));
+            o.stage(set("datestyle", "SET DateStyle = 'DMY'"));
+            o.settle(b'I', false);
+            o.fingerprint()
+        };
+        assert_ne!(s.fingerprint(), only_dmy);
     }
 }

@@ -518,6 +518,139 @@ async fn sequences_and_foreign_tables_are_read_from_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_cacheable_results_are_relayed_whole() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "large");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE big (id int PRIMARY KEY, p text);
+         INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    // About 370 KiB (above the relay's buffer mark, below max_result_bytes), and about
+    // 2.4 MiB (above both), in both protocols, three times each.
+    for n in [3000i32, 20000] {
+        for _ in 0..3 {
+            let simple = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                c.simple_query(&format!("SELECT id, p FROM big WHERE id <= {n}")),
+            )
+            .await
+            .expect("the simple read finishes")
+            .expect("simple read");
+            let rows = simple
+                .iter()
+                .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                .count();
+            assert_eq!(rows, n as usize);
+            let extended = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                c.query("SELECT id, p FROM big WHERE id <= $1", &[&n]),
+            )
+            .await
+            .expect("the extended read finishes")
+            .expect("extended read");
+            assert_eq!(extended.len(), n as usize);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_whose_meaning_the_text_hides_are_not_cached_wrongly() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "hidden2");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE pk (id int PRIMARY KEY, v text);
+         INSERT INTO pk VALUES (16777216, 'big'), (5, 'five'), (6, 'six');
+         CREATE TABLE gone (a int);
+         CREATE TABLE logt (n int);
+         CREATE FUNCTION add_log() RETURNS int VOLATILE LANGUAGE sql
+             AS $$ INSERT INTO logt VALUES (1) RETURNING n $$;
+         CREATE FUNCTION public.md5(int) RETURNS text VOLATILE LANGUAGE sql
+             AS $$ SELECT random()::text $$;
+         CREATE FUNCTION vol_op(int, int) RETURNS int VOLATILE LANGUAGE sql
+             AS $$ SELECT (random() * 1000000)::int $$;
+         CREATE OPERATOR ## (LEFTARG = int, RIGHTARG = int, FUNCTION = vol_op);",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    // A float4 cast rounds: the key is not 16777217, the row read is 16777216.
+    let q = "SELECT v FROM pk WHERE id = 16777217::float4";
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, q).await, "big");
+    }
+    c.batch_execute("UPDATE pk SET v = 'changed' WHERE id = 16777216")
+        .await
+        .expect("update");
+    assert_eq!(simple_int(&c, q).await, "changed");
+    // Column aliases rename: `id` below is pk's second column.
+    let aliased = "SELECT coalesce((SELECT id FROM pk AS x(n, id) WHERE n = 6), '-')";
+    let renamed = "SELECT count(*)::text FROM pk AS x(id, w) WHERE w = 'six'";
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, aliased).await, "six");
+        assert_eq!(simple_int(&c, renamed).await, "1");
+    }
+    c.batch_execute("UPDATE pk SET v = 'SIX' WHERE id = 6")
+        .await
+        .expect("update");
+    assert_eq!(simple_int(&c, renamed).await, "0");
+    // regclass reads the catalog.
+    for _ in 0..3 {
+        simple_int(&c, "SELECT 'gone'::regclass::oid::text").await;
+    }
+    c.batch_execute("DROP TABLE gone").await.expect("drop");
+    let err = c
+        .simple_query("SELECT 'gone'::regclass::oid::text")
+        .await
+        .expect_err("dropped");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+    );
+    // A user overload of a built-in name, and a user operator, both volatile.
+    let distinct = async |sql: &str| {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            seen.insert(simple_int(&c, sql).await);
+        }
+        seen.len()
+    };
+    assert!(
+        distinct("SELECT md5(5)").await > 1,
+        "md5(int) is the user's volatile one"
+    );
+    assert!(
+        distinct("SELECT (1 ## 2)::text").await > 1,
+        "## runs a volatile function"
+    );
+    // Cursors, EXPLAIN ANALYZE and COPY run the calls they wrap.
+    for (run, fetch) in [
+        (
+            "DECLARE cur CURSOR FOR SELECT add_log()",
+            "FETCH ALL FROM cur",
+        ),
+        ("EXPLAIN ANALYZE SELECT add_log()", ""),
+    ] {
+        for _ in 0..3 {
+            assert_eq!(simple_int(&c, "SELECT count(*)::text FROM logt").await, "0");
+        }
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.batch_execute(run).await.expect(run);
+        if !fetch.is_empty() {
+            c.batch_execute(fetch).await.expect(fetch);
+        }
+        assert_eq!(
+            simple_int(&c, "SELECT count(*)::text FROM logt").await,
+            "1",
+            "after {run}"
+        );
+        c.batch_execute("ROLLBACK").await.expect("rollback");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_search_paths_databases_and_timezones_never_share_entries() {
     let pg = shared_pg();
     let db = fresh_database(pg, "privacy");

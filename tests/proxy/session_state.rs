@@ -279,3 +279,90 @@ async fn database_defaults_changed_through_pgstash_reach_new_sessions() {
         assert_eq!(one(&b, q).await, "02/01/2024");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_settings_survive_comments_and_combine_like_postgres() {
+    let (proxy, db) = setup(1);
+    let a = proxy.connect("postgres", "", &db).await;
+    a.batch_execute("SET search_path TO public -- app init")
+        .await
+        .expect("set with a comment");
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .expect("tz");
+    a.batch_execute("SET DateStyle = 'SQL'").await.expect("ds");
+    a.batch_execute("SET DateStyle = 'DMY'")
+        .await
+        .expect("ds order");
+    a.batch_execute("SET XML OPTION DOCUMENT; RESET xmloption")
+        .await
+        .expect("xml option");
+    let q = "SELECT '2024-01-02 03:04:05+00'::timestamptz::text";
+    // b takes the only server connection in between: a's settings are replayed for a.
+    let b = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert_eq!(one(&b, q).await, "2024-01-02 03:04:05+00");
+        assert_eq!(one(&a, "SHOW TimeZone").await, "Asia/Tokyo");
+        assert_eq!(one(&a, "SHOW DateStyle").await, "SQL, DMY");
+        assert_eq!(one(&a, "SHOW xmloption").await, "content");
+        assert_eq!(one(&a, q).await, "02/01/2024 12:04:05 JST");
+    }
+    // Another client with only the order part gets its own rendering.
+    let c = proxy.connect("postgres", "", &db).await;
+    c.batch_execute("SET TimeZone = 'Asia/Tokyo'; SET DateStyle = 'DMY'")
+        .await
+        .expect("set");
+    for _ in 0..3 {
+        assert_eq!(one(&c, q).await, "2024-01-02 12:04:05+09");
+    }
+    assert_eq!(one(&a, q).await, "02/01/2024 12:04:05 JST");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_follow_ddl_and_search_path() {
+    let (proxy, db) = setup(1);
+    shared_pg().psql_db(
+        &db,
+        "CREATE TABLE t2 (id int PRIMARY KEY, a text);
+         INSERT INTO t2 VALUES (1, 'a');
+         CREATE SCHEMA s1; CREATE TABLE s1.u (id int, v text); INSERT INTO s1.u VALUES (5, 's1-five');
+         CREATE TABLE s2.u (id text, v text); INSERT INTO s2.u VALUES ('5', 's2-five');",
+    );
+    let a = proxy.connect("postgres", "", &db).await;
+    let sel = "SELECT * FROM t2 WHERE id = $1";
+    let rows = a.query(sel, &[&1i32]).await.expect("prepared read");
+    assert_eq!(rows[0].len(), 2);
+    a.batch_execute("ALTER TABLE t2 ADD COLUMN b text DEFAULT 'new'")
+        .await
+        .expect("alter");
+    // A new client preparing the same text gets the new shape, as on Postgres.
+    let b = proxy.connect("postgres", "", &db).await;
+    let rows = b.query(sel, &[&1i32]).await.expect("prepared after DDL");
+    assert_eq!(rows[0].len(), 3);
+    assert_eq!(rows[0].get::<_, String>(2), "new");
+    // The same text under two search_paths: parameter types inferred per path.
+    let c = proxy.connect("postgres", "", &db).await;
+    c.batch_execute("SET search_path = s1").await.expect("path");
+    let d = proxy.connect("postgres", "", &db).await;
+    d.batch_execute("SET search_path = s2").await.expect("path");
+    let q = "SELECT v FROM u WHERE id = $1";
+    let sc = c.prepare(q).await.expect("prepare s1");
+    let sd = d.prepare(q).await.expect("prepare s2");
+    assert_eq!(sd.params(), &[tokio_postgres::types::Type::TEXT]);
+    let vc: String = c.query_one(&sc, &[&5i32]).await.expect("s1").get(0);
+    let vd: String = d.query_one(&sd, &[&"5"]).await.expect("s2").get(0);
+    assert_eq!((vc.as_str(), vd.as_str()), ("s1-five", "s2-five"));
+    // And a Parse after DROP TABLE is refused by Postgres, not answered from memory.
+    a.query("SELECT id FROM t2 WHERE id = $1", &[&1i32])
+        .await
+        .expect("prepared");
+    a.batch_execute("DROP TABLE t2").await.expect("drop");
+    let err = b
+        .prepare("SELECT id FROM t2 WHERE id = $1")
+        .await
+        .expect_err("t2 is gone");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+    );
+}

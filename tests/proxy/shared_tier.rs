@@ -169,3 +169,62 @@ async fn redis_going_away_costs_no_client_an_error_nor_a_stale_read() {
         "and invalidated by writes through pgstash"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_through_one_instance_reloads_the_catalog_of_the_other() {
+    let redis = shared_redis();
+    let db = table_db("twoddl", 3);
+    shared_pg().psql_db(
+        &db,
+        "CREATE TABLE par (id int PRIMARY KEY);
+         INSERT INTO par VALUES (1), (2);",
+    );
+    let prefix = format!("ddl{}:", std::process::id());
+    let metrics_b = free_metrics_port();
+    let a = Proxy::start(shared_pg(), with_redis(redis, &prefix));
+    let b = Proxy::start(shared_pg(), |c| {
+        with_redis(redis, &prefix)(c);
+        c.metrics.listen = Some(metrics_b);
+    });
+    wait_for("both instances subscribed", async || {
+        !scrape(metrics_b, "/readyz").contains("not heard")
+    })
+    .await;
+    let ca = a.connect("postgres", "", &db).await;
+    let cb = b.connect("postgres", "", &db).await;
+    // B loads its catalog before the DDL.
+    assert_eq!(v(&cb, 1).await, 10);
+    ca.batch_execute(
+        "CREATE SEQUENCE s;
+         CREATE VIEW seq_v AS SELECT nextval('s')::text AS n;
+         CREATE TABLE kid (id int PRIMARY KEY, par int REFERENCES par ON DELETE CASCADE);
+         INSERT INTO kid VALUES (10, 1), (20, 2);",
+    )
+    .await
+    .expect("ddl through A");
+    let one =
+        async |c: &Client, sql: &str| -> String { c.query_one(sql, &[]).await.expect(sql).get(0) };
+    // Eventually B hears of it; from then on it must be right every time.
+    wait_for("B sees the new view", async || {
+        c_try(&cb, "SELECT n FROM seq_v").await
+    })
+    .await;
+    let mut last = one(&cb, "SELECT n FROM seq_v").await;
+    for _ in 0..3 {
+        let next = one(&cb, "SELECT n FROM seq_v").await;
+        assert_ne!(next, last, "B served a view over nextval() from its cache");
+        last = next;
+    }
+    for _ in 0..3 {
+        assert_eq!(one(&cb, "SELECT count(*)::text FROM kid").await, "2");
+    }
+    cb.batch_execute("DELETE FROM par WHERE id = 1")
+        .await
+        .expect("cascade through B");
+    assert_eq!(one(&cb, "SELECT count(*)::text FROM kid").await, "1");
+    assert_eq!(one(&ca, "SELECT count(*)::text FROM kid").await, "1");
+}
+
+async fn c_try(c: &Client, sql: &str) -> bool {
+    c.query_one(sql, &[]).await.is_ok()
+}

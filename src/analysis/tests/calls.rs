@@ -213,3 +213,55 @@ fn calls_that_may_write_are_told_apart_from_denied_built_ins() {
     assert!(!write("INSERT INTO orders VALUES (1, 2)").hidden_writes);
     assert!(!write("UPDATE t SET ts = now() WHERE id = 1").hidden_writes);
 }
+
+#[test]
+fn catalog_lookups_and_wrapped_writer_calls_are_seen() {
+    assert_eq!(
+        bypass("SELECT 'gone'::regclass::oid"),
+        BypassReason::SystemCatalog
+    );
+    assert_eq!(
+        bypass("SELECT CAST('int4' AS regtype)"),
+        BypassReason::SystemCatalog
+    );
+    for sql in [
+        "DECLARE c CURSOR FOR SELECT add_log()",
+        "EXPLAIN ANALYZE SELECT add_log()",
+        "EXPLAIN (ANALYZE) SELECT add_log()",
+        "COPY (SELECT add_log()) TO STDOUT",
+    ] {
+        assert!(bypass(sql).may_write(), "{sql}");
+    }
+    assert_eq!(an("EXPLAIN SELECT add_log()"), Analysis::Other);
+    assert_eq!(an("DECLARE c CURSOR FOR SELECT 1"), Analysis::Other);
+    assert!(matches!(
+        bypass("SELECT 1 ~~~ 2"),
+        BypassReason::UnknownFunction(_)
+    ));
+}
+
+#[test]
+fn only_integer_casts_keep_a_key_value() {
+    assert!(
+        read("SELECT v FROM t WHERE id = 16777217::float4")
+            .point
+            .is_none()
+    );
+    assert!(
+        read("SELECT v FROM t WHERE id = 5::numeric")
+            .point
+            .is_none()
+    );
+    assert!(read("SELECT v FROM t WHERE id = '5'::int").point.is_some());
+    assert!(
+        read("SELECT v FROM t WHERE id = CAST($1 AS bigint)")
+            .point
+            .is_some()
+    );
+    assert!(
+        read("SELECT * FROM t AS x(n, id) WHERE id = 5")
+            .point
+            .is_none()
+    );
+    assert!(read("SELECT * FROM t AS x WHERE x.id = 5").point.is_some());
+}
