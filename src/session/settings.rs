@@ -13,6 +13,20 @@ use xxhash_rust::xxh3::Xxh3;
 /// Startup keys that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
+/// Settings Postgres takes only when a session starts (context `backend` and
+/// `superuser-backend` in pg_settings). A pooled server connection has started already, so
+/// they cannot be applied with set_config; they only steer logging and debugging, not any
+/// result, so they are left out rather than refuse the client (PgBouncer's
+/// `ignore_startup_parameters`, for these).
+const AT_START_ONLY: &[&str] = &[
+    "ignore_system_indexes",
+    "jit_debugging_support",
+    "jit_profiling_support",
+    "log_connections",
+    "log_disconnections",
+    "post_auth_delay",
+];
+
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     startup: Vec<(String, String)>,
@@ -41,7 +55,13 @@ impl Settings {
         let mut startup = Vec::new();
         for (k, v) in params {
             if k == "options" {
-                startup.extend(parse_options(v));
+                startup.extend(
+                    parse_options(v)
+                        .into_iter()
+                        .filter(|(k, _)| !AT_START_ONLY.iter().any(|a| a.eq_ignore_ascii_case(k))),
+                );
+            } else if AT_START_ONLY.iter().any(|a| a.eq_ignore_ascii_case(k)) {
+                continue;
             } else if !NOT_SETTINGS.contains(&k.as_str()) && !k.starts_with("_pq_.") {
                 startup.push((k.clone(), v.clone()));
             }
@@ -445,5 +465,16 @@ mod tests {
             o.fingerprint()
         };
         assert_ne!(s.fingerprint(), only_dmy);
+    }
+
+    #[test]
+    fn session_start_only_settings_are_left_out() {
+        let s = Settings::from_startup(&p(&[
+            ("options", "-c log_disconnections=on -c search_path=a"),
+            ("log_connections", "on"),
+        ]));
+        let sql = s.apply_sql();
+        assert!(!sql.contains("log_"), "{sql}");
+        assert!(sql.contains("'search_path','a'"));
     }
 }

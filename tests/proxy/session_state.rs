@@ -366,3 +366,17 @@ async fn prepared_statements_follow_ddl_and_search_path() {
         Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_postgres_takes_only_at_session_start_do_not_refuse_the_client() {
+    let (proxy, db) = setup(1);
+    let url = format!(
+        "{}?options=-c%20log_disconnections%3Don%20-c%20search_path%3Ds2",
+        proxy.url("postgres", "", &db)
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect with session-start options");
+    tokio::spawn(conn);
+    assert_eq!(rows(&client).await, "s2");
+}
