@@ -184,16 +184,7 @@ impl Catalog {
             .await?;
         opaque.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         for rel in direct.keys() {
-            let mut seen = HashSet::new();
-            let mut stack = vec![rel.clone()];
-            while let Some(n) = stack.pop() {
-                if !seen.insert(n.clone()) {
-                    continue;
-                }
-                if let Some(next) = direct.get(&n) {
-                    stack.extend(next.iter().cloned());
-                }
-            }
+            let mut seen = closure(&direct, rel);
             if seen.iter().any(|n| opaque.contains(n)) {
                 cat.opaque.insert(rel.clone());
             }
@@ -233,16 +224,9 @@ impl Catalog {
             write_edges.entry(r.get(0)).or_default().push(r.get(1));
         }
         for start in write_edges.keys() {
-            let mut seen = HashSet::new();
-            let mut stack = vec![start.clone()];
-            while let Some(n) = stack.pop() {
-                if seen.insert(n.clone())
-                    && let Some(next) = write_edges.get(&n)
-                {
-                    stack.extend(next.iter().cloned());
-                }
-            }
-            cat.family.insert(start.clone(), seen.into_iter().collect());
+            let reach = closure(&write_edges, start);
+            cat.family
+                .insert(start.clone(), reach.into_iter().collect());
         }
         let rows = client
             .query(
@@ -393,6 +377,20 @@ impl Catalog {
             None
         }
     }
+}
+
+/// Every name reachable from `start` along `edges`, `start` included.
+fn closure(edges: &HashMap<String, Vec<String>>, start: &str) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut stack = vec![start.to_string()];
+    while let Some(n) = stack.pop() {
+        if seen.insert(n.clone())
+            && let Some(next) = edges.get(&n)
+        {
+            stack.extend(next.iter().cloned());
+        }
+    }
+    seen
 }
 
 impl crate::analysis::FunctionVolatility for Catalog {

@@ -1,8 +1,8 @@
 //! What a statement does to session state, as far as the pooler is concerned.
 
 use super::scan::{
-    Tok, call_args, contains_ignore_case, dotted_name, first_word, leading_words, statements,
-    tokens,
+    Tok, call_args, contains_ignore_case, dotted_name, first_word, leading_words, standalone_words,
+    statements, tokens,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,19 +142,6 @@ fn effect_of(stmt: &str) -> Option<Effect> {
 /// the client on its server connection (which is discarded afterwards, never handed to
 /// anyone else); a change for the transaction only makes the rest of the transaction
 /// bypass the cache. Only a literal `true` counts as local: `$3` or an expression might not be.
-/// How often `word` occurs (ASCII case-insensitively) not as part of a longer identifier.
-fn standalone_words(stmt: &str, word: &[u8]) -> usize {
-    let b = stmt.as_bytes();
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
-    (0..b.len().saturating_sub(word.len() - 1))
-        .filter(|&i| {
-            b[i..i + word.len()].eq_ignore_ascii_case(word)
-                && (i == 0 || !ident(b[i - 1]))
-                && b.get(i + word.len()).is_none_or(|&c| !ident(c))
-        })
-        .count()
-}
-
 fn set_config_effect(stmt: &str) -> Option<Effect> {
     let calls = call_args(stmt, "set_config");
     if calls.len() < standalone_words(stmt, b"set_config") {

@@ -14,12 +14,7 @@ pub fn statements(sql: &str) -> Vec<&str> {
     while i < b.len() {
         match b[i] {
             b'\'' | b'"' => i = skip_quoted(b, i, b[i]),
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(b.len(), |p| i + p + 1)
-            }
+            b'-' if b.get(i + 1) == Some(&b'-') => i = skip_line_comment(b, i),
             b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
             b'$' => i = skip_dollar(b, i),
             b';' => {
@@ -60,6 +55,14 @@ fn skip_quoted(b: &[u8], open: usize, q: u8) -> usize {
         i += 1;
     }
     b.len()
+}
+
+/// Past the `--` comment starting at `open` (and its newline).
+fn skip_line_comment(b: &[u8], open: usize) -> usize {
+    b[open..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .map_or(b.len(), |p| open + p + 1)
 }
 
 fn skip_block_comment(b: &[u8], open: usize) -> usize {
@@ -107,10 +110,7 @@ pub fn first_word(stmt: &str) -> Option<&str> {
     while i < b.len() {
         let c = b[i];
         if c == b'-' && b.get(i + 1) == Some(&b'-') {
-            i = b[i..]
-                .iter()
-                .position(|&c| c == b'\n')
-                .map_or(b.len(), |p| i + p + 1);
+            i = skip_line_comment(b, i);
         } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
             i = skip_block_comment(b, i);
         } else if c.is_ascii_alphabetic() || c == b'_' {
@@ -144,10 +144,7 @@ pub fn leading_words(stmt: &str, n: usize) -> Vec<String> {
     while i < b.len() && words.len() < n {
         let c = b[i];
         if c == b'-' && b.get(i + 1) == Some(&b'-') {
-            i = b[i..]
-                .iter()
-                .position(|&c| c == b'\n')
-                .map_or(b.len(), |p| i + p + 1);
+            i = skip_line_comment(b, i);
         } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
             i = skip_block_comment(b, i);
         } else if c.is_ascii_alphabetic() || c == b'_' {
@@ -187,10 +184,7 @@ pub fn tokens(stmt: &str, n: usize) -> Vec<Tok> {
     while i < b.len() && out.len() < n {
         let c = b[i];
         if c == b'-' && b.get(i + 1) == Some(&b'-') {
-            i = b[i..]
-                .iter()
-                .position(|&c| c == b'\n')
-                .map_or(b.len(), |p| i + p + 1);
+            i = skip_line_comment(b, i);
         } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
             i = skip_block_comment(b, i);
         } else if c.is_ascii_whitespace() {
@@ -240,6 +234,22 @@ pub fn dotted_name(toks: &[Tok], mut i: usize) -> Option<(String, usize)> {
     }
 }
 
+/// How often `word` occurs (ASCII case-insensitively) not as part of a longer identifier.
+pub fn standalone_words(stmt: &str, word: &[u8]) -> usize {
+    let b = stmt.as_bytes();
+    (0..b.len().saturating_sub(word.len() - 1))
+        .filter(|&i| {
+            b[i..i + word.len()].eq_ignore_ascii_case(word)
+                && (i == 0 || !is_ident_byte(b[i - 1]))
+                && b.get(i + word.len()).is_none_or(|&c| !is_ident_byte(c))
+        })
+        .count()
+}
+
+fn is_ident_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$'
+}
+
 /// The top-level arguments of every call of `name(...)` in `stmt` (matched ASCII
 /// case-insensitively, also when schema-qualified, and also inside literals, which only
 /// errs on the side of noticing), each argument trimmed. A call whose closing parenthesis
@@ -250,7 +260,7 @@ pub fn call_args<'a>(stmt: &'a str, name: &str) -> Vec<Option<Vec<&'a str>>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i + n <= b.len() {
-        let word_start = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+        let word_start = i == 0 || !is_ident_byte(b[i - 1]);
         if !(word_start && b[i..i + n].eq_ignore_ascii_case(name.as_bytes())) {
             i += 1;
             continue;
@@ -281,12 +291,7 @@ fn split_args(stmt: &str, open: usize) -> (Option<Vec<&str>>, usize) {
     while i < b.len() {
         match b[i] {
             b'\'' | b'"' => i = skip_quoted(b, i, b[i]),
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(b.len(), |p| i + p + 1)
-            }
+            b'-' if b.get(i + 1) == Some(&b'-') => i = skip_line_comment(b, i),
             b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
             b'$' => i = skip_dollar(b, i),
             b'(' | b'[' => {
