@@ -274,6 +274,8 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub max_lifetime: Duration,
+    /// Most shared prepared statements one server connection keeps; 0 means no bound.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -285,6 +287,7 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
+            max_prepared_statements: 200,
         }
     }
 }

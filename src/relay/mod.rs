@@ -328,6 +328,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         {
             self.restore_settings().await?;
         }
+        if self.server.is_some() && self.tx_status == b'I' && self.server_idle() {
+            self.close_unused_statements();
+        }
         if self.server.is_none() {
             // Without a server connection nothing is in flight and no transaction is open, so
             // some messages can be answered here. This is not only cheaper: drivers that
@@ -352,6 +355,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             if !self.acquire(tag).await? {
                 return Ok(true);
             }
+            self.close_unused_statements();
         }
         match tag {
             b'Q' => {
@@ -467,11 +471,29 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         Ok(true)
     }
 
+    /// Keep the server connection within `pool.max_prepared_statements`. Only called between
+    /// transactions with nothing in flight, when no portal can exist: the protocol documents
+    /// that closing a statement closes the portals made from it (Postgres 15 lets them run on,
+    /// but nothing here depends on that). The closes ride in front of the client's next message.
+    fn close_unused_statements(&mut self) {
+        let cap = self.pool.max_prepared();
+        let conn = self.server_conn();
+        if cap == 0 || conn.prepared.len() <= cap {
+            return;
+        }
+        for hash in conn.prepared.evict_beyond(cap) {
+            let name = crate::upstream::prepared::server_name(hash);
+            self.to_server
+                .extend_from_slice(&protocol::with_statement_name(b'C', b"S", &name, &[]));
+            self.expect.push(Expect::Close, true);
+        }
+    }
+
     /// Make sure the server has `stmt`: send its Parse (answer hidden when `inject`) or, when it
     /// is already there and the client asked, answer ParseComplete ourselves.
     fn send_statement(&mut self, stmt: &Statement, client_name: Option<Bytes>, inject: bool) {
         let conn = self.server_conn();
-        if conn.prepared.contains(&stmt.hash) {
+        if conn.prepared.use_if_present(stmt.hash) {
             if !inject {
                 self.expect
                     .push_synthetic(protocol::parse_complete(), &mut self.to_client);
@@ -693,7 +715,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         for FailedParse { hash, client_name } in failed {
             match hash {
                 Some(h) => {
-                    self.server_conn().prepared.remove(&h);
+                    self.server_conn().prepared.remove(h);
                     if let Some(n) = client_name {
                         self.statements.forget_failed(&n, h);
                     }

@@ -66,7 +66,7 @@ impl Statement {
         h.update(p.param_types);
         h.update(&scope.to_le_bytes());
         let hash = h.digest();
-        let server_name: Arc<str> = format!("pgstash_{hash:016x}").into();
+        let server_name: Arc<str> = crate::upstream::prepared::server_name(hash).into();
         Statement {
             hash,
             parse: protocol::parse(&server_name, p.sql, p.param_types),

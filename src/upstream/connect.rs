@@ -1,10 +1,11 @@
 //! Opening one server connection: TCP, StartupMessage, password authentication, and the
 //! ParameterStatus/BackendKeyData that follow.
 
+use super::prepared::ServerStatements;
 use crate::protocol::{self, Message, MessageReader, cstr_at};
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -76,7 +77,7 @@ pub struct ServerConn {
     /// Every ParameterStatus this connection has reported, kept current by the relay.
     pub params: BTreeMap<String, String>,
     /// Hashes of the statements prepared on this connection under `pgstash_<hash>` names.
-    pub prepared: HashSet<u64>,
+    pub prepared: ServerStatements,
     /// Fingerprint of the client settings last applied here (see `session::Settings`).
     pub settings_hash: u64,
     /// Set when the relay could not leave the connection clean; the pool then drops it.
@@ -308,7 +309,7 @@ async fn connect_inner(
                     key,
                     addr: p.addr.clone(),
                     params,
-                    prepared: HashSet::new(),
+                    prepared: ServerStatements::default(),
                     settings_hash: 0,
                     broken: false,
                     created: Instant::now(),

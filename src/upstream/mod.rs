@@ -3,5 +3,6 @@
 
 mod connect;
 pub mod pool;
+pub mod prepared;
 
 pub use connect::{BackendKey, ConnectParams, ServerConn, UpstreamError, connect, connect_with};

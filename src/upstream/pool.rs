@@ -81,6 +81,7 @@ pub struct ServerPool {
     /// (statement hash, settings fingerprint) pairs Postgres has accepted a Parse of.
     valid_statements: Arc<Mutex<HashSet<(u64, u64)>>>,
     retired: Retired,
+    max_prepared: usize,
 }
 
 /// Bound on remembered statements; past it the set restarts (costing only server round trips).
@@ -105,6 +106,11 @@ impl ServerPool {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         v.contains(&(stmt, settings))
+    }
+
+    /// Most shared statements a server connection keeps (0: no bound).
+    pub fn max_prepared(&self) -> usize {
+        self.max_prepared
     }
 
     pub async fn checkout(&self) -> Result<Pooled, CheckoutError> {
@@ -215,6 +221,7 @@ impl Pools {
             checkout_timeout: self.config.checkout_timeout,
             valid_statements: Arc::default(),
             retired: Arc::clone(&self.retired),
+            max_prepared: self.config.max_prepared_statements,
         };
         pools.insert(key, pool.clone());
         pool

@@ -4,6 +4,7 @@
 use crate::fixture::Proxy;
 use crate::support::shared_pg;
 use futures_util::StreamExt;
+use pgstash::config::PoolMode;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,4 +325,95 @@ async fn empty_query_and_unknown_statement_behave_like_postgres() {
         .expect("after error")
         .get(0);
     assert_eq!(v, 5);
+}
+
+/// Shared statements prepared on the one server connection right now.
+async fn server_statements(c: &tokio_postgres::Client) -> i64 {
+    let msgs = c
+        .simple_query("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgstash\\_%'")
+        .await
+        .expect("count statements");
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().expect("int")),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connection_keeps_at_most_max_prepared_statements() {
+    for mode in [PoolMode::Transaction, PoolMode::Session] {
+        let proxy = Proxy::start(shared_pg(), |c| {
+            c.pool.max_size = 1;
+            c.pool.mode = mode;
+            c.pool.max_prepared_statements = 3;
+        });
+        let c = proxy.connect("postgres", "", "postgres").await;
+        let mut stmts = Vec::new();
+        for k in 0..10i32 {
+            let s = c
+                .prepare(&format!("SELECT $1::int + {k}"))
+                .await
+                .expect("prepare");
+            let v: i32 = c.query_one(&s, &[&1]).await.expect("run").get(0);
+            assert_eq!(v, 1 + k);
+            stmts.push(s);
+        }
+        let held = server_statements(&c).await;
+        assert!(held <= 3, "{mode:?}: {held} statements on the server");
+        // Evicted statements are prepared again when used, under the client's same names.
+        for (k, s) in stmts.iter().enumerate() {
+            let v: i32 = c.query_one(s, &[&2]).await.expect("rerun").get(0);
+            assert_eq!(v, 2 + k as i32);
+        }
+        let held = server_statements(&c).await;
+        assert!(held <= 3, "{mode:?}: {held} statements on the server");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_eviction_never_closes_an_open_portal() {
+    let proxy = Proxy::start(shared_pg(), |c| {
+        c.pool.max_size = 1;
+        c.pool.max_prepared_statements = 2;
+    });
+    let mut c = proxy.connect("postgres", "", "postgres").await;
+    let series = c
+        .prepare("SELECT g FROM generate_series(1, 10) g")
+        .await
+        .expect("prepare");
+    let tx = c.transaction().await.expect("begin");
+    let portal = tx.bind(&series, &[]).await.expect("bind");
+    let first: Vec<i32> = tx
+        .query_portal(&portal, 3)
+        .await
+        .expect("first rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(first, vec![1, 2, 3]);
+    // Past the cap while the portal is open.
+    for k in 0..6i32 {
+        let s = tx
+            .prepare(&format!("SELECT $1::int * {k}"))
+            .await
+            .expect("prepare");
+        let v: i32 = tx.query_one(&s, &[&3]).await.expect("run").get(0);
+        assert_eq!(v, 3 * k);
+    }
+    let rest: Vec<i32> = tx
+        .query_portal(&portal, 0)
+        .await
+        .expect("the portal is still open")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rest, (4..=10).collect::<Vec<_>>());
+    tx.commit().await.expect("commit");
+    let held = server_statements(&c).await;
+    assert!(
+        held <= 2,
+        "{held} statements on the server after the transaction"
+    );
 }
