@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::OnceCell;
-use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_64_with_seed, xxh3_128_with_seed};
 
 /// Shared by every client of this pgstash instance.
 pub struct CacheShared {
@@ -35,7 +35,9 @@ pub struct CacheShared {
     connect_timeout: Duration,
     catalogs: Mutex<HashMap<String, CatalogCell, BuildMix>>,
     /// Keyed by (hash of the database name, hash of the query text).
-    analyses: Mutex<HashMap<(u64, u64), Arc<Analyzed>, BuildMix>>,
+    /// Sharded by text hash: every query of every client looks here, and one lock would
+    /// have its cache line bounce between cores on each of them.
+    analyses: Box<[Mutex<AnalysisMemo>]>,
     /// Keyed by (hash of the database name, hash of the literal shape's text): see
     /// [`analysis::literal_shape`].
     shapes: Mutex<HashMap<(u64, u64), ShapeMemo, BuildMix>>,
@@ -45,6 +47,9 @@ pub struct CacheShared {
     /// shaping it again would; texts that repeat (a hot set) get memoised all the same.
     texts_seen: Doorkeeper,
 }
+
+type AnalysisMemo = HashMap<(u64, u64), Arc<Analyzed>, BuildMix>;
+const ANALYSIS_SHARDS: usize = 16;
 
 /// What one literal shape analyses to.
 struct ShapeMemo {
@@ -69,6 +74,8 @@ pub struct Analyzed {
     pub fingerprint: u64,
     /// The text, to tell a hash collision from a memo hit.
     sql: Box<str>,
+    /// See [`Analyzed::read_plan`].
+    plan_shape: std::sync::OnceLock<(std::sync::Weak<Catalog>, Option<Arc<PlanShape>>)>,
 }
 
 impl Analyzed {
@@ -195,7 +202,9 @@ impl CacheShared {
             upstream,
             connect_timeout,
             catalogs: Mutex::new(HashMap::with_hasher(BuildMix::new())),
-            analyses: Mutex::new(HashMap::with_hasher(BuildMix::new())),
+            analyses: (0..ANALYSIS_SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(BuildMix::new())))
+                .collect(),
             shapes: Mutex::new(HashMap::with_hasher(BuildMix::new())),
             texts_seen: Doorkeeper::with_bits_log2(18),
         })
@@ -242,10 +251,9 @@ impl CacheShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.analyses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        for shard in &self.analyses {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
         self.shapes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -258,10 +266,12 @@ impl CacheShared {
             .unwrap_or_else(|p| p.into_inner())
             .remove(db);
         let d = xxh3_64(db.as_bytes());
-        self.analyses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(of, _), _| *of != d);
+        for shard in &self.analyses {
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(of, _), _| *of != d);
+        }
         self.shapes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -275,11 +285,8 @@ impl CacheShared {
         let db_hash = xxh3_64(db.as_bytes());
         let text_hash = xxh3_64(sql.as_bytes());
         let key = (db_hash, text_hash);
-        if let Some(a) = self
-            .analyses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+        let shard = &self.analyses[text_hash as usize % ANALYSIS_SHARDS];
+        if let Some(a) = shard.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && *a.sql == *sql
         {
             return a.clone();
@@ -294,13 +301,14 @@ impl CacheShared {
             policy,
             fingerprint,
             sql: sql.into(),
+            plan_shape: std::sync::OnceLock::new(),
         });
         let shaped = fingerprint != text_hash;
         if shaped && !self.texts_seen.seen_before(db_hash ^ text_hash) {
             return a;
         }
-        let mut map = self.analyses.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_MEMOISED_ANALYSES {
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_MEMOISED_ANALYSES / ANALYSIS_SHARDS {
             map.clear();
         }
         map.insert(key, a.clone());
@@ -609,65 +617,158 @@ fn value_int(v: &KeyValue, params: Option<&BindParams<'_>>) -> Option<i64> {
 /// A cacheable read: its key and what it depends on.
 pub struct ReadPlan {
     pub key: CacheKey,
-    pub deps: Vec<Dependency>,
-    pub tables: Vec<String>,
+    /// A point read's key dependency: the value it pins.
+    point_key: Option<Dependency>,
+    shape: Arc<PlanShape>,
 }
 
-/// Key material that does not depend on the request: who is asking, where, with which
-/// settings (role, search_path, TimeZone, ... all live in the settings fingerprint).
-pub fn key_prefix(db: &str, user: &str, settings_fingerprint: u64) -> Xxh3 {
-    let mut h = Xxh3::new();
-    h.update(db.as_bytes());
-    h.update(&[0]);
-    h.update(user.as_bytes());
-    h.update(&[0]);
-    h.update(&settings_fingerprint.to_le_bytes());
-    h
+impl ReadPlan {
+    /// The generations the result depends on (needed on a miss only).
+    pub fn deps(&self) -> Vec<Dependency> {
+        match self.point_key {
+            Some(k) => std::iter::once(k)
+                .chain(self.shape.point_deps.iter().copied())
+                .collect(),
+            None => self.shape.wide_deps.clone(),
+        }
+    }
+
+    /// The tables the result depends on, by name.
+    pub fn tables(&self) -> &[String] {
+        match self.point_key {
+            Some(_) => &self.shape.point_tables,
+            None => &self.shape.wide_tables,
+        }
+    }
 }
 
-/// Plan a read: `None` when the analysis says it must not be cached.
-pub fn read_plan(
-    a: &Analysis,
-    catalog: &Catalog,
-    mut key: Xxh3,
-    params: Option<&BindParams<'_>>,
-) -> Option<ReadPlan> {
-    let Analysis::Read(r) = a else { return None };
-    if r.tables.iter().any(|t| catalog.is_opaque(&t.name)) {
-        return None;
-    }
-    let mut deps = Vec::new();
-    let mut tables = Vec::new();
-    let point = r.point.as_ref().and_then(|p| {
-        let pk = catalog.int_key(&p.table.name)?;
-        (r.tables.len() == 1).then_some(())?;
-        pk_value(&p.candidates, &pk.column, params).map(|k| (p.table.name.clone(), key_hash(k)))
-    });
-    match point {
-        Some((name, k)) => {
-            let t = table_id(&name);
-            deps.push(Dependency::Key(t, k));
-            for other in catalog.other_reads(&name) {
-                deps.push(Dependency::AnyOf(table_id(other)));
-                tables.push(other.clone());
-            }
-            tables.push(name);
+/// What a read's plan takes from its analysis and the catalog: everything but the key
+/// value a point read pins and the cache key. Computed once per memoised analysis and
+/// catalog, so that a repeated query does no catalog lookups.
+#[derive(Debug)]
+pub struct PlanShape {
+    /// The single table read and its integer key column, when the read pins it by equality.
+    point: Option<(TableId, String)>,
+    /// For a point read that finds its key value: the dependencies besides that key, and
+    /// the tables it reads.
+    point_deps: Vec<Dependency>,
+    point_tables: Vec<String>,
+    /// For any other read.
+    wide_deps: Vec<Dependency>,
+    wide_tables: Vec<String>,
+}
+
+impl PlanShape {
+    /// `None` when the analysis says the read must not be cached.
+    pub fn of(a: &Analysis, catalog: &Catalog) -> Option<PlanShape> {
+        let Analysis::Read(r) = a else { return None };
+        if r.tables.iter().any(|t| catalog.is_opaque(&t.name)) {
+            return None;
         }
-        None => {
-            for t in &r.tables {
-                for dep in catalog.read_dependencies(&t.name) {
-                    deps.push(Dependency::AnyOf(table_id(&dep)));
-                    tables.push(dep);
-                }
+        let mut shape = PlanShape {
+            point: None,
+            point_deps: Vec::new(),
+            point_tables: Vec::new(),
+            wide_deps: Vec::new(),
+            wide_tables: Vec::new(),
+        };
+        if let Some(p) = r.point.as_ref().filter(|_| r.tables.len() == 1)
+            && let Some(pk) = catalog.int_key(&p.table.name)
+        {
+            let name = &p.table.name;
+            for other in catalog.other_reads(name) {
+                shape.point_deps.push(Dependency::AnyOf(table_id(other)));
+                shape.point_tables.push(other.clone());
+            }
+            shape.point_tables.push(name.clone());
+            shape.point = Some((table_id(name), pk.column.clone()));
+        }
+        for t in &r.tables {
+            for dep in catalog.read_dependencies(&t.name) {
+                shape.wide_deps.push(Dependency::AnyOf(table_id(&dep)));
+                shape.wide_tables.push(dep);
             }
         }
+        Some(shape)
     }
-    key.update(&[0xff]);
-    Some(ReadPlan {
-        key: CacheKey(key.digest128()),
-        deps,
-        tables,
-    })
+}
+
+/// The cache key's seed: who is asking, where, with which settings (role, search_path,
+/// TimeZone, ... all live in the settings fingerprint). Keys of different seeds differ.
+pub fn key_seed(db: &str, user: &str, settings_fingerprint: u64) -> u64 {
+    xxh3_64_with_seed(
+        user.as_bytes(),
+        xxh3_64_with_seed(db.as_bytes(), settings_fingerprint),
+    )
+}
+
+/// The key of a simple Query's answer: the whole text (one hash pass, no streaming state).
+pub fn query_key(seed: u64, sql: &str) -> CacheKey {
+    CacheKey(xxh3_128_with_seed(sql.as_bytes(), seed ^ QUERY_TAG))
+}
+
+/// The key of an extended-protocol answer: text, parameter types, the Bind's parameters and
+/// result formats, and whether the batch parsed and described (their answers are stored).
+pub fn execute_key(
+    seed: u64,
+    sql: &str,
+    param_types: &[u8],
+    bind_tail: &[u8],
+    flags: [u8; 2],
+) -> CacheKey {
+    let mut h = Xxh3::with_seed(seed ^ EXECUTE_TAG);
+    h.update(sql.as_bytes());
+    h.update(&[0]);
+    h.update(param_types);
+    h.update(&[0]);
+    h.update(bind_tail);
+    h.update(&flags);
+    CacheKey(h.digest128())
+}
+
+/// Keep the two protocols' keys apart.
+const QUERY_TAG: u64 = 0x5155_4552_5900_0000;
+const EXECUTE_TAG: u64 = 0x4558_4543_5554_4500;
+
+impl Analyzed {
+    /// Plan a read: `None` when it must not be cached. `key` covers everything the answer
+    /// depends on but the tables' contents.
+    pub fn read_plan(
+        &self,
+        catalog: &Arc<Catalog>,
+        key: CacheKey,
+        params: Option<&BindParams<'_>>,
+    ) -> Option<ReadPlan> {
+        let shape = self.plan_shape(catalog)?;
+        let point_key = shape.point.as_ref().and_then(|(t, column)| {
+            let Analysis::Read(r) = &self.analysis else {
+                return None;
+            };
+            let k = pk_value(&r.point.as_ref()?.candidates, column, params)?;
+            Some(Dependency::Key(*t, key_hash(k)))
+        });
+        Some(ReadPlan {
+            key,
+            point_key,
+            shape,
+        })
+    }
+
+    /// The plan shape under `catalog`, memoised for the catalog it was first asked with
+    /// (the memo of analyses is dropped when the catalog is reloaded, so that is the one).
+    fn plan_shape(&self, catalog: &Arc<Catalog>) -> Option<Arc<PlanShape>> {
+        let compute = || PlanShape::of(&self.analysis, catalog).map(Arc::new);
+        // A `Weak` keeps the catalog's allocation, so its address cannot be reused by a
+        // newer catalog while this memo lives.
+        let (of, shape) = self
+            .plan_shape
+            .get_or_init(|| (Arc::downgrade(catalog), compute()));
+        if std::ptr::eq(of.as_ptr(), Arc::as_ptr(catalog)) {
+            shape.clone()
+        } else {
+            compute()
+        }
+    }
 }
 
 /// A fill in progress: the response bytes are captured while they are relayed.
@@ -727,10 +828,11 @@ pub async fn lookup(
     {
         s.invalidated();
     }
-    let snapshot = shared.gens.snapshot(&plan.deps);
+    let deps = plan.deps();
+    let snapshot = shared.gens.snapshot(&deps);
     let mut redis = None;
     if let Some(tier) = &shared.tier {
-        match tier.lookup(plan.key, &plan.deps).await {
+        match tier.lookup(plan.key, &deps).await {
             L2Lookup::Hit { response, rows } => {
                 metrics().hits_l2.inc();
                 let entry = Entry::new(response.clone(), rows, snapshot);
@@ -820,7 +922,12 @@ mod tests {
     fn a_shaped_text_is_memoised_on_its_second_sighting_only() {
         let c = shared();
         let cat = Catalog::default();
-        let memoised = |c: &CacheShared| c.analyses.lock().expect("memo").len();
+        let memoised = |c: &CacheShared| {
+            c.analyses
+                .iter()
+                .map(|s| s.lock().expect("memo").len())
+                .sum::<usize>()
+        };
         // The shape's first text is parsed (and memoised: parsing is the costly path).
         c.analyze("db", "SELECT v FROM t WHERE id = 1", &cat);
         let after_first = memoised(&c);

@@ -764,10 +764,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         let analyzed = cache.analyze(&self.database, sql, &catalog);
-        let mut key = caching::key_prefix(&self.database, &self.user, self.settings.fingerprint());
-        key.update(b"Q");
-        key.update(sql.as_bytes());
-        let Some(plan) = caching::read_plan(&analyzed.analysis, &catalog, key, None) else {
+        let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
+        let key = caching::query_key(seed, sql);
+        let Some(plan) = analyzed.read_plan(&catalog, key, None) else {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
@@ -808,7 +807,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             m.bypass(BypassReason::Transaction);
             return Ok(false);
         }
-        if plan.tables.iter().any(|t| self.tx_written.contains(t)) {
+        if !self.tx_written.is_empty() && plan.tables().iter().any(|t| self.tx_written.contains(t))
+        {
             m.bypass(BypassReason::ReadYourWrites);
             return Ok(false);
         }
@@ -916,16 +916,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
-        let mut key = caching::key_prefix(&self.database, &self.user, self.settings.fingerprint());
-        key.update(b"E");
-        key.update(stmt.sql.as_bytes());
-        key.update(&[0]);
-        key.update(&stmt.param_types);
-        key.update(&[0]);
-        key.update(params.tail);
-        key.update(&[parse.is_some() as u8, shape.describe as u8]);
-        let Some(plan) = caching::read_plan(&analyzed.analysis, &catalog, key, Some(&params))
-        else {
+        let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
+        let key = caching::execute_key(
+            seed,
+            &stmt.sql,
+            &stmt.param_types,
+            params.tail,
+            [parse.is_some() as u8, shape.describe as u8],
+        );
+        let Some(plan) = analyzed.read_plan(&catalog, key, Some(&params)) else {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
