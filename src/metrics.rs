@@ -247,6 +247,10 @@ impl Metrics {
     }
 
     pub fn invalidated(&self, origin: InvalidationOrigin, n: u64) {
+        // Every transaction end reports, most with nothing: spare the label lookup.
+        if n == 0 {
+            return;
+        }
         self.invalidations
             .with_label_values(&[origin.label()])
             .inc_by(n);

@@ -131,6 +131,21 @@ impl Snapshot {
     }
 }
 
+/// Tables one thread remembers (see [`Generations::with_table`]).
+const MEMO_TABLES: usize = 32;
+
+/// A thread's recent tables of one store, valid while that store has had no reset since.
+#[derive(Default)]
+struct TableMemo {
+    origin: u64,
+    resets: u64,
+    tables: Vec<(TableId, Arc<TableGens>)>,
+}
+
+thread_local! {
+    static TABLE_MEMO: std::cell::RefCell<TableMemo> = std::cell::RefCell::default();
+}
+
 /// The generation store of one instance.
 #[derive(Debug)]
 pub struct Generations {
@@ -142,9 +157,10 @@ pub struct Generations {
     start: u64,
     /// Part of every snapshot: `bump_all` and `suspend` change it.
     epoch: AtomicU64,
-    /// Tables some snapshot depends on. Loads and stores of a table's generations happen
-    /// under this lock (read side) so that retiring entries (write side) is atomic with
-    /// respect to them; `is_current` does not take it.
+    /// Tables some snapshot depends on. Bumps happen under this lock (read side) so that
+    /// retiring entries (write side) is atomic with respect to them: a retired entry is
+    /// never bumped again. Snapshots may read an entry outside it (see `with_table`);
+    /// `is_current` does not take it.
     tables: RwLock<HashMap<TableId, Arc<TableGens>, BuildMix>>,
     max_tables: usize,
     table_resets: AtomicU64,
@@ -304,12 +320,44 @@ impl Generations {
         (mix(self.stripe_seed ^ t.0, k) as usize) & self.key_mask
     }
 
-    /// Runs `f` on the table's generations, inserting the table if missing, under the lock.
+    /// Runs `f` on the table's generations, inserting the table if missing. Most calls are
+    /// answered by this thread's memo of recent tables, without the shared lock (whose
+    /// cache line would otherwise bounce between cores on every miss of every client).
+    /// A memoised entry may have been retired since: its values are then `RETIRED`, which
+    /// no snapshot counts as current, so the memo can cost a miss, never a stale hit.
     fn with_table<R>(&self, t: TableId, f: impl FnOnce(&Arc<TableGens>) -> R) -> R {
+        let resets = self.table_resets.load(SeqCst);
+        let memoised = TABLE_MEMO.with_borrow(|m| {
+            (m.origin == self.origin && m.resets == resets)
+                .then(|| {
+                    m.tables
+                        .iter()
+                        .find(|(id, _)| *id == t)
+                        .map(|(_, g)| g.clone())
+                })
+                .flatten()
+        });
+        if let Some(table) = memoised {
+            return f(&table);
+        }
+        let table = self.with_table_locked(t);
+        TABLE_MEMO.with_borrow_mut(|m| {
+            if m.origin != self.origin || m.resets != resets || m.tables.len() >= MEMO_TABLES {
+                m.origin = self.origin;
+                m.resets = resets;
+                m.tables.clear();
+            }
+            m.tables.push((t, table.clone()));
+        });
+        f(&table)
+    }
+
+    /// The table's generations from the shared map, inserting the table if missing.
+    fn with_table_locked(&self, t: TableId) -> Arc<TableGens> {
         {
             let tables = self.tables.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(table) = tables.get(&t) {
-                return f(table);
+                return table.clone();
             }
         }
         let mut tables = self.tables.write().unwrap_or_else(PoisonError::into_inner);
@@ -323,13 +371,15 @@ impl Generations {
             tables.clear();
             self.table_resets.fetch_add(1, SeqCst);
         }
-        let table = tables.entry(t).or_insert_with(|| {
-            Arc::new(TableGens {
-                any: AtomicU64::new(self.start),
-                wide: AtomicU64::new(self.start),
+        tables
+            .entry(t)
+            .or_insert_with(|| {
+                Arc::new(TableGens {
+                    any: AtomicU64::new(self.start),
+                    wide: AtomicU64::new(self.start),
+                })
             })
-        });
-        f(table)
+            .clone()
     }
 
     /// Bumps a table with one fresh value. A table not in the map has no snapshot that

@@ -74,6 +74,8 @@ pub struct Analyzed {
     pub fingerprint: u64,
     /// The text, to tell a hash collision from a memo hit.
     sql: Box<str>,
+    /// See [`changes_transaction`].
+    pub changes_transaction: bool,
     /// See [`Analyzed::read_plan`].
     plan_shape: std::sync::OnceLock<(std::sync::Weak<Catalog>, Option<Arc<PlanShape>>)>,
 }
@@ -301,6 +303,7 @@ impl CacheShared {
             policy,
             fingerprint,
             sql: sql.into(),
+            changes_transaction: changes_transaction(sql),
             plan_shape: std::sync::OnceLock::new(),
         });
         let shaped = fingerprint != text_hash;
@@ -691,6 +694,23 @@ impl PlanShape {
         }
         Some(shape)
     }
+}
+
+/// Whether running `sql` may make the rest of its transaction stricter than READ COMMITTED
+/// or change settings the cache key does not carry yet (`SET LOCAL ROLE`, `SET search_path`
+/// before COMMIT): the transaction then bypasses the cache until it ends. A property of the
+/// text alone, memoised with its analysis.
+pub fn changes_transaction(sql: &str) -> bool {
+    use crate::session::scan::{contains_ignore_case, first_word, statements};
+    let changes_settings = |stmt: &str| {
+        let first = first_word(stmt).unwrap_or("");
+        first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
+    };
+    contains_ignore_case(sql, b"repeatable read")
+        || contains_ignore_case(sql, b"serializable")
+        || changes_settings(sql)
+        // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
+        || (sql.contains(';') && statements(sql).into_iter().any(changes_settings))
 }
 
 /// The cache key's seed: who is asking, where, with which settings (role, search_path,

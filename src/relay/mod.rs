@@ -87,6 +87,8 @@ pub struct Relay<R, W> {
     /// `note_statement` when that query is forwarded (a new text is not memoised on its
     /// first sighting, so analysing it again would shape it again).
     query_analyzed: Option<Arc<caching::Analyzed>>,
+    /// A Parse of the batch `serve_batch` could not answer, with its statement built.
+    parsed_ahead: Option<(Bytes, Statement)>,
     /// Invalidations of the open transaction, applied when it commits.
     pending_inv: Vec<Invalidation>,
     /// Committed invalidations still to be published to other instances; the client hears
@@ -152,6 +154,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             fill: None,
             pending_fill: None,
             query_analyzed: None,
+            parsed_ahead: None,
             pending_inv: Vec::new(),
             to_publish: Vec::new(),
             tx_written: HashSet::new(),
@@ -423,8 +426,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         self.batch_open = true;
         let body =
             read_parse(msg.body()).ok_or_else(|| RelayError::Violation("bad Parse".into()))?;
+        let ahead = self
+            .parsed_ahead
+            .take()
+            .filter(|(raw, _)| raw.as_ptr() == msg.raw().as_ptr() && raw.len() == msg.raw().len())
+            .map(|(_, stmt)| stmt);
         if body.name.is_empty() {
-            self.statements.unnamed = Some(Statement::unnamed(msg.raw().clone(), &body));
+            self.statements.unnamed =
+                Some(ahead.unwrap_or_else(|| Statement::unnamed(msg.raw().clone(), &body)));
             self.unnamed_on_server = true;
             self.forward(
                 &msg,
@@ -445,7 +454,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.skip_to_sync = true;
             return Ok(());
         }
-        let stmt = Statement::new(&body, statements::scope(self.settings.fingerprint()));
+        let stmt = ahead.unwrap_or_else(|| {
+            Statement::new(&body, statements::scope(self.settings.fingerprint()))
+        });
         let name = Bytes::copy_from_slice(body.name);
         self.send_statement(&stmt, Some(name.clone()), false);
         self.statements.insert(name, stmt);
@@ -928,8 +939,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
+            self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
+        let parse_kept = parse.clone();
         let register = move |relay: &mut Self| {
             // The client's Parse takes effect as it would have on the server.
             if let Some((name, s)) = parse.clone() {
@@ -948,7 +961,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.batch.clear();
             return Ok(true);
         }
+        self.stash_batch_work(parse_kept, shape.parse, analyzed);
         Ok(false)
+    }
+
+    /// The batch goes to the server after all: keep what `serve_batch` worked out (the
+    /// Parse's statement, the analysis) for `on_parse` and `note_bind` to reuse.
+    fn stash_batch_work(
+        &mut self,
+        parse: Option<(Bytes, Statement)>,
+        at: Option<usize>,
+        analyzed: Arc<caching::Analyzed>,
+    ) {
+        if let (Some((_, stmt)), Some(i)) = (parse, at) {
+            self.parsed_ahead = Some((self.batch[i].raw().clone(), stmt));
+        }
+        self.query_analyzed = Some(analyzed);
     }
 
     /// Store the captured response if it is complete and fit.
@@ -987,28 +1015,23 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(cache) = self.cache.clone() else {
             return;
         };
+        let catalog = cache.catalog(&self.database).await;
+        let analyzed = match (analyzed, &catalog) {
+            (Some(a), _) if a.is_for(sql) => Some(a),
+            (_, Some(c)) => Some(cache.analyze(&self.database, sql, c)),
+            _ => None,
+        };
         // Stricter isolation, and settings changed inside the transaction (SET LOCAL ROLE,
         // SET search_path before COMMIT...) that the cache key does not carry yet: bypass the
         // cache until the transaction ends.
-        use crate::session::scan::{contains_ignore_case, first_word, statements};
-        let changes_settings = |stmt: &str| {
-            let first = first_word(stmt).unwrap_or("");
-            first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
-        };
-        if contains_ignore_case(sql, b"repeatable read")
-            || contains_ignore_case(sql, b"serializable")
-            || changes_settings(sql)
-            // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
-            || (sql.contains(';') && statements(sql).into_iter().any(changes_settings))
-        {
+        if analyzed.as_ref().map_or_else(
+            || caching::changes_transaction(sql),
+            |a| a.changes_transaction,
+        ) {
             self.strict_tx = true;
         }
-        let Some(catalog) = cache.catalog(&self.database).await else {
+        let (Some(catalog), Some(analyzed)) = (catalog, analyzed) else {
             return;
-        };
-        let analyzed = match analyzed {
-            Some(a) if a.is_for(sql) => a,
-            _ => cache.analyze(&self.database, sql, &catalog),
         };
         if let Analysis::Ddl(d) = &analyzed.analysis {
             self.schema_dirty = true;
@@ -1055,7 +1078,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         };
         if let Some(params) = bind::BindParams::parse(body) {
             let params = params.with_types(&types);
-            self.note_statement(&sql, Some(&params), None).await;
+            let analyzed = self.query_analyzed.take();
+            self.note_statement(&sql, Some(&params), analyzed).await;
         }
     }
 

@@ -67,12 +67,13 @@ impl Statement {
         h.update(&scope.to_le_bytes());
         let hash = h.digest();
         let server_name: Arc<str> = crate::upstream::prepared::server_name(hash).into();
+        let sql: Arc<str> = String::from_utf8_lossy(p.sql).into();
         Statement {
             hash,
             parse: protocol::parse(&server_name, p.sql, p.param_types),
             server_name,
-            effects: effects_of(&String::from_utf8_lossy(p.sql)).into(),
-            sql: String::from_utf8_lossy(p.sql).into(),
+            effects: effects_of(&sql).into(),
+            sql,
             param_types: Bytes::copy_from_slice(p.param_types),
         }
     }
@@ -80,12 +81,13 @@ impl Statement {
     /// The client's unnamed statement: sent as is, tracked only to re-send it when the client
     /// binds it on a different server connection.
     pub fn unnamed(raw: Bytes, p: &ParseBody<'_>) -> Statement {
+        let sql: Arc<str> = String::from_utf8_lossy(p.sql).into();
         Statement {
             hash: 0,
             server_name: "".into(),
             parse: raw,
-            effects: effects_of(&String::from_utf8_lossy(p.sql)).into(),
-            sql: String::from_utf8_lossy(p.sql).into(),
+            effects: effects_of(&sql).into(),
+            sql,
             param_types: Bytes::copy_from_slice(p.param_types),
         }
     }

@@ -37,6 +37,15 @@ pub enum Effect {
 
 /// The session effects of every statement in a query string, in order.
 pub fn effects_of(sql: &str) -> Vec<Effect> {
+    if !sql.as_bytes().contains(&b';') {
+        // One statement (the common case): no splitting, no allocation.
+        let t = sql.trim();
+        return if t.is_empty() {
+            Vec::new()
+        } else {
+            effect_of(t).into_iter().collect()
+        };
+    }
     let mut out = Vec::new();
     for stmt in statements(sql) {
         if let Some(e) = effect_of(stmt) {
