@@ -362,6 +362,18 @@ impl Catalog {
         }
     }
 
+    /// A catalog knowing one table's integer key (for tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn with_int_key(mut self, table: &str, column: &str) -> Catalog {
+        self.keys.insert(
+            table.to_string(),
+            IntKey {
+                column: column.to_string(),
+            },
+        );
+        self
+    }
+
     pub fn int_key(&self, table: &str) -> Option<&IntKey> {
         self.keys.get(table)
     }

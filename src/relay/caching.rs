@@ -904,6 +904,22 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_shape_is_memoised_for_its_own_catalog_only() {
+        let c = shared();
+        let keyed = Arc::new(Catalog::default().with_int_key("t", "id"));
+        let plain = Arc::new(Catalog::default());
+        let a = c.analyze("db", "SELECT v FROM t WHERE id = 5", &keyed);
+        let key = CacheKey(1);
+        let is_point = |p: ReadPlan| matches!(p.deps()[..], [Dependency::Key(_, _)]);
+        assert!(is_point(a.read_plan(&keyed, key, None).expect("cacheable")));
+        // The same analysis under another catalog (reloaded, the key gone): not the memo's.
+        let wide = a.read_plan(&plain, key, None).expect("cacheable");
+        assert_eq!(wide.deps(), vec![Dependency::AnyOf(table_id("t"))]);
+        assert_eq!(wide.tables(), ["t".to_string()]);
+        assert!(is_point(a.read_plan(&keyed, key, None).expect("cacheable")));
+    }
+
+    #[test]
     fn texts_of_one_shape_share_a_fingerprint_and_keep_their_own_key_values() {
         let c = shared();
         let cat = Catalog::default();

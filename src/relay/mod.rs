@@ -83,9 +83,9 @@ pub struct Relay<R, W> {
     /// A miss whose response will be stored once it has been relayed.
     fill: Option<Fill>,
     pending_fill: Option<caching::PendingFill>,
-    /// The analysis `serve_query` made of the simple Query it could not answer, for
-    /// `note_statement` when that query is forwarded (a new text is not memoised on its
-    /// first sighting, so analysing it again would shape it again).
+    /// The analysis `serve_query` (or `serve_batch`) made of the Query (or Bind) it could
+    /// not answer, for `note_statement` when it is forwarded (a new text is not memoised on
+    /// its first sighting, so analysing it again would shape it again).
     query_analyzed: Option<Arc<caching::Analyzed>>,
     /// A Parse of the batch `serve_batch` could not answer, with its statement built.
     parsed_ahead: Option<(Bytes, Statement)>,
@@ -784,23 +784,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.query_analyzed = Some(analyzed);
             return Ok(false);
         };
-        let answered = self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, None)
-            .await?;
+        let answered = self.serve_plan(&cache, &catalog, &plan, &analyzed).await?;
         if !answered {
             self.query_analyzed = Some(analyzed);
         }
         Ok(answered)
     }
 
-    /// Look a planned read up; on a hit answer it (after `on_hit`), on a miss arrange the fill.
+    /// Look a planned read up; on a hit answer it, on a miss arrange the fill.
     async fn serve_plan(
         &mut self,
         cache: &CacheShared,
         catalog: &crate::catalog::Catalog,
         plan: &caching::ReadPlan,
         analyzed: &caching::Analyzed,
-        on_hit: Option<&(dyn Fn(&mut Self) + Send + Sync)>,
     ) -> Result<bool, RelayError> {
         let started = std::time::Instant::now();
         let m = metrics();
@@ -845,9 +842,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         );
         match outcome {
             ReadOutcome::Hit(bytes, tier) => {
-                if let Some(f) = on_hit {
-                    f(self);
-                }
                 self.expect.push_synthetic(bytes, &mut self.to_client);
                 let rfq = protocol::ready_for_query(self.tx_status);
                 self.expect.push_synthetic(rfq, &mut self.to_client);
@@ -942,26 +936,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
-        let parse_kept = parse.clone();
-        let register = move |relay: &mut Self| {
+        if self.serve_plan(&cache, &catalog, &plan, &analyzed).await? {
             // The client's Parse takes effect as it would have on the server.
-            if let Some((name, s)) = parse.clone() {
+            if let Some((name, s)) = parse {
                 if name.is_empty() {
-                    relay.statements.unnamed = Some(s);
-                    relay.unnamed_on_server = false;
+                    self.statements.unnamed = Some(s);
+                    self.unnamed_on_server = false;
                 } else {
-                    relay.statements.insert(name, s);
+                    self.statements.insert(name, s);
                 }
             }
-        };
-        if self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, Some(&register))
-            .await?
-        {
             self.batch.clear();
             return Ok(true);
         }
-        self.stash_batch_work(parse_kept, shape.parse, analyzed);
+        self.stash_batch_work(parse, shape.parse, analyzed);
         Ok(false)
     }
 
