@@ -433,7 +433,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             .map(|(_, stmt)| stmt);
         if body.name.is_empty() {
             self.statements.unnamed =
-                Some(ahead.unwrap_or_else(|| Statement::unnamed(msg.raw().clone(), &body)));
+                Some(ahead.unwrap_or_else(|| self.unnamed_statement(msg.raw(), &body)));
             self.unnamed_on_server = true;
             self.forward(
                 &msg,
@@ -461,6 +461,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         self.send_statement(&stmt, Some(name.clone()), false);
         self.statements.insert(name, stmt);
         Ok(())
+    }
+
+    /// The statement of an unnamed Parse. Drivers send the same Parse for every execution
+    /// (`pgbench -M extended`, most ORMs): the same bytes as the current unnamed statement's
+    /// make the same statement, without decoding and scanning the text again.
+    fn unnamed_statement(&self, raw: &Bytes, body: &statements::ParseBody<'_>) -> Statement {
+        match &self.statements.unnamed {
+            Some(s) if s.parse[..] == raw[..] => s.clone(),
+            _ => Statement::unnamed(raw.clone(), body),
+        }
     }
 
     /// Answer a named Parse without a server when Postgres already accepted the same statement
@@ -881,7 +891,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             Some(i) => match read_parse(self.batch[i].body()) {
                 Some(p) if p.name.is_empty() || !self.statements.contains(p.name) => {
                     let stmt = if p.name.is_empty() {
-                        Statement::unnamed(self.batch[i].raw().clone(), &p)
+                        self.unnamed_statement(self.batch[i].raw(), &p)
                     } else {
                         Statement::new(&p, statements::scope(self.settings.fingerprint()))
                     };

@@ -77,3 +77,55 @@ fn pgbench_all_query_modes_in_transaction_mode_with_fewer_servers_than_clients()
 fn pgbench_all_query_modes_in_session_mode() {
     bench_all_modes(PoolMode::Session, CLIENTS as usize + 2);
 }
+
+#[test]
+fn extended_protocol_statements_in_turn_each_get_their_own_answer() {
+    // pgbench -M extended sends an unnamed Parse before every execution. pgstash reuses the
+    // unnamed statement when the Parse is the same as the last one; statements taking turns
+    // must each keep their own text in the cache key (a mix-up would answer one statement
+    // with another's cached rows, which the script checks client-side).
+    let pg = shared_pg();
+    let db = fresh_database(pg, "turns");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO t SELECT g, g * 10 FROM generate_series(1, 20) g;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("turns.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 20)
+SELECT v AS a FROM t WHERE id = :id \\gset
+SELECT v + 1 AS b FROM t WHERE id = :id \\gset
+SELECT v * 2 AS c FROM t WHERE id = :id \\gset
+\\if :a != :id * 10 or :b != :id * 10 + 1 or :c != :id * 20
+SELECT 1 / 0;
+\\endif
+",
+    )
+    .expect("write script");
+    let out = pgbench(
+        &proxy,
+        &db,
+        &[
+            "-n",
+            "-M",
+            "extended",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-t",
+            "300",
+            "-f",
+            script.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(
+        out.contains("number of transactions actually processed: 1200/1200"),
+        "{out}"
+    );
+    assert!(out.contains("number of failed transactions: 0 "), "{out}");
+}
