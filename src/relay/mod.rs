@@ -908,6 +908,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some((stmt_name, _)) = cstr_at(bind.body(), p1) else {
             return Ok(false);
         };
+        if let Described::Statement(i) = shape.describe
+            && cstr_at(self.batch[i].body(), 1).map(|(name, _)| name) != Some(stmt_name)
+        {
+            return Ok(false);
+        }
         let stmt = match &parse {
             Some((name, s)) if name.as_ref() == stmt_name => s.clone(),
             Some(_) => return Ok(false),
@@ -937,7 +942,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             &stmt.sql,
             &stmt.param_types,
             params.tail,
-            [parse.is_some() as u8, shape.describe as u8],
+            [parse.is_some() as u8, shape.describe.key_byte()],
         );
         let Some(plan) = analyzed.read_plan(&catalog, key, Some(&params)) else {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
@@ -1369,11 +1374,35 @@ pub fn upstream_error_message(e: &UpstreamError, severity: Severity) -> Bytes {
 struct BatchShape {
     parse: Option<usize>,
     bind: usize,
-    describe: bool,
+    describe: Described,
+}
+
+/// What a batch's Describe asks about. Its answer is part of the stored response, so the kind
+/// is part of the key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Described {
+    Nothing,
+    /// The unnamed portal: RowDescription or NoData (`pgbench -M extended`, most drivers).
+    Portal,
+    /// A statement, at this index of the batch: ParameterDescription, then RowDescription or
+    /// NoData (tokio-postgres' `query_typed`). Served only when it is the statement the Bind
+    /// runs, whose text and types the key holds.
+    Statement(usize),
+}
+
+impl Described {
+    fn key_byte(self) -> u8 {
+        match self {
+            Described::Nothing => 0,
+            Described::Portal => 1,
+            Described::Statement(_) => 2,
+        }
+    }
 }
 
 impl BatchShape {
-    /// `[Parse] Bind [Describe(portal "")] Execute(portal "", all rows)`, nothing else.
+    /// `[Parse] Bind [Describe(portal "" or a statement)] Execute(portal "", all rows)`,
+    /// nothing else.
     fn of(batch: &[Message]) -> Option<BatchShape> {
         let mut i = 0;
         let parse = (batch.first()?.tag() == b'P').then(|| {
@@ -1385,10 +1414,14 @@ impl BatchShape {
             return None;
         }
         i += 1;
-        let describe = batch
-            .get(i)
-            .is_some_and(|m| m.tag() == b'D' && m.body() == b"P\0");
-        if describe {
+        let describe = match batch.get(i) {
+            Some(m) if m.tag() == b'D' && m.body() == b"P\0" => Described::Portal,
+            Some(m) if m.tag() == b'D' && m.body().first() == Some(&b'S') => {
+                Described::Statement(i)
+            }
+            _ => Described::Nothing,
+        };
+        if describe != Described::Nothing {
             i += 1;
         }
         let exec = batch.get(i)?;

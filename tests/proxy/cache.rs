@@ -1177,3 +1177,45 @@ async fn readers_under_write_churn_never_see_a_value_older_than_a_committed_one(
         "enough reads ran"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_that_describe_their_statement_are_cached_too() {
+    // tokio-postgres' query_typed sends Parse, Bind, Describe(statement), Execute, Sync: the
+    // stored answer carries the ParameterDescription and RowDescription that Describe gets.
+    use tokio_postgres::types::Type;
+    let (proxy, db, direct) = setup(10).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let read = |sql: &'static str, id: i32| {
+        let c = &c;
+        async move {
+            c.query_typed(sql, &[(&id, Type::INT4)])
+                .await
+                .expect("query_typed")
+        }
+    };
+    for _ in 0..3 {
+        for id in 1..=3 {
+            let rows = read("SELECT v FROM t WHERE id = $1", id).await;
+            assert_eq!(rows[0].get::<_, i32>(0), id * 10);
+            let rows = read("SELECT note, v FROM t WHERE id = $1", id).await;
+            assert_eq!(rows[0].get::<_, String>(0), format!("n{id}"));
+            assert_eq!(rows[0].get::<_, i32>(1), id * 10);
+        }
+    }
+    direct
+        .execute("UPDATE t SET v = 21 WHERE id = 2", &[])
+        .await
+        .expect("direct write");
+    // Not seen by pgstash: served from the cache, with the description the client needs.
+    let rows = read("SELECT v FROM t WHERE id = $1", 2).await;
+    assert_eq!(rows[0].get::<_, i32>(0), 20);
+    assert_eq!(rows[0].columns()[0].type_(), &Type::INT4);
+    // A write through pgstash invalidates them like any other read.
+    c.execute("UPDATE t SET v = 22 WHERE id = 2", &[])
+        .await
+        .expect("write");
+    let rows = read("SELECT v FROM t WHERE id = $1", 2).await;
+    assert_eq!(rows[0].get::<_, i32>(0), 22);
+    let rows = read("SELECT note, v FROM t WHERE id = $1", 2).await;
+    assert_eq!(rows[0].get::<_, i32>(1), 22);
+}
