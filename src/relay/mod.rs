@@ -331,9 +331,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         {
             self.restore_settings().await?;
         }
-        if self.server.is_some() && self.tx_status == b'I' && self.server_idle() {
-            self.close_unused_statements();
-        }
         if self.server.is_none() {
             // Without a server connection nothing is in flight and no transaction is open, so
             // some messages can be answered here. This is not only cheaper: drivers that
@@ -358,6 +355,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             if !self.acquire(tag).await? {
                 return Ok(true);
             }
+        }
+        if self.tx_status == b'I' && self.server_idle() {
             self.close_unused_statements();
         }
         match tag {

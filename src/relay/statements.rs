@@ -134,42 +134,27 @@ impl ClientStatements {
 mod tests {
     use super::*;
 
+    /// `SELECT $1` under client name `name`, parameter type `oid`, in `scope`.
+    fn select_param(name: &[u8], oid: u8, scope: u64) -> Statement {
+        let types = [0, 1, 0, 0, 0, oid];
+        Statement::new(
+            &ParseBody {
+                name,
+                sql: b"SELECT $1",
+                param_types: &types,
+            },
+            scope,
+        )
+    }
+
     #[test]
     fn same_text_and_types_share_a_server_name_and_others_do_not() {
-        let a = Statement::new(
-            &ParseBody {
-                name: b"s0",
-                sql: b"SELECT $1",
-                param_types: b"\0\x01\0\0\0\x17",
-            },
-            7,
-        );
-        let b = Statement::new(
-            &ParseBody {
-                name: b"s9",
-                sql: b"SELECT $1",
-                param_types: b"\0\x01\0\0\0\x17",
-            },
-            7,
-        );
-        let c = Statement::new(
-            &ParseBody {
-                name: b"s0",
-                sql: b"SELECT $1",
-                param_types: b"\0\x01\0\0\0\x19",
-            },
-            7,
-        );
+        let a = select_param(b"s0", 0x17, 7);
+        let b = select_param(b"s9", 0x17, 7);
+        let c = select_param(b"s0", 0x19, 7);
         assert_eq!(a.server_name, b.server_name);
         assert_ne!(a.server_name, c.server_name);
-        let other_scope = Statement::new(
-            &ParseBody {
-                name: b"s0",
-                sql: b"SELECT $1",
-                param_types: b"\0\x01\0\0\0\x17",
-            },
-            8,
-        );
+        let other_scope = select_param(b"s0", 0x17, 8);
         assert_ne!(a.server_name, other_scope.server_name);
         let parsed = read_parse(&a.parse[5..]).unwrap();
         assert_eq!(parsed.name, a.server_name.as_bytes());
