@@ -14,12 +14,12 @@ use tokio::net::TcpStream;
 
 #[derive(Default)]
 pub struct CancelSlot {
-    current: tokio::sync::Mutex<Option<(String, BackendKey)>>,
+    current: tokio::sync::Mutex<Option<(Arc<str>, BackendKey)>>,
 }
 
 impl CancelSlot {
     /// The client now holds the server connection at `addr` with `key` (or none).
-    pub async fn set(&self, target: Option<(String, BackendKey)>) {
+    pub async fn set(&self, target: Option<(Arc<str>, BackendKey)>) {
         *self.current.lock().await = target;
     }
 }

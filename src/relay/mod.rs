@@ -362,7 +362,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         match tag {
             b'Q' => {
                 let sql = cstr_at(msg.body(), 0)
-                    .map(|(s, _)| String::from_utf8_lossy(s))
+                    .map(|(s, _)| utf8_or_lossy(s))
                     .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
                 let effects = crate::session::effects_of(&sql);
                 self.apply_effects(&effects);
@@ -1346,6 +1346,15 @@ pub async fn sync_settings(
     }
     conn.settings_hash = settings.fingerprint();
     Ok(())
+}
+
+/// A statement text as `&str`: borrowed when it is valid UTF-8 (checked by `from_utf8`, much
+/// faster than the lossy decoder's walk), else with invalid bytes replaced.
+fn utf8_or_lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// An ErrorResponse for an upstream failure: Postgres' own fields when it refused, else ours.

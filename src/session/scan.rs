@@ -130,10 +130,18 @@ pub fn first_word(stmt: &str) -> Option<&str> {
 
 /// Whether `haystack` contains `needle` (ASCII, case-insensitively), without allocating.
 pub fn contains_ignore_case(haystack: &str, needle: &[u8]) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+    let h = haystack.as_bytes();
+    let Some(first) = needle.first().map(u8::to_ascii_lowercase) else {
+        return true;
+    };
+    let Some(last_start) = h.len().checked_sub(needle.len()) else {
+        return false;
+    };
+    // Every statement the relay forwards is scanned for a few needles: compare one byte per
+    // position until the first one matches.
+    h[..=last_start].iter().enumerate().any(|(i, c)| {
+        c.to_ascii_lowercase() == first && h[i..i + needle.len()].eq_ignore_ascii_case(needle)
+    })
 }
 
 /// The first `n` words of a statement, lower-cased, skipping comments and parentheses.
@@ -350,6 +358,9 @@ mod tests {
         ));
         assert!(!contains_ignore_case("select 1", b"advisory_lock"));
         assert!(!contains_ignore_case("", b"x"));
+        assert!(contains_ignore_case("x", b"X"));
+        assert!(!contains_ignore_case("pg_advisory_loc", b"advisory_lock"));
+        assert!(contains_ignore_case("ADVISORY_LOCK", b"advisory_lock"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::protocol::{self, Message, MessageReader, cstr_at};
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -73,7 +74,8 @@ pub struct ServerConn {
     pub reader: MessageReader<OwnedReadHalf>,
     pub writer: OwnedWriteHalf,
     pub key: BackendKey,
-    pub addr: String,
+    /// Shared: every checkout hands it to the client's cancel slot.
+    pub addr: Arc<str>,
     /// Every ParameterStatus this connection has reported, kept current by the relay.
     pub params: BTreeMap<String, String>,
     /// Hashes of the statements prepared on this connection under `pgstash_<hash>` names.
@@ -307,7 +309,7 @@ async fn connect_inner(
                     reader,
                     writer: w,
                     key,
-                    addr: p.addr.clone(),
+                    addr: p.addr.as_str().into(),
                     params,
                     prepared: ServerStatements::default(),
                     settings_hash: 0,
