@@ -65,7 +65,14 @@ pub struct Catalog {
     /// whose reads must neither be served from the cache nor fill it.
     pub strict_isolation_default: bool,
     pub loaded_at: Option<Instant>,
+    /// Unique per load (0: not loaded from a database). A cached result remembers the epoch
+    /// of the catalog its read was planned with: the hit path that skips analysis may serve
+    /// it only while that catalog is still the current one.
+    pub epoch: u64,
 }
+
+/// Source of [`Catalog::epoch`]: never reused within the process.
+static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Catalog {
     /// Load from the database at `url` (a postgres:// URL).
@@ -318,6 +325,7 @@ impl Catalog {
             .await?;
         cat.strict_isolation_default = row.get(0);
         cat.loaded_at = Some(Instant::now());
+        cat.epoch = NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(cat)
     }
 

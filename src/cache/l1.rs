@@ -39,6 +39,8 @@ pub struct Entry {
     /// When the TTL runs out (set with `ttl` when the entry is stored; moka counts from its
     /// insert, a moment later).
     pub(super) expires: Instant,
+    /// The [`crate::catalog::Catalog::epoch`] the read was planned with (0: unknown).
+    catalog_epoch: u64,
 }
 
 impl Entry {
@@ -50,7 +52,18 @@ impl Entry {
             snapshot,
             ttl: Duration::ZERO,
             expires: Instant::now(),
+            catalog_epoch: 0,
         }
+    }
+
+    /// Records the epoch of the catalog the read was planned with.
+    pub fn planned_with(mut self, catalog_epoch: u64) -> Self {
+        self.catalog_epoch = catalog_epoch;
+        self
+    }
+
+    pub fn catalog_epoch(&self) -> u64 {
+        self.catalog_epoch
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -208,6 +221,33 @@ impl L1 {
             found_stale = true;
         }
         fill::miss(&self.inner, key, gens, found_stale, fills_before)
+    }
+
+    /// A fresh entry for `key`, if there is one; unlike [`L1::lookup`] a miss leaves no
+    /// trace (no fill is started, nothing is counted), for callers that then take the full
+    /// path. A stale entry is left to that path to remove.
+    #[inline]
+    pub fn peek(&self, key: CacheKey, gens: &Generations) -> Option<Arc<Entry>> {
+        let front = self.inner.front.as_ref();
+        if let Some(entry) = front.and_then(|f| f.get(key)) {
+            return gens.is_current(&entry.snapshot).then_some(entry);
+        }
+        if self
+            .inner
+            .doorkeeper
+            .as_ref()
+            .is_some_and(|d| !d.maybe_missed(key))
+        {
+            return None;
+        }
+        let entry = self.inner.cache.get(&key)?;
+        if !gens.is_current(&entry.snapshot) {
+            return None;
+        }
+        if let Some(f) = front {
+            f.put(key, &entry);
+        }
+        Some(entry)
     }
 
     /// [`L1::lookup`], waiting for a concurrent fill if there is one.

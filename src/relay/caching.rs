@@ -447,7 +447,8 @@ impl CacheShared {
             Some(refused) => (refused, None),
             None => {
                 let response = bytes::Bytes::copy_from_slice(response);
-                let entry = Entry::new(response.clone(), fill.rows, fill.snapshot);
+                let entry = Entry::new(response.clone(), fill.rows, fill.snapshot)
+                    .planned_with(fill.catalog_epoch);
                 (fill.guard.fill(entry, fill.ttl, &self.gens), Some(response))
             }
         };
@@ -620,6 +621,8 @@ fn value_int(v: &KeyValue, params: Option<&BindParams<'_>>) -> Option<i64> {
 /// A cacheable read: its key and what it depends on.
 pub struct ReadPlan {
     pub key: CacheKey,
+    /// The epoch of the catalog this plan was made with (see [`Entry::catalog_epoch`]).
+    pub catalog_epoch: u64,
     /// A point read's key dependency: the value it pins.
     point_key: Option<Dependency>,
     shape: Arc<PlanShape>,
@@ -769,6 +772,7 @@ impl Analyzed {
         });
         Some(ReadPlan {
             key,
+            catalog_epoch: catalog.epoch,
             point_key,
             shape,
         })
@@ -798,6 +802,7 @@ pub struct Fill {
     /// The Redis generations seen before going upstream, when L2 was consulted.
     pub redis: Option<RedisSnapshot>,
     pub key: CacheKey,
+    pub catalog_epoch: u64,
     pub stats: Option<Arc<QueryStats>>,
     /// Where in the client buffer this response starts.
     pub start: usize,
@@ -815,6 +820,7 @@ pub struct PendingFill {
     pub snapshot: Snapshot,
     pub redis: Option<RedisSnapshot>,
     pub key: CacheKey,
+    pub catalog_epoch: u64,
     pub stats: Option<Arc<QueryStats>>,
     pub ttl: Duration,
 }
@@ -855,7 +861,8 @@ pub async fn lookup(
         match tier.lookup(plan.key, &deps).await {
             L2Lookup::Hit { response, rows } => {
                 metrics().hits_l2.inc();
-                let entry = Entry::new(response.clone(), rows, snapshot);
+                let entry =
+                    Entry::new(response.clone(), rows, snapshot).planned_with(plan.catalog_epoch);
                 guard.admit(); // cached by some instance: the key repeats
                 let _ = guard.fill(entry, ttl, &shared.gens);
                 return ReadOutcome::Hit(response, Tier::L2);
@@ -869,6 +876,7 @@ pub async fn lookup(
         snapshot,
         redis,
         key: plan.key,
+        catalog_epoch: plan.catalog_epoch,
         stats,
         ttl,
     })

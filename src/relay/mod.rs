@@ -313,6 +313,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 snapshot: p.snapshot,
                 redis: p.redis,
                 key: p.key,
+                catalog_epoch: p.catalog_epoch,
                 stats: p.stats,
                 start: self.to_client.len(),
                 ttl: p.ttl,
@@ -783,9 +784,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             metrics().bypass(BypassReason::NoCatalog);
             return Ok(false);
         };
-        let analyzed = cache.analyze(&self.database, sql, &catalog);
         let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
         let key = caching::query_key(seed, sql);
+        let started = std::time::Instant::now();
+        if let Some(entry) = self.known_hit(&cache, &catalog, key) {
+            self.answer_known_hit(entry, started);
+            return Ok(true);
+        }
+        let analyzed = cache.analyze(&self.database, sql, &catalog);
         let Some(plan) = analyzed.read_plan(&catalog, key, None) else {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
@@ -798,6 +804,46 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.query_analyzed = Some(analyzed);
         }
         Ok(answered)
+    }
+
+    /// A fresh L1 entry for a Query's or a batch's key, found without analysing the text:
+    /// most hits of a hot set. Sound because the full path would reach the same entry: the
+    /// key covers the text (with a batch's parameters and formats) and the session's
+    /// settings, the entry was stored by that path for this key under this very catalog (so
+    /// the analysis, which depends only on the text and the catalog, found it cacheable, and
+    /// config rules do not change at run time), and the session-level reasons to bypass are
+    /// checked here as there. Inside a transaction block (whose own writes and isolation
+    /// matter), with adaptive bypass on (whose decision is per fingerprint, which needs the
+    /// analysis), after the catalog was reloaded, or on any doubt: `None`, and the full path
+    /// decides.
+    fn known_hit(
+        &self,
+        cache: &CacheShared,
+        catalog: &crate::catalog::Catalog,
+        key: crate::cache::CacheKey,
+    ) -> Option<Arc<crate::cache::Entry>> {
+        if self.tx_status != b'I'
+            || !self.tx_written.is_empty()
+            || cache.bypass.is_some()
+            || catalog.epoch == 0
+            || !self.cache_allowed_now()
+            || !cache.source_healthy(&self.database)
+        {
+            return None;
+        }
+        let entry = cache.l1.peek(key, &cache.gens)?;
+        (entry.catalog_epoch() == catalog.epoch).then_some(entry)
+    }
+
+    /// Answer with an entry [`Self::known_hit`] found (the response and ReadyForQuery).
+    fn answer_known_hit(&mut self, entry: Arc<crate::cache::Entry>, started: std::time::Instant) {
+        self.expect
+            .push_synthetic(entry.response.clone(), &mut self.to_client);
+        let rfq = protocol::ready_for_query(self.tx_status);
+        self.expect.push_synthetic(rfq, &mut self.to_client);
+        let m = metrics();
+        m.hits_l1.inc();
+        m.hit_seconds.observe(started.elapsed().as_secs_f64());
     }
 
     /// Look a planned read up; on a hit answer it, on a miss arrange the fill.
@@ -934,7 +980,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(catalog) = cache.catalog(&self.database).await else {
             return Ok(false);
         };
-        let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
         let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
         let key = caching::execute_key(
             seed,
@@ -943,6 +988,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             params.tail,
             [parse.is_some() as u8, shape.describe.key_byte()],
         );
+        let started = std::time::Instant::now();
+        if let Some(entry) = self.known_hit(&cache, &catalog, key) {
+            self.answer_known_hit(entry, started);
+            self.adopt_parse(parse);
+            self.batch.clear();
+            return Ok(true);
+        }
+        let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
         let Some(plan) = analyzed.read_plan(&catalog, key, Some(&params)) else {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
@@ -951,20 +1004,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         if self.serve_plan(&cache, &catalog, &plan, &analyzed).await? {
-            // The client's Parse takes effect as it would have on the server.
-            if let Some((name, s)) = parse {
-                if name.is_empty() {
-                    self.statements.unnamed = Some(s);
-                    self.unnamed_on_server = false;
-                } else {
-                    self.statements.insert(name, s);
-                }
-            }
+            self.adopt_parse(parse);
             self.batch.clear();
             return Ok(true);
         }
         self.stash_batch_work(parse, shape.parse, analyzed);
         Ok(false)
+    }
+
+    /// A batch answered from the cache: its Parse takes effect as it would have on the
+    /// server.
+    fn adopt_parse(&mut self, parse: Option<(Bytes, Statement)>) {
+        if let Some((name, s)) = parse {
+            if name.is_empty() {
+                self.statements.unnamed = Some(s);
+                self.unnamed_on_server = false;
+            } else {
+                self.statements.insert(name, s);
+            }
+        }
     }
 
     /// The batch goes to the server after all: keep what `serve_batch` worked out (the

@@ -1219,3 +1219,37 @@ async fn batches_that_describe_their_statement_are_cached_too() {
     let rows = read("SELECT note, v FROM t WHERE id = $1", 2).await;
     assert_eq!(rows[0].get::<_, i32>(1), 22);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_earlier_in_the_search_path_takes_over_cached_reads_of_its_name() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "shadowlater");
+    pg.psql_db(
+        &db,
+        "CREATE SCHEMA early;
+         CREATE TABLE public.t (id int PRIMARY KEY, v text);
+         INSERT INTO public.t VALUES (1, 'public');",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    c.batch_execute("SET search_path = early, public")
+        .await
+        .expect("set");
+    let read = "SELECT v FROM t WHERE id = 1";
+    let scan = "SELECT string_agg(v, ',') FROM t";
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, read).await, "public");
+        assert_eq!(simple_int(&c, scan).await, "public");
+    }
+    // Through pgstash: `t` now names early.t for this session.
+    c.batch_execute(
+        "CREATE TABLE early.t (id int PRIMARY KEY, v text);
+         INSERT INTO early.t VALUES (1, 'early');",
+    )
+    .await
+    .expect("create the shadowing table");
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, read).await, "early");
+        assert_eq!(simple_int(&c, scan).await, "early");
+    }
+}

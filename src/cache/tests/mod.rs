@@ -405,3 +405,44 @@ fn a_fill_completing_between_a_cache_read_and_the_in_flight_check_is_a_hit() {
         Lookup::Miss(_)
     ));
 }
+
+#[test]
+fn peek_finds_fresh_entries_and_leaves_no_trace_of_a_miss() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    assert!(l1.peek(key(1), &gens).is_none());
+    // The peek started no fill: the next lookup is the first miss, not a wait behind one.
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL),
+        FillOutcome::Stored
+    );
+    let e = l1.peek(key(1), &gens).expect("fresh entry");
+    assert_eq!(&e.response[..], b"rows");
+    // Twice: the second comes from the front, which the first peek filled.
+    assert!(l1.peek(key(1), &gens).is_some());
+    assert!(l1.peek(key(2), &gens).is_none());
+}
+
+#[test]
+fn peek_never_returns_a_stale_entry_and_leaves_it_to_lookup() {
+    let (gens, l1) = (Generations::new(1024), L1::new(1 << 20));
+    assert_eq!(
+        fill_now(&l1, &gens, key(1), &[Dependency::AnyOf(T)], TTL),
+        FillOutcome::Stored
+    );
+    assert!(l1.peek(key(1), &gens).is_some());
+    gens.bump_wide(T);
+    assert!(l1.peek(key(1), &gens).is_none());
+    assert!(l1.peek(key(1), &gens).is_none());
+    // The full lookup still finds it stale (and removes it).
+    let Lookup::Miss(guard) = l1.lookup(key(1), &gens) else {
+        panic!("expected a miss");
+    };
+    assert!(guard.found_stale());
+}
+
+#[test]
+fn an_entry_keeps_the_catalog_epoch_it_was_planned_with() {
+    let gens = Generations::new(1024);
+    assert_eq!(entry(&gens, &[], b"x").catalog_epoch(), 0);
+    assert_eq!(entry(&gens, &[], b"x").planned_with(7).catalog_epoch(), 7);
+}
