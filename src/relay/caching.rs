@@ -711,9 +711,8 @@ pub fn changes_transaction(sql: &str) -> bool {
     };
     contains_ignore_case(sql, b"repeatable read")
         || contains_ignore_case(sql, b"serializable")
-        || changes_settings(sql)
         // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
-        || (sql.contains(';') && statements(sql).into_iter().any(changes_settings))
+        || statements(sql).any(changes_settings)
 }
 
 /// The cache key's seed: who is asking, where, with which settings (role, search_path,

@@ -37,22 +37,8 @@ pub enum Effect {
 
 /// The session effects of every statement in a query string, in order.
 pub fn effects_of(sql: &str) -> Vec<Effect> {
-    if !sql.as_bytes().contains(&b';') {
-        // One statement (the common case): no splitting, no allocation.
-        let t = sql.trim();
-        return if t.is_empty() {
-            Vec::new()
-        } else {
-            effect_of(t).into_iter().collect()
-        };
-    }
-    let mut out = Vec::new();
-    for stmt in statements(sql) {
-        if let Some(e) = effect_of(stmt) {
-            out.push(e);
-        }
-    }
-    out
+    // Most statements have no effect: the Vec then never allocates.
+    statements(sql).filter_map(effect_of).collect()
 }
 
 fn effect_of(stmt: &str) -> Option<Effect> {

@@ -5,34 +5,48 @@
 //! Full analysis (for caching) is sqlparser's job; this runs on every simple query and must
 //! stay cheap and total (it never fails, whatever the input).
 
-/// Split a query string into its statements (trimmed, without the `;`, empty ones dropped).
-pub fn statements(sql: &str) -> Vec<&str> {
-    let b = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'\'' | b'"' => i = skip_quoted(b, i, b[i]),
-            b'-' if b.get(i + 1) == Some(&b'-') => i = skip_line_comment(b, i),
-            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
-            b'$' => i = skip_dollar(b, i),
-            b';' => {
-                push_trimmed(&mut out, &sql[start..i]);
-                i += 1;
-                start = i;
-            }
-            _ => i += 1,
-        }
-    }
-    push_trimmed(&mut out, &sql[start.min(sql.len())..]);
-    out
+/// The statements of a query string, trimmed, without their `;`, empty ones skipped. Lazy
+/// and allocation-free: most query strings hold one statement and are scanned once.
+pub fn statements(sql: &str) -> Statements<'_> {
+    Statements { sql, pos: 0 }
 }
 
-fn push_trimmed<'a>(out: &mut Vec<&'a str>, s: &'a str) {
-    let t = s.trim();
-    if !t.is_empty() {
-        out.push(t);
+/// The iterator of [`statements`].
+pub struct Statements<'a> {
+    sql: &'a str,
+    /// Where the next statement starts; past the end once the last one was returned.
+    pos: usize,
+}
+
+impl<'a> Iterator for Statements<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let b = self.sql.as_bytes();
+        while self.pos <= b.len() {
+            let start = self.pos;
+            let mut i = start;
+            // The skip helpers may return past the end on unterminated input.
+            let end = loop {
+                let Some(&c) = b.get(i) else {
+                    break b.len();
+                };
+                match c {
+                    b'\'' | b'"' => i = skip_quoted(b, i, c),
+                    b'-' if b.get(i + 1) == Some(&b'-') => i = skip_line_comment(b, i),
+                    b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
+                    b'$' => i = skip_dollar(b, i),
+                    b';' => break i,
+                    _ => i += 1,
+                }
+            };
+            self.pos = end + 1;
+            let stmt = self.sql[start..end].trim();
+            if !stmt.is_empty() {
+                return Some(stmt);
+            }
+        }
+        None
     }
 }
 
@@ -367,7 +381,7 @@ mod tests {
     fn splits_on_semicolons_outside_quotes_comments_and_dollar_quotes() {
         let sql = "SELECT ';'; SET x = 'a;b' -- c;d\n; DO $f$ BEGIN; END $f$; /* ; */ SELECT $1";
         assert_eq!(
-            statements(sql),
+            statements(sql).collect::<Vec<_>>(),
             vec![
                 "SELECT ';'",
                 "SET x = 'a;b' -- c;d",
@@ -378,8 +392,22 @@ mod tests {
     }
 
     #[test]
+    fn empty_statements_are_skipped() {
+        assert_eq!(statements("").count(), 0);
+        assert_eq!(statements(" ; ;\n").count(), 0);
+        assert_eq!(
+            statements("SELECT 1;").collect::<Vec<_>>(),
+            vec!["SELECT 1"]
+        );
+        assert_eq!(
+            statements(";SELECT 1;;SELECT 2").collect::<Vec<_>>(),
+            vec!["SELECT 1", "SELECT 2"]
+        );
+    }
+
+    #[test]
     fn escaped_quotes_do_not_end_strings() {
-        assert_eq!(statements(r"SELECT E'\';'; SELECT 'it''s;'").len(), 2);
+        assert_eq!(statements(r"SELECT E'\';'; SELECT 'it''s;'").count(), 2);
     }
 
     #[test]
@@ -397,7 +425,7 @@ mod tests {
     #[test]
     fn unterminated_input_never_panics() {
         for s in ["'", "$a$", "/*", "E'\\", "\"", "$", "$1$"] {
-            let _ = statements(s);
+            let _ = statements(s).count();
             let _ = leading_words(s, 3);
         }
     }
