@@ -788,7 +788,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let key = caching::query_key(seed, sql);
         let started = std::time::Instant::now();
         if let Some(entry) = self.known_hit(&cache, &catalog, key) {
-            self.answer_known_hit(entry, started);
+            self.answer_hit(entry.response.clone(), caching::Tier::L1, started);
             return Ok(true);
         }
         let analyzed = cache.analyze(&self.database, sql, &catalog);
@@ -799,7 +799,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.query_analyzed = Some(analyzed);
             return Ok(false);
         };
-        let answered = self.serve_plan(&cache, &catalog, &plan, &analyzed).await?;
+        let answered = self
+            .serve_plan(&cache, &catalog, &plan, &analyzed, started)
+            .await?;
         if !answered {
             self.query_analyzed = Some(analyzed);
         }
@@ -835,26 +837,29 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         (entry.catalog_epoch() == catalog.epoch).then_some(entry)
     }
 
-    /// Answer with an entry [`Self::known_hit`] found (the response and ReadyForQuery).
-    fn answer_known_hit(&mut self, entry: Arc<crate::cache::Entry>, started: std::time::Instant) {
-        self.expect
-            .push_synthetic(entry.response.clone(), &mut self.to_client);
+    /// Answer from the cache: the stored response, then ReadyForQuery; counted as a hit of
+    /// `tier` (L2 hits are counted where they are found), timed from `started`.
+    fn answer_hit(&mut self, response: Bytes, tier: caching::Tier, started: std::time::Instant) {
+        self.expect.push_synthetic(response, &mut self.to_client);
         let rfq = protocol::ready_for_query(self.tx_status);
         self.expect.push_synthetic(rfq, &mut self.to_client);
         let m = metrics();
-        m.hits_l1.inc();
+        if tier == caching::Tier::L1 {
+            m.hits_l1.inc();
+        }
         m.hit_seconds.observe(started.elapsed().as_secs_f64());
     }
 
-    /// Look a planned read up; on a hit answer it, on a miss arrange the fill.
+    /// Look a planned read up; on a hit answer it, on a miss arrange the fill. `started` is
+    /// when the caller began looking (the hit latency metric counts from there).
     async fn serve_plan(
         &mut self,
         cache: &CacheShared,
         catalog: &crate::catalog::Catalog,
         plan: &caching::ReadPlan,
         analyzed: &caching::Analyzed,
+        started: std::time::Instant,
     ) -> Result<bool, RelayError> {
-        let started = std::time::Instant::now();
         let m = metrics();
         let ttl = match analyzed.policy {
             caching::Policy::Cache(ttl) => ttl,
@@ -897,16 +902,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         );
         match outcome {
             ReadOutcome::Hit(bytes, tier) => {
-                self.expect.push_synthetic(bytes, &mut self.to_client);
-                let rfq = protocol::ready_for_query(self.tx_status);
-                self.expect.push_synthetic(rfq, &mut self.to_client);
                 if let Some(s) = &stats {
                     s.hit();
                 }
-                if tier == caching::Tier::L1 {
-                    m.hits_l1.inc();
-                }
-                m.hit_seconds.observe(started.elapsed().as_secs_f64());
+                self.answer_hit(bytes, tier, started);
                 Ok(true)
             }
             ReadOutcome::Fill(pending) => {
@@ -990,7 +989,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         );
         let started = std::time::Instant::now();
         if let Some(entry) = self.known_hit(&cache, &catalog, key) {
-            self.answer_known_hit(entry, started);
+            self.answer_hit(entry.response.clone(), caching::Tier::L1, started);
             self.adopt_parse(parse);
             self.batch.clear();
             return Ok(true);
@@ -1003,7 +1002,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
-        if self.serve_plan(&cache, &catalog, &plan, &analyzed).await? {
+        if self
+            .serve_plan(&cache, &catalog, &plan, &analyzed, started)
+            .await?
+        {
             self.adopt_parse(parse);
             self.batch.clear();
             return Ok(true);
