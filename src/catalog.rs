@@ -59,6 +59,11 @@ pub struct Catalog {
     user_volatile: HashSet<String>,
     /// Symbols of operators outside the system schemas whose function is not immutable.
     user_operators: HashSet<String>,
+    /// Column name → whether every user relation column of that name (tables, views,
+    /// composite types' fields) holds a date or time type, or an array or domain of one.
+    time_columns: HashMap<String, bool>,
+    /// User relations (and composite types) whose columns `time_columns` covers.
+    typed_relations: HashSet<String>,
     /// Whether sessions of this database may start with a default isolation stricter than
     /// READ COMMITTED (postgresql.conf, `ALTER DATABASE`/`ALTER ROLE ... SET
     /// default_transaction_isolation`): a plain BEGIN may then open a snapshot transaction,
@@ -172,6 +177,38 @@ impl Catalog {
             )
             .await?;
         let mut opaque: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        // Text read as a type whose input is not immutable (a text column cast to date in a
+        // view: 'now' stored in a row reads as the current time): a CoerceViaIO node, whose
+        // input function the tree does not name. Its fields end `:resulttype T :resultcollid C
+        // :coerceformat`, which no other node's do (RelabelType, ArrayCoerceExpr and
+        // CoerceToDomain have a typmod in between), so nested casts are each found.
+        let rows = client
+            .query(
+                r"WITH expr AS (
+                    SELECT v.relname::text AS rel, r.ev_action::text AS tree
+                      FROM pg_rewrite r
+                      JOIN pg_class v ON v.oid = r.ev_class
+                     WHERE v.relkind = 'v'
+                       AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                                  'information_schema'::regnamespace)
+                    UNION ALL
+                    SELECT c.relname::text, pol.polqual::text
+                      FROM pg_policy pol
+                      JOIN pg_class c ON c.oid = pol.polrelid
+                     WHERE pol.polqual IS NOT NULL
+                  )
+                  SELECT DISTINCT e.rel
+                    FROM expr e,
+                         regexp_matches(e.tree,
+                             ':resulttype (\d+) :resultcollid \d+ :coerceformat',
+                             'g') m
+                    JOIN pg_type t ON t.oid = m[1]::oid
+                    JOIN pg_proc p ON p.oid = t.typinput
+                   WHERE p.provolatile <> 'i'",
+                &[],
+            )
+            .await?;
+        opaque.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         // Relations whose contents change without a write to them: a sequence (nextval() is
         // no write), a foreign table (written in another server), and a table with foreign
         // partitions or children.
@@ -324,6 +361,29 @@ impl Catalog {
             )
             .await?;
         cat.strict_isolation_default = row.get(0);
+        // Column types, by name: date/time (category D, also through domains and arrays)
+        // or not. Composite types count as relations: `t.rec.field` names a field.
+        let rows = client
+            .query(
+                "SELECT c.relname::text, a.attname::text,
+                        coalesce(e.typcategory, t.typcategory) = 'D'
+                   FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid
+                   JOIN pg_type t ON t.oid = a.atttypid
+                   LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'
+                  WHERE a.attnum > 0 AND NOT a.attisdropped
+                    AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
+                    AND c.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                               'information_schema'::regnamespace,
+                                               'pg_toast'::regnamespace)",
+                &[],
+            )
+            .await?;
+        for r in rows {
+            let (rel, column, time): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
+            cat.typed_relations.insert(rel);
+            *cat.time_columns.entry(column).or_insert(true) &= time;
+        }
         cat.loaded_at = Some(Instant::now());
         cat.epoch = NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(cat)
@@ -422,6 +482,14 @@ impl crate::analysis::FunctionVolatility for Catalog {
 
     fn user_operator(&self, symbol: &str) -> bool {
         !self.user_operators.is_empty() && self.user_operators.contains(symbol)
+    }
+
+    fn time_column(&self, name: &str) -> bool {
+        self.time_columns.get(name).copied().unwrap_or(false)
+    }
+
+    fn knows_relation(&self, name: &str) -> bool {
+        self.typed_relations.contains(name)
     }
 
     fn volatility(&self, _schema: Option<&str>, name: &str) -> Option<crate::analysis::Volatility> {

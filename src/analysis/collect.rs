@@ -45,6 +45,12 @@ struct Collector<'f> {
     scopes: Vec<Scope>,
     /// A relation name already handled by `pre_visit_table_factor`.
     handled_relation: Option<*const ObjectName>,
+    /// Columns cast to a date or time type: the read is cacheable only if each is a
+    /// date/time column for sure (see `time_casts_are_repeatable`).
+    time_cast_columns: Vec<String>,
+    /// A FROM item whose columns the catalog does not describe (a subquery, a function, a
+    /// CTE, VALUES): a column name may then stand for text of any origin.
+    untyped_from: bool,
     out: Collected,
 }
 
@@ -54,6 +60,8 @@ pub(crate) fn collect<T: Visit>(node: &T, funcs: &dyn FunctionVolatility) -> Col
         funcs,
         scopes: Vec::new(),
         handled_relation: None,
+        time_cast_columns: Vec::new(),
+        untyped_from: false,
         out: Collected {
             tables: Vec::new(),
             occurrences: 0,
@@ -63,10 +71,41 @@ pub(crate) fn collect<T: Visit>(node: &T, funcs: &dyn FunctionVolatility) -> Col
         },
     };
     let _ = node.visit(&mut collector);
+    if !collector.time_casts_are_repeatable() {
+        collector.bypass(BypassReason::TextAsTime);
+    }
     collector.out
 }
 
 impl Collector<'_> {
+    /// Whether the columns cast to a date or time type certainly hold one: each FROM item is
+    /// a relation the catalog describes, and no column of any of them by that name has
+    /// another type (column names are checked across all user relations, which covers
+    /// whichever relation a name resolves to).
+    fn time_casts_are_repeatable(&self) -> bool {
+        self.time_cast_columns.is_empty()
+            || (!self.untyped_from
+                && self
+                    .out
+                    .tables
+                    .iter()
+                    .all(|t| self.funcs.knows_relation(&t.name))
+                && self
+                    .time_cast_columns
+                    .iter()
+                    .all(|c| self.funcs.time_column(c)))
+    }
+
+    /// A cast of `inner` to a type that may hold a date or time.
+    fn time_cast(&mut self, inner: &Expr) {
+        let mut columns = Vec::new();
+        if yields_no_text(inner, &mut columns) {
+            self.time_cast_columns.extend(columns);
+        } else {
+            self.bypass(BypassReason::TextAsTime);
+        }
+    }
+
     fn bypass(&mut self, reason: BypassReason) {
         // The first reason, unless a later one says the statement may write: callers need
         // that one to know a transaction's reads can no longer trust the cache.
@@ -89,6 +128,7 @@ impl Collector<'_> {
         if let [single] = parts.as_slice()
             && self.is_cte(single)
         {
+            self.untyped_from = true;
             return;
         }
         let Some(table) = table_ref_from_parts(parts) else {
@@ -220,6 +260,7 @@ impl Visitor for Collector<'_> {
                 self.handled_relation = Some(ptr::from_ref(name));
                 if args.is_some() {
                     // `FROM generate_series(1, 3)`: a function, not a relation.
+                    self.untyped_from = true;
                     self.call(name);
                 } else {
                     self.read_relation(
@@ -230,8 +271,13 @@ impl Visitor for Collector<'_> {
                     self.bypass(BypassReason::TableSample);
                 }
             }
-            TableFactor::Function { name, .. } => self.call(name),
-            _ => {}
+            TableFactor::Function { name, .. } => {
+                self.untyped_from = true;
+                self.call(name);
+            }
+            TableFactor::NestedJoin { .. } => {}
+            // Subqueries, UNNEST, JSON_TABLE, ...: their columns are not the catalog's.
+            _ => self.untyped_from = true,
         }
         ControlFlow::Continue(())
     }
@@ -249,8 +295,13 @@ impl Visitor for Collector<'_> {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         match expr {
             Expr::Function(function) => self.call(&function.name),
+            // 'name'::regclass and friends look names up in the catalog, which no table
+            // generation follows.
+            Expr::Cast { data_type, .. } if is_reg_type(data_type) => {
+                self.bypass(BypassReason::SystemCatalog);
+            }
             // Text computed in the query and read as a date or time ('no' || 'w') may
-            // spell "now"; a plain column or literal is judged on its own.
+            // spell "now"; a literal is judged on its own.
             Expr::Cast {
                 expr: inner,
                 data_type,
@@ -258,11 +309,12 @@ impl Visitor for Collector<'_> {
             } if builds_text(inner) && is_datetime_type(data_type) => {
                 self.bypass(BypassReason::TimeLiteral);
             }
-            // 'name'::regclass and friends look names up in the catalog, which no table
-            // generation follows.
-            Expr::Cast { data_type, .. } if is_reg_type(data_type) => {
-                self.bypass(BypassReason::SystemCatalog);
-            }
+            // So may text stored in a row, or returned by an operator or a function.
+            Expr::Cast {
+                expr: inner,
+                data_type,
+                ..
+            } if may_hold_time(data_type) => self.time_cast(inner),
             // A user-defined operator runs a function the analysis cannot see.
             Expr::BinaryOp {
                 op:
@@ -370,6 +422,107 @@ fn is_datetime_type(t: &sqlparser::ast::DataType) -> bool {
     ]
     .iter()
     .any(|w| name.contains(w))
+}
+
+/// Whether `e` yields something other than text, provided that the columns it names (pushed
+/// onto `columns`) hold dates or times: literals and parameters (whose values are checked
+/// for time words on their own), date/time casts (checked on their own), arithmetic on
+/// such values, and the built-ins that build a date or time from parts.
+fn yields_no_text(e: &Expr, columns: &mut Vec<String>) -> bool {
+    const DATETIME_FUNCTIONS: &[&str] = &[
+        "date_bin",
+        "date_trunc",
+        "make_date",
+        "make_time",
+        "make_timestamp",
+        "make_timestamptz",
+        "to_date",
+        "to_timestamp",
+    ];
+    match e {
+        Expr::Value(_) | Expr::TypedString { .. } | Expr::Interval(_) => true,
+        Expr::Nested(inner) => yields_no_text(inner, columns),
+        Expr::Identifier(ident) => {
+            columns.push(fold(ident));
+            true
+        }
+        Expr::CompoundIdentifier(parts) => parts.last().is_some_and(|last| {
+            columns.push(fold(last));
+            true
+        }),
+        Expr::Cast { data_type, .. } => is_builtin_datetime(data_type),
+        Expr::AtTimeZone { timestamp, .. } => yields_no_text(timestamp, columns),
+        Expr::BinaryOp {
+            op: sqlparser::ast::BinaryOperator::Plus | sqlparser::ast::BinaryOperator::Minus,
+            left,
+            right,
+        } => yields_no_text(left, columns) && yields_no_text(right, columns),
+        Expr::Function(f) => {
+            let Some(parts) = name_parts(&f.name) else {
+                return false;
+            };
+            let builtin = match parts.as_slice() {
+                [name] | [_, name] if parts.len() == 1 || parts[0] == "pg_catalog" => name,
+                _ => return false,
+            };
+            DATETIME_FUNCTIONS.contains(&builtin.as_str())
+        }
+        _ => false,
+    }
+}
+
+/// A type whose input may read text such as `'now'` as the current time: the date and time
+/// types, their arrays and ranges, and any type this analysis does not know to be free of
+/// them (a domain over `date`, a composite type with a `timestamptz` field).
+fn may_hold_time(t: &sqlparser::ast::DataType) -> bool {
+    use sqlparser::ast::{ArrayElemTypeDef, DataType};
+    const NO_TIME: &[&str] = &[
+        "bit", "bool", "box", "bpchar", "bytea", "cidr", "circle", "citext", "float4", "float8",
+        "hstore", "inet", "int2", "int4", "int8", "interval", "json", "jsonb", "jsonpath", "line",
+        "lseg", "ltree", "macaddr", "macaddr8", "money", "name", "numeric", "oid", "path",
+        "pg_lsn", "point", "polygon", "text", "tsquery", "tsvector", "uuid", "varbit", "varchar",
+        "xml",
+    ];
+    match t {
+        _ if is_datetime_type(t) => true,
+        DataType::Array(
+            ArrayElemTypeDef::SquareBracket(inner, _)
+            | ArrayElemTypeDef::AngleBracket(inner)
+            | ArrayElemTypeDef::Parenthesis(inner),
+        ) => may_hold_time(inner),
+        DataType::Custom(name, _) => {
+            let name = name.to_string().to_ascii_lowercase();
+            !NO_TIME.contains(&name.trim_start_matches("pg_catalog."))
+        }
+        _ => false,
+    }
+}
+
+/// The built-in date and time types themselves (no arrays or ranges), by name.
+fn is_builtin_datetime(t: &sqlparser::ast::DataType) -> bool {
+    let mut name = String::new();
+    let mut depth = 0;
+    for c in t.to_string().to_ascii_lowercase().chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ if depth == 0 => name.push(c),
+            _ => {}
+        }
+    }
+    let name = name.split_whitespace().collect::<Vec<_>>().join(" ");
+    matches!(
+        name.trim_start_matches("pg_catalog."),
+        "date"
+            | "time"
+            | "timetz"
+            | "timestamp"
+            | "timestamptz"
+            | "time with time zone"
+            | "time without time zone"
+            | "timestamp with time zone"
+            | "timestamp without time zone"
+    )
 }
 
 /// regclass, regtype, regproc, ...: object identifier types whose input reads the catalog.

@@ -179,6 +179,10 @@ pub enum BypassReason {
     TableSample,
     /// A literal such as `'now'` or `'today'`, which PostgreSQL turns into the current time.
     TimeLiteral,
+    /// A value that may be text (a text column, `->>`, a function's result) cast to a date or
+    /// time type (or a type that may hold one): text such as `'now'` stored in a row reads as
+    /// the current time, so the answer changes without any write.
+    TextAsTime,
     /// An AST shape the analysis does not reason about.
     Unsupported,
 }
@@ -211,6 +215,7 @@ impl BypassReason {
             Self::TempTable => "temp_table",
             Self::TableSample => "tablesample",
             Self::TimeLiteral => "time_literal",
+            Self::TextAsTime => "text_as_time",
             Self::Unsupported => "unsupported",
         }
     }
@@ -287,6 +292,19 @@ pub trait FunctionVolatility {
     /// Whether an operator with this symbol, outside the system schemas, runs a function
     /// that is not immutable (users may overload `##` or define `~~~`).
     fn user_operator(&self, _symbol: &str) -> bool {
+        false
+    }
+
+    /// Whether every column of this name in the user relations holds a date or time type
+    /// (or an array or domain of one): its value can never be text such as `'now'`, so a
+    /// cast of it to a date or time type is as repeatable as the column. Unknown: `false`.
+    fn time_column(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// Whether the column types of relation `name` (unqualified) are known, that is whether
+    /// [`FunctionVolatility::time_column`] speaks for its columns.
+    fn knows_relation(&self, _name: &str) -> bool {
         false
     }
 }

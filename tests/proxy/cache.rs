@@ -347,6 +347,57 @@ async fn views_that_call_functions_are_never_served_stale() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_stored_as_now_and_read_as_a_time_is_never_served_stale() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "textnow");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE notes (id int PRIMARY KEY, note text, at timestamptz, doc jsonb);
+         INSERT INTO notes VALUES (1, 'now', '2024-01-01 12:00+00', '{\"at\": \"now\"}');
+         CREATE VIEW note_times AS SELECT id, note::timestamptz AS t FROM notes;
+         CREATE VIEW note_times2 AS SELECT id, t FROM note_times;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    // Each of these reads the current time from the text 'now': two reads a few
+    // milliseconds apart must differ, as they do straight from Postgres.
+    for sql in [
+        "SELECT note::timestamptz::text FROM notes WHERE id = 1",
+        "SELECT CAST(n.note AS timestamp)::text FROM notes n WHERE id = 1",
+        "SELECT (doc ->> 'at')::timestamptz::text FROM notes WHERE id = 1",
+        "SELECT x::timestamptz::text FROM (SELECT note AS x FROM notes) s",
+        "SELECT t::text FROM note_times WHERE id = 1",
+        "SELECT t::text FROM note_times2 WHERE id = 1",
+    ] {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(simple_int(&c, sql).await);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            seen[0] != seen[1] && seen[1] != seen[2],
+            "{sql}: the same time three times: {seen:?}"
+        );
+    }
+    // A timestamptz column cast to a date is still cached: a change made behind pgstash's
+    // back (source = proxy sees none) is not seen until a write through pgstash.
+    let day = "SELECT at::date::text FROM notes WHERE id = 1";
+    for _ in 0..2 {
+        assert_eq!(simple_int(&c, day).await, "2024-01-01");
+    }
+    let direct = pg.client(&db).await;
+    direct
+        .batch_execute("UPDATE notes SET at = '2025-06-30 12:00+00' WHERE id = 1")
+        .await
+        .expect("direct update");
+    assert_eq!(simple_int(&c, day).await, "2024-01-01");
+    c.batch_execute("UPDATE notes SET note = 'now' WHERE id = 1")
+        .await
+        .expect("update through pgstash");
+    assert_eq!(simple_int(&c, day).await, "2025-06-30");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_security_policies_that_read_other_tables_are_never_served_stale() {
     let pg = shared_pg();
     let db = fresh_database(pg, "rlsdeps");

@@ -100,7 +100,6 @@ fn time_words_inside_literals_and_built_text_bypass() {
     }
     for sql in [
         "SELECT 'snowy'::text FROM t",
-        "SELECT ts::date FROM t",
         "SELECT (a || b)::text FROM t",
         "SELECT '2024-01-01 10:00'::timestamptz",
     ] {
@@ -264,4 +263,73 @@ fn only_integer_casts_keep_a_key_value() {
             .is_none()
     );
     assert!(read("SELECT * FROM t AS x WHERE x.id = 5").point.is_some());
+}
+
+/// Knows relations `t` and `u`, whose columns `ts` and `d` hold dates or times and whose
+/// other columns do not.
+struct Typed;
+
+impl FunctionVolatility for Typed {
+    fn volatility(&self, _schema: Option<&str>, _name: &str) -> Option<Volatility> {
+        None
+    }
+
+    fn time_column(&self, name: &str) -> bool {
+        matches!(name, "ts" | "d")
+    }
+
+    fn knows_relation(&self, name: &str) -> bool {
+        matches!(name, "t" | "u")
+    }
+}
+
+#[test]
+fn text_that_may_be_read_as_the_current_time_bypasses() {
+    for sql in [
+        "SELECT note::timestamptz FROM t",
+        "SELECT CAST(note AS date) FROM t",
+        "SELECT t.note::date FROM t WHERE id = 1",
+        "SELECT note::date[] FROM t",
+        "SELECT (j ->> 'at')::timestamptz FROM t",
+        "SELECT coalesce(note, '2024-01-01')::date FROM t",
+        "SELECT ts::text::date FROM t",
+        "SELECT (SELECT note FROM t LIMIT 1)::date",
+        "SELECT ts::date FROM (SELECT note AS ts FROM t) s",
+        "WITH c AS (SELECT note AS ts FROM t) SELECT ts::date FROM c",
+        "SELECT d::date FROM t, jsonb_each_text(t.j) AS e(k, d)",
+        "SELECT ts::date FROM v",
+        "SELECT ts::date FROM t JOIN v USING (id)",
+        "SELECT note::app.day FROM t",
+        "SELECT note::tstzrange FROM t",
+    ] {
+        assert_eq!(
+            analyze(sql, &Typed),
+            Analysis::Bypass(BypassReason::TextAsTime),
+            "{sql}"
+        );
+    }
+    // Without a catalog no column is known to hold a date or time.
+    assert_eq!(
+        an("SELECT ts::date FROM t"),
+        Analysis::Bypass(BypassReason::TextAsTime)
+    );
+}
+
+#[test]
+fn dates_and_times_cast_to_dates_and_times_stay_cacheable() {
+    for sql in [
+        "SELECT ts::date FROM t",
+        "SELECT t.ts::date, d FROM t WHERE id = 1",
+        "SELECT (ts + interval '1 day')::date FROM t",
+        "SELECT (ts AT TIME ZONE 'UTC')::date FROM t",
+        "SELECT date_trunc('day', ts)::date FROM t",
+        "SELECT ts::timestamp::date FROM t",
+        "SELECT CAST(d AS timestamp) FROM t JOIN u USING (id)",
+        "SELECT ts::date FROM t WHERE id IN (SELECT id FROM u)",
+        "SELECT note::text, id::int8, j::jsonb FROM t",
+        "SELECT '2024-01-01'::date, NULL::timestamptz FROM t",
+        "SELECT $1::date FROM t",
+    ] {
+        assert!(matches!(analyze(sql, &Typed), Analysis::Read(_)), "{sql}");
+    }
 }
