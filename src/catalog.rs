@@ -64,6 +64,11 @@ pub struct Catalog {
     time_columns: HashMap<String, bool>,
     /// User relations (and composite types) whose columns `time_columns` covers.
     typed_relations: HashSet<String>,
+    /// Lower-cased names of user types that may read the time on input (see
+    /// [`crate::analysis::FunctionVolatility::unsafe_type`]).
+    unsafe_types: HashSet<String>,
+    /// Names of functions outside the system schemas.
+    user_functions: HashSet<String>,
     /// Whether sessions of this database may start with a default isolation stricter than
     /// READ COMMITTED (postgresql.conf, `ALTER DATABASE`/`ALTER ROLE ... SET
     /// default_transaction_isolation`): a plain BEGIN may then open a snapshot transaction,
@@ -75,6 +80,27 @@ pub struct Catalog {
     /// it only while that catalog is still the current one.
     pub epoch: u64,
 }
+
+/// User types whose input may read the current time or run code that is not immutable:
+/// composite types (their fields' input), ranges and multiranges, domains with a constraint
+/// (a CHECK may call clock_timestamp()) or over a date or time (typcategory D), base types
+/// with an input function that is not immutable (arrays excepted: judged by their element),
+/// and every type built on one of those (domains, arrays). Defines `unsafe_type(oid, name)`.
+const UNSAFE_TYPES: &str = "WITH RECURSIVE unsafe_type(oid, name) AS (
+        SELECT t.oid, t.typname::text FROM pg_type t
+         WHERE t.typnamespace NOT IN ('pg_catalog'::regnamespace,
+                                      'information_schema'::regnamespace)
+           AND (t.typtype IN ('c', 'r', 'm')
+                OR (t.typtype = 'd'
+                    AND (t.typcategory = 'D'
+                         OR EXISTS (SELECT 1 FROM pg_constraint k WHERE k.contypid = t.oid)))
+                OR (t.typtype = 'b' AND t.typcategory <> 'A'
+                    AND EXISTS (SELECT 1 FROM pg_proc p
+                                 WHERE p.oid = t.typinput AND p.provolatile <> 'i')))
+        UNION
+        SELECT t.oid, t.typname::text FROM pg_type t
+          JOIN unsafe_type u ON t.typbasetype = u.oid OR t.typelem = u.oid
+     )";
 
 /// Source of [`Catalog::epoch`]: never reused within the process.
 static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -181,7 +207,8 @@ impl Catalog {
         // view: 'now' stored in a row reads as the current time): a CoerceViaIO node, whose
         // input function the tree does not name. Its fields end `:resulttype T :resultcollid C
         // :coerceformat`, which no other node's do (RelabelType, ArrayCoerceExpr and
-        // CoerceToDomain have a typmod in between), so nested casts are each found.
+        // CoerceToDomain have a typmod in between), so nested casts are each found. A table
+        // function (XMLTABLE) reads text as its column types where no such node shows.
         let rows = client
             .query(
                 r"WITH expr AS (
@@ -204,7 +231,39 @@ impl Catalog {
                              'g') m
                     JOIN pg_type t ON t.oid = m[1]::oid
                     JOIN pg_proc p ON p.oid = t.typinput
-                   WHERE p.provolatile <> 'i'",
+                   WHERE p.provolatile <> 'i'
+                  UNION
+                  SELECT e.rel FROM expr e WHERE e.tree LIKE '%{TABLEFUNC %'",
+                &[],
+            )
+            .await?;
+        opaque.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        // Values of those unsafe user types made where the tree does not show a conversion
+        // (hstore's immutable populate_record(NULL::composite, h), a domain's CHECK).
+        let rows = client
+            .query(
+                &format!(
+                    r"{UNSAFE_TYPES},
+                    expr AS (
+                        SELECT v.relname::text AS rel, r.ev_action::text AS tree
+                          FROM pg_rewrite r
+                          JOIN pg_class v ON v.oid = r.ev_class
+                         WHERE v.relkind = 'v'
+                           AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                                      'information_schema'::regnamespace)
+                        UNION ALL
+                        SELECT c.relname::text, pol.polqual::text
+                          FROM pg_policy pol
+                          JOIN pg_class c ON c.oid = pol.polrelid
+                         WHERE pol.polqual IS NOT NULL
+                    )
+                    SELECT DISTINCT e.rel
+                      FROM expr e,
+                           regexp_matches(e.tree,
+                               ':(?:resulttype|funcresulttype|opresulttype|consttype) (\d+)',
+                               'g') m
+                     WHERE m[1]::oid IN (SELECT oid FROM unsafe_type)"
+                ),
                 &[],
             )
             .await?;
@@ -379,6 +438,22 @@ impl Catalog {
                 &[],
             )
             .await?;
+        let types = client
+            .query(
+                &format!("{UNSAFE_TYPES} SELECT DISTINCT lower(name) FROM unsafe_type"),
+                &[],
+            )
+            .await?;
+        cat.unsafe_types = types.iter().map(|r| r.get(0)).collect();
+        let functions = client
+            .query(
+                "SELECT DISTINCT proname::text FROM pg_proc
+                  WHERE pronamespace NOT IN ('pg_catalog'::regnamespace,
+                                             'information_schema'::regnamespace)",
+                &[],
+            )
+            .await?;
+        cat.user_functions = functions.iter().map(|r| r.get(0)).collect();
         for r in rows {
             let (rel, column, time): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
             cat.typed_relations.insert(rel);
@@ -490,6 +565,14 @@ impl crate::analysis::FunctionVolatility for Catalog {
 
     fn knows_relation(&self, name: &str) -> bool {
         self.typed_relations.contains(name)
+    }
+
+    fn unsafe_type(&self, name: &str) -> bool {
+        !self.unsafe_types.is_empty() && self.unsafe_types.contains(&name.to_lowercase())
+    }
+
+    fn user_function(&self, name: &str) -> bool {
+        self.user_functions.contains(name)
     }
 
     fn volatility(&self, _schema: Option<&str>, name: &str) -> Option<crate::analysis::Volatility> {

@@ -99,7 +99,7 @@ impl Collector<'_> {
     /// A cast of `inner` to a type that may hold a date or time.
     fn time_cast(&mut self, inner: &Expr) {
         let mut columns = Vec::new();
-        if yields_no_text(inner, &mut columns) {
+        if yields_no_text(inner, self.funcs, &mut columns) {
             self.time_cast_columns.extend(columns);
         } else {
             self.bypass(BypassReason::TextAsTime);
@@ -249,6 +249,10 @@ impl Visitor for Collector<'_> {
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        // `FROM t AS x(id, at)` renames columns: `at` may now be a text column.
+        if table_factor_renames_columns(factor) {
+            self.untyped_from = true;
+        }
         match factor {
             TableFactor::Table {
                 name,
@@ -276,7 +280,11 @@ impl Visitor for Collector<'_> {
                 self.call(name);
             }
             TableFactor::NestedJoin { .. } => {}
-            // Subqueries, UNNEST, JSON_TABLE, ...: their columns are not the catalog's.
+            // Their column definitions read text as any type, dates and times included.
+            TableFactor::XmlTable { .. }
+            | TableFactor::JsonTable { .. }
+            | TableFactor::OpenJsonTable { .. } => self.bypass(BypassReason::TextAsTime),
+            // Subqueries, UNNEST, ...: their columns are not the catalog's.
             _ => self.untyped_from = true,
         }
         ControlFlow::Continue(())
@@ -308,6 +316,11 @@ impl Visitor for Collector<'_> {
                 ..
             } if builds_text(inner) && is_datetime_type(data_type) => {
                 self.bypass(BypassReason::TimeLiteral);
+            }
+            // A user type whose input may read the time or run code (a composite's fields,
+            // a domain's CHECK), whatever the operand: also `NULL::t` steering a function.
+            Expr::Cast { data_type, .. } if self.funcs.unsafe_type(&type_name(data_type)) => {
+                self.bypass(BypassReason::TextAsTime);
             }
             // So may text stored in a row, or returned by an operator or a function.
             Expr::Cast {
@@ -428,7 +441,7 @@ fn is_datetime_type(t: &sqlparser::ast::DataType) -> bool {
 /// onto `columns`) hold dates or times: literals and parameters (whose values are checked
 /// for time words on their own), date/time casts (checked on their own), arithmetic on
 /// such values, and the built-ins that build a date or time from parts.
-fn yields_no_text(e: &Expr, columns: &mut Vec<String>) -> bool {
+fn yields_no_text(e: &Expr, funcs: &dyn FunctionVolatility, columns: &mut Vec<String>) -> bool {
     const DATETIME_FUNCTIONS: &[&str] = &[
         "date_bin",
         "date_trunc",
@@ -441,7 +454,7 @@ fn yields_no_text(e: &Expr, columns: &mut Vec<String>) -> bool {
     ];
     match e {
         Expr::Value(_) | Expr::TypedString { .. } | Expr::Interval(_) => true,
-        Expr::Nested(inner) => yields_no_text(inner, columns),
+        Expr::Nested(inner) => yields_no_text(inner, funcs, columns),
         Expr::Identifier(ident) => {
             columns.push(fold(ident));
             true
@@ -451,12 +464,12 @@ fn yields_no_text(e: &Expr, columns: &mut Vec<String>) -> bool {
             true
         }),
         Expr::Cast { data_type, .. } => is_builtin_datetime(data_type),
-        Expr::AtTimeZone { timestamp, .. } => yields_no_text(timestamp, columns),
+        Expr::AtTimeZone { timestamp, .. } => yields_no_text(timestamp, funcs, columns),
         Expr::BinaryOp {
             op: sqlparser::ast::BinaryOperator::Plus | sqlparser::ast::BinaryOperator::Minus,
             left,
             right,
-        } => yields_no_text(left, columns) && yields_no_text(right, columns),
+        } => yields_no_text(left, funcs, columns) && yields_no_text(right, funcs, columns),
         Expr::Function(f) => {
             let Some(parts) = name_parts(&f.name) else {
                 return false;
@@ -465,7 +478,8 @@ fn yields_no_text(e: &Expr, columns: &mut Vec<String>) -> bool {
                 [name] | [_, name] if parts.len() == 1 || parts[0] == "pg_catalog" => name,
                 _ => return false,
             };
-            DATETIME_FUNCTIONS.contains(&builtin.as_str())
+            // A user function of the same name may be what the call resolves to.
+            DATETIME_FUNCTIONS.contains(&builtin.as_str()) && !funcs.user_function(builtin)
         }
         _ => false,
     }
@@ -476,12 +490,13 @@ fn yields_no_text(e: &Expr, columns: &mut Vec<String>) -> bool {
 /// them (a domain over `date`, a composite type with a `timestamptz` field).
 fn may_hold_time(t: &sqlparser::ast::DataType) -> bool {
     use sqlparser::ast::{ArrayElemTypeDef, DataType};
+    // Built-in types only: an extension's type (citext, hstore) is a user type, judged by
+    // the catalog (`unsafe_type`), as is a user type shadowing one of these names.
     const NO_TIME: &[&str] = &[
-        "bit", "bool", "box", "bpchar", "bytea", "cidr", "circle", "citext", "float4", "float8",
-        "hstore", "inet", "int2", "int4", "int8", "interval", "json", "jsonb", "jsonpath", "line",
-        "lseg", "ltree", "macaddr", "macaddr8", "money", "name", "numeric", "oid", "path",
-        "pg_lsn", "point", "polygon", "text", "tsquery", "tsvector", "uuid", "varbit", "varchar",
-        "xml",
+        "bit", "bool", "box", "bpchar", "bytea", "cidr", "circle", "float4", "float8", "inet",
+        "int2", "int4", "int8", "interval", "json", "jsonb", "jsonpath", "line", "lseg", "macaddr",
+        "macaddr8", "money", "name", "numeric", "oid", "path", "pg_lsn", "point", "polygon",
+        "text", "tsquery", "tsvector", "uuid", "varbit", "varchar", "xml",
     ];
     match t {
         _ if is_datetime_type(t) => true,
@@ -496,6 +511,31 @@ fn may_hold_time(t: &sqlparser::ast::DataType) -> bool {
         }
         _ => false,
     }
+}
+
+/// The name a type is looked up by: its last name part, lower-cased, without type
+/// modifiers or array brackets (`app."Day"(3)[]` → `day`).
+fn type_name(t: &sqlparser::ast::DataType) -> String {
+    let text = t.to_string().to_ascii_lowercase();
+    let base = text.split(['(', '[']).next().unwrap_or_default().trim();
+    base.rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Whether a FROM item gives its columns names of its own (`t AS x(a, b)`).
+fn table_factor_renames_columns(factor: &TableFactor) -> bool {
+    let alias = match factor {
+        TableFactor::Table { alias, .. }
+        | TableFactor::Derived { alias, .. }
+        | TableFactor::NestedJoin { alias, .. }
+        | TableFactor::Function { alias, .. }
+        | TableFactor::UNNEST { alias, .. } => alias.as_ref(),
+        _ => None,
+    };
+    alias.is_some_and(|a| !a.columns.is_empty())
 }
 
 /// The built-in date and time types themselves (no arrays or ranges), by name.

@@ -269,9 +269,87 @@ pub fn canonical_integer(text: &str) -> Option<String> {
 /// inside an array, range or longer input (`'{now}'`, `'[today,infinity)'`,
 /// `'today 10:00'`). A string that merely contains such a word ('Now and then') bypasses
 /// too: wider, never wrong. The caller also applies it to text parameters.
+///
+/// With `standard_conforming_strings` off, Postgres reads backslash escapes in plain literals
+/// (`'\156ow'` is `'now'`), so text holding a backslash is also checked as decoded.
 pub fn is_time_literal(text: &str) -> bool {
-    const WORDS: [&[u8]; 4] = [b"now", b"today", b"tomorrow", b"yesterday"];
+    has_time_word(text.as_bytes())
+        || (text.contains('\\') && has_time_word(&unescape_backslashes(text)))
+}
+
+/// `text` with C-style backslash escapes decoded as in an `E'...'` literal: `\b \f \n \r
+/// \t`, octal `\o`..`\ooo`, hex `\xh`/`\xhh`, `\uXXXX`, `\UXXXXXXXX`, any other `\c` as `c`.
+fn unescape_backslashes(text: &str) -> Vec<u8> {
     let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let digits = |from: usize, max: usize, radix: u32| {
+        let mut n = 0u32;
+        let mut len = 0;
+        while len < max
+            && let Some(d) = b
+                .get(from + len)
+                .and_then(|c| char::from(*c).to_digit(radix))
+        {
+            n = n.wrapping_mul(radix).wrapping_add(d);
+            len += 1;
+        }
+        (n, len)
+    };
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' || i + 1 == b.len() {
+            out.push(b[i]);
+            i += 1;
+            continue;
+        }
+        let c = b[i + 1];
+        i += 2;
+        let (code, used) = match c {
+            b'0'..=b'7' => {
+                let (n, len) = digits(i - 1, 3, 8);
+                (Some(n), len - 1)
+            }
+            b'x' => match digits(i, 2, 16) {
+                (_, 0) => (None, 0),
+                (n, len) => (Some(n), len),
+            },
+            b'u' | b'U' => match digits(i, if c == b'u' { 4 } else { 8 }, 16) {
+                (_, 0) => (None, 0),
+                (n, len) => (Some(n), len),
+            },
+            _ => (None, 0),
+        };
+        i += used;
+        match code {
+            Some(n) => {
+                let ch = char::from_u32(n).unwrap_or(char::REPLACEMENT_CHARACTER);
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+            }
+            None => out.push(match c {
+                b'b' => 8,
+                b'f' => 12,
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                other => other,
+            }),
+        }
+    }
+    out
+}
+
+/// [`is_time_literal`] for a binary-format value: the binary form of text (and of arrays
+/// and records of text) carries the text's bytes as they are, so a time word among them may
+/// reach a date/time input function (`$1::timestamptz` with `$1` declared `text`). Other
+/// binary values rarely contain such a word; when one does, its read is not cached.
+pub fn binary_holds_time_word(value: &[u8]) -> bool {
+    has_time_word(value)
+}
+
+/// Whether `b` holds one of the time words as a word of its own (see [`is_time_literal`]).
+fn has_time_word(b: &[u8]) -> bool {
+    const WORDS: [&[u8]; 4] = [b"now", b"today", b"tomorrow", b"yesterday"];
     let mut i = 0;
     while i < b.len() {
         if !b[i].is_ascii_alphabetic() {
@@ -313,6 +391,23 @@ mod tests {
             "", "-", "1.5", "1e3", "abc", "_1", "1_", "1__0", "0x", "12a", "1.0",
         ] {
             assert_eq!(c(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn time_words_spelled_with_backslash_escapes_count() {
+        for text in [
+            r"\156ow",
+            r"n\x6fw",
+            r"\u006Eow",
+            r"to\day",
+            r"\U0000006eow",
+            r"{\156ow}",
+        ] {
+            assert!(is_time_literal(text), "{text}");
+        }
+        for text in [r"\156", r"n\x", r"\\", r"a\", r"\u00"] {
+            assert!(!is_time_literal(text), "{text}");
         }
     }
 

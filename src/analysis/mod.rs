@@ -42,7 +42,7 @@ use sqlparser::tokenizer::Tokenizer;
 use fallback::Refusal;
 
 pub use hints::{Hints, hints};
-pub use keys::{canonical_integer, is_time_literal};
+pub use keys::{binary_holds_time_word, canonical_integer, is_time_literal};
 pub use model::{
     Analysis, BypassReason, ColumnValue, DdlInfo, DdlScope, FlushReason, FunctionVolatility,
     KeyValue, NoCatalog, PointKey, ReadInfo, TableRef, TableWrite, Volatility, WriteEffect,

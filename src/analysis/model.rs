@@ -302,6 +302,22 @@ pub trait FunctionVolatility {
         false
     }
 
+    /// Whether a user-defined type of this name (any schema, case-insensitively) may read
+    /// the current time or run code that is not immutable when a value is converted to it:
+    /// a composite type (its fields' input), a range, a domain with a constraint or over a
+    /// date or time, a base type whose input function is not immutable, arrays of those. A
+    /// cast to it is never cached, whatever its operand (`NULL::composite` steers functions
+    /// like `populate_record`, a domain's CHECK may call `clock_timestamp()`).
+    fn unsafe_type(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// Whether a function of this name exists outside the system schemas (whatever its
+    /// volatility): a built-in name the analysis trusts may then resolve to it.
+    fn user_function(&self, _name: &str) -> bool {
+        false
+    }
+
     /// Whether the column types of relation `name` (unqualified) are known, that is whether
     /// [`FunctionVolatility::time_column`] speaks for its columns.
     fn knows_relation(&self, _name: &str) -> bool {

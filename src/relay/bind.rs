@@ -67,18 +67,22 @@ impl<'a> BindParams<'a> {
         self
     }
 
-    /// Whether a text parameter spells a moment relative to now ('now', 'today', ...): a
-    /// result computed with it is not reusable later.
+    /// Whether a parameter spells a moment relative to now ('now', 'today', ...): a result
+    /// computed with it is not reusable later. Binary values too: a `text` parameter's binary
+    /// form is its text.
     pub fn has_time_literal(&self) -> bool {
         self.values.iter().enumerate().any(|(i, v)| {
+            let Some(v) = v else { return false };
             let text = match self.formats.len() {
                 0 => true,
                 1 => self.formats[0] == 0,
                 _ => self.formats.get(i) == Some(&0),
             };
-            text && v
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .is_some_and(crate::analysis::is_time_literal)
+            if text {
+                std::str::from_utf8(v).is_ok_and(crate::analysis::is_time_literal)
+            } else {
+                crate::analysis::binary_holds_time_word(v)
+            }
         })
     }
 
@@ -154,6 +158,25 @@ mod tests {
         assert_eq!(p.int_param(3), None);
         let body = bind(&[1], &[Some(&42i32.to_be_bytes())]);
         assert_eq!(BindParams::parse(&body).unwrap().int_param(1), Some(42));
+    }
+
+    #[test]
+    fn time_words_count_in_text_and_binary_parameters() {
+        let has = |formats: &[i16], v: &[u8]| {
+            BindParams::parse(&bind(formats, &[Some(b"1"), Some(v)]))
+                .unwrap()
+                .has_time_literal()
+        };
+        assert!(has(&[], b"now"));
+        assert!(has(&[0, 1], b"today"));
+        // A text parameter sent in binary is its text; a text[] carries it after lengths.
+        assert!(has(&[1], b"now"));
+        assert!(has(
+            &[0, 1],
+            b"\0\0\0\x01\0\0\0\0\0\0\0\x19\0\0\0\x01\0\0\0\x01\0\0\0\x03now"
+        ));
+        assert!(!has(&[1], &42i64.to_be_bytes()));
+        assert!(!has(&[0], b"2024-01-01"));
     }
 
     #[test]

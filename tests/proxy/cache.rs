@@ -397,6 +397,103 @@ async fn text_stored_as_now_and_read_as_a_time_is_never_served_stale() {
     assert_eq!(simple_int(&c, day).await, "2025-06-30");
 }
 
+/// Three reads of `sql` a few milliseconds apart all differ, as they do straight from
+/// Postgres when the answer follows the clock: none was a cached copy.
+async fn follows_the_clock(c: &Client, sql: &str) {
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(simple_int(c, sql).await);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen[0] != seen[1] && seen[1] != seen[2],
+        "{sql}: the same answer three times: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_read_from_text_by_any_route_is_never_served_stale() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "textnow2");
+    pg.psql_db(
+        &db,
+        "CREATE EXTENSION hstore;
+         CREATE TABLE t (id int PRIMARY KEY, note text, h hstore, x xml);
+         INSERT INTO t VALUES (1, 'now', 'd=>now', '<r><d>now</d></r>');
+         CREATE TABLE logs (id int PRIMARY KEY, at timestamptz);
+         INSERT INTO logs VALUES (1, '2024-01-01');
+         CREATE TYPE c1 AS (d timestamptz);
+         CREATE DOMAIN ltree AS timestamptz;
+         CREATE DOMAIN later AS timestamptz CHECK (VALUE > clock_timestamp());
+         CREATE FUNCTION make_date(text) RETURNS text IMMUTABLE LANGUAGE sql AS 'SELECT $1';
+         CREATE VIEW vh AS SELECT id, (populate_record(NULL::c1, h)).d FROM t;
+         CREATE VIEW vx AS SELECT d FROM t,
+             xmltable('/r' PASSING t.x COLUMNS d timestamptz PATH 'd') AS xt;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let c = proxy.connect("postgres", "", &db).await;
+    for sql in [
+        // Renamed by an alias list: `at` is t's text column here.
+        "SELECT x.at::timestamptz::text FROM t x(id, at) WHERE id = 1",
+        // A user type named like an extension's, a composite steering an immutable function.
+        "SELECT note::ltree::text FROM t",
+        "SELECT (populate_record(NULL::c1, h)).d::text FROM t",
+        "SELECT d::text FROM vh",
+        // A user function named like the built-in that builds a date.
+        "SELECT make_date(note)::timestamptz::text FROM t",
+        // Table functions whose column definitions read text as a time.
+        "SELECT d::text FROM t, xmltable('/r' PASSING t.x COLUMNS d timestamptz PATH 'd') AS xt",
+        "SELECT d::text FROM vx",
+    ] {
+        follows_the_clock(&c, sql).await;
+    }
+    // A parameter declared text, in binary format (tokio-postgres sends every one so).
+    let stmt = c
+        .prepare_typed(
+            "SELECT $1::timestamptz::text",
+            &[tokio_postgres::types::Type::TEXT],
+        )
+        .await
+        .expect("prepare");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let row = c.query_one(&stmt, &[&"now"]).await.expect("read");
+        seen.push(row.get::<_, String>(0));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(seen[0] != seen[1] && seen[1] != seen[2], "{seen:?}");
+    // Backslash escapes in plain literals, as Postgres reads them with this setting off.
+    c.batch_execute("SET standard_conforming_strings = off")
+        .await
+        .expect("set");
+    follows_the_clock(&c, r"SELECT '\156ow'::timestamptz::text").await;
+    c.batch_execute("RESET standard_conforming_strings")
+        .await
+        .expect("reset");
+    // A domain whose CHECK reads the clock: valid now, refused once the moment has passed.
+    let soon = simple_int(&c, "SELECT (clock_timestamp() + interval '3 s')::text").await;
+    let sql = format!("SELECT '{soon}'::later::text");
+    assert_eq!(simple_int(&c, &sql).await, simple_int(&c, &sql).await);
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let err = c
+        .simple_query(&sql)
+        .await
+        .expect_err("the moment has passed");
+    assert!(format!("{err:?}").contains("later"), "{err:?}");
+    // Dates and times cast to dates are still cached (a change behind pgstash's back is not
+    // seen), also through a table alias without a column list.
+    let day = "SELECT l.at::date::text FROM logs AS l WHERE id = 1";
+    for _ in 0..2 {
+        assert_eq!(simple_int(&c, day).await, "2024-01-01");
+    }
+    let direct = pg.client(&db).await;
+    direct
+        .batch_execute("UPDATE logs SET at = '2025-06-30' WHERE id = 1")
+        .await
+        .expect("direct update");
+    assert_eq!(simple_int(&c, day).await, "2024-01-01");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_security_policies_that_read_other_tables_are_never_served_stale() {
     let pg = shared_pg();

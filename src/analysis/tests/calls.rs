@@ -270,8 +270,17 @@ fn only_integer_casts_keep_a_key_value() {
 struct Typed;
 
 impl FunctionVolatility for Typed {
-    fn volatility(&self, _schema: Option<&str>, _name: &str) -> Option<Volatility> {
-        None
+    /// `populate_record` as hstore has it: immutable.
+    fn volatility(&self, _schema: Option<&str>, name: &str) -> Option<Volatility> {
+        (name == "populate_record").then_some(Volatility::Immutable)
+    }
+
+    fn unsafe_type(&self, name: &str) -> bool {
+        matches!(name, "c1" | "odd_sec" | "ltree" | "string" | "uuid")
+    }
+
+    fn user_function(&self, name: &str) -> bool {
+        name == "make_date"
     }
 
     fn time_column(&self, name: &str) -> bool {
@@ -301,6 +310,22 @@ fn text_that_may_be_read_as_the_current_time_bypasses() {
         "SELECT ts::date FROM t JOIN v USING (id)",
         "SELECT note::app.day FROM t",
         "SELECT note::tstzrange FROM t",
+        // Columns renamed by an alias list: `ts` is t's text column here.
+        "SELECT x.ts::timestamptz FROM t x(id, ts)",
+        "SELECT ts::date FROM (t JOIN u USING (id)) AS j(id, ts)",
+        // User types, also named like types that hold no time (a domain `ltree`, a
+        // `public.uuid` ahead of pg_catalog in the search_path), composites steering a
+        // function, domains whose CHECK reads the clock.
+        "SELECT note::ltree FROM t",
+        "SELECT note::string FROM t",
+        "SELECT note::uuid FROM t",
+        "SELECT string_to_array(note, ',')::ltree[] FROM t",
+        "SELECT (populate_record(NULL::c1, h)).d FROM t",
+        "SELECT 1::odd_sec",
+        // A user function named like a built-in that builds a date.
+        "SELECT make_date(note)::timestamptz FROM t",
+        // Table functions whose column definitions read text as a time.
+        "SELECT d FROM t, XMLTABLE('/r' PASSING t.x COLUMNS d timestamptz PATH 'd') AS xt",
     ] {
         assert_eq!(
             analyze(sql, &Typed),
@@ -329,6 +354,9 @@ fn dates_and_times_cast_to_dates_and_times_stay_cacheable() {
         "SELECT note::text, id::int8, j::jsonb FROM t",
         "SELECT '2024-01-01'::date, NULL::timestamptz FROM t",
         "SELECT $1::date FROM t",
+        "SELECT x.ts::date FROM t AS x",
+        "SELECT make_timestamp(2024, 1, 1, 0, 0, 0)::date FROM t",
+        "SELECT 'a'::mood FROM t",
     ] {
         assert!(matches!(analyze(sql, &Typed), Analysis::Read(_)), "{sql}");
     }
