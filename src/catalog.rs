@@ -69,6 +69,10 @@ pub struct Catalog {
     unsafe_types: HashSet<String>,
     /// Names of functions outside the system schemas.
     user_functions: HashSet<String>,
+    /// A user-defined implicit or assignment cast that runs code that is not immutable (a
+    /// cast from text to timestamptz WITH INOUT reads 'now'): queries may call it where
+    /// their text shows no cast, so no read of this database is cached.
+    pub hidden_casts: bool,
     /// Whether sessions of this database may start with a default isolation stricter than
     /// READ COMMITTED (postgresql.conf, `ALTER DATABASE`/`ALTER ROLE ... SET
     /// default_transaction_isolation`): a plain BEGIN may then open a snapshot transaction,
@@ -209,6 +213,8 @@ impl Catalog {
         // :coerceformat`, which no other node's do (RelabelType, ArrayCoerceExpr and
         // CoerceToDomain have a typmod in between), so nested casts are each found. A table
         // function (XMLTABLE) reads text as its column types where no such node shows.
+        // Also opaque: TABLESAMPLE (another sample each time), and views and policies over
+        // system relations (pg_stat_activity, pg_sequences...), which change without writes.
         let rows = client
             .query(
                 r"WITH expr AS (
@@ -233,7 +239,29 @@ impl Catalog {
                     JOIN pg_proc p ON p.oid = t.typinput
                    WHERE p.provolatile <> 'i'
                   UNION
-                  SELECT e.rel FROM expr e WHERE e.tree LIKE '%{TABLEFUNC %'",
+                  SELECT e.rel FROM expr e
+                   WHERE e.tree LIKE '%{TABLEFUNC %' OR e.tree LIKE '%{TABLESAMPLECLAUSE %'
+                  UNION
+                  SELECT DISTINCT v.relname::text
+                    FROM pg_depend d
+                    JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
+                    JOIN pg_class v ON v.oid = r.ev_class
+                    JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
+                   WHERE v.relkind = 'v' AND t.oid <> v.oid
+                     AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                                'information_schema'::regnamespace)
+                     AND t.relnamespace IN ('pg_catalog'::regnamespace,
+                                            'information_schema'::regnamespace,
+                                            'pg_toast'::regnamespace)
+                  UNION
+                  SELECT DISTINCT c.relname::text
+                    FROM pg_depend d
+                    JOIN pg_policy pol ON pol.oid = d.objid AND d.classid = 'pg_policy'::regclass
+                    JOIN pg_class c ON c.oid = pol.polrelid
+                    JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
+                   WHERE t.relnamespace IN ('pg_catalog'::regnamespace,
+                                            'information_schema'::regnamespace,
+                                            'pg_toast'::regnamespace)",
                 &[],
             )
             .await?;
@@ -454,6 +482,20 @@ impl Catalog {
             )
             .await?;
         cat.user_functions = functions.iter().map(|r| r.get(0)).collect();
+        let row = client
+            .query_one(
+                "SELECT EXISTS (
+                    SELECT 1 FROM pg_cast c
+                      JOIN pg_type t ON t.oid = c.casttarget
+                      LEFT JOIN pg_proc f ON f.oid = c.castfunc
+                      LEFT JOIN pg_proc i ON i.oid = t.typinput
+                     WHERE c.oid >= 16384 AND c.castcontext IN ('i', 'a')
+                       AND ((c.castmethod = 'f' AND f.provolatile <> 'i')
+                            OR (c.castmethod = 'i' AND i.provolatile <> 'i')))",
+                &[],
+            )
+            .await?;
+        cat.hidden_casts = row.get(0);
         for r in rows {
             let (rel, column, time): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
             cat.typed_relations.insert(rel);
@@ -573,6 +615,10 @@ impl crate::analysis::FunctionVolatility for Catalog {
 
     fn user_function(&self, name: &str) -> bool {
         self.user_functions.contains(name)
+    }
+
+    fn hidden_casts(&self) -> bool {
+        self.hidden_casts
     }
 
     fn volatility(&self, _schema: Option<&str>, name: &str) -> Option<crate::analysis::Volatility> {

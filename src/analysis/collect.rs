@@ -71,7 +71,7 @@ pub(crate) fn collect<T: Visit>(node: &T, funcs: &dyn FunctionVolatility) -> Col
         },
     };
     let _ = node.visit(&mut collector);
-    if !collector.time_casts_are_repeatable() {
+    if !collector.time_casts_are_repeatable() || collector.funcs.hidden_casts() {
         collector.bypass(BypassReason::TextAsTime);
     }
     collector.out
@@ -154,6 +154,9 @@ impl Collector<'_> {
         }
         if let Some(reason) = functions::check(schema.as_deref(), &function, self.funcs) {
             self.bypass(reason);
+        }
+        if function == "pg_reload_conf" && matches!(schema.as_deref(), None | Some("pg_catalog")) {
+            self.out.flush.get_or_insert(FlushReason::Settings);
         }
     }
 

@@ -50,7 +50,6 @@ const HARMLESS: &[&str] = &[
     "begin",
     "checkpoint",
     "close",
-    "cluster",
     "comment",
     "commit",
     "deallocate",
@@ -198,6 +197,7 @@ fn statement(items: &[Item<'_>], why: Refusal) -> Analysis {
         "grant" | "revoke" => flush(FlushReason::Privileges),
         "alter" => match w.word(1).as_deref() {
             Some("role" | "user" | "group") => flush(FlushReason::Role),
+            Some("system") => flush(FlushReason::Settings),
             Some("default") => flush(FlushReason::Privileges),
             Some("function" | "procedure" | "routine" | "aggregate") => {
                 flush(FlushReason::Function)
@@ -205,6 +205,9 @@ fn statement(items: &[Item<'_>], why: Refusal) -> Analysis {
             _ => flush(why.flush()),
         },
         "reassign" => flush(FlushReason::Role),
+        // Rows come back in another order: what a read without ORDER BY shows changes.
+        "cluster" => flush(FlushReason::Rewrite),
+        "vacuum" if w.has_any(&["full"]) => flush(FlushReason::Rewrite),
         "drop" if w.is(1, "owned") => flush(FlushReason::Role),
         other if HARMLESS.contains(&other) => Analysis::Bypass(why.bypass()),
         _ => flush(why.flush()),

@@ -247,6 +247,12 @@ pub enum FlushReason {
     TooComplex,
     /// Parsed, but not a statement this analysis knows to be harmless or attributable.
     Unrecognised,
+    /// CLUSTER, VACUUM FULL: tables rewritten, their rows come back in another order.
+    Rewrite,
+    /// ALTER SYSTEM, pg_reload_conf(): server defaults (TimeZone, extra_float_digits, ...)
+    /// may change, and results rendered under the old ones are keyed only by what clients
+    /// set themselves.
+    Settings,
 }
 
 impl FlushReason {
@@ -263,6 +269,8 @@ impl FlushReason {
             Self::TooLong => "too_long",
             Self::TooComplex => "too_complex",
             Self::Unrecognised => "unrecognised",
+            Self::Rewrite => "rewrite",
+            Self::Settings => "settings",
         }
     }
 }
@@ -315,6 +323,12 @@ pub trait FunctionVolatility {
     /// Whether a function of this name exists outside the system schemas (whatever its
     /// volatility): a built-in name the analysis trusts may then resolve to it.
     fn user_function(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// Whether the database has user-defined implicit (or assignment) casts that run code
+    /// that is not immutable: a query may then call one where its text shows no cast.
+    fn hidden_casts(&self) -> bool {
         false
     }
 

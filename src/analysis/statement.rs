@@ -123,6 +123,8 @@ pub(crate) fn classify(statement: &Statement, funcs: &dyn FunctionVolatility) ->
             creates_temp: true,
         }),
 
+        // Rows come back in another order: what a read without ORDER BY shows changes.
+        S::Vacuum(v) if v.full || v.recluster => flush(FlushReason::Rewrite),
         S::StartTransaction { .. }
         | S::Commit { .. }
         | S::Rollback { .. }

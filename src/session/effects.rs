@@ -72,6 +72,9 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         if contains_ignore_case(stmt, b"into temp") {
             return Some(Effect::Pin("temporary table"));
         }
+        if contains_ignore_case(stmt, b"pg_temp") {
+            return Some(Effect::Pin("temporary schema"));
+        }
         if contains_ignore_case(stmt, b"set_config") {
             return set_config_effect(stmt);
         }
@@ -80,6 +83,11 @@ fn effect_of(stmt: &str) -> Option<Effect> {
             return Some(Effect::Pin("UPDATE of pg_settings"));
         }
         return None;
+    }
+    // The session's temporary schema named outright: `CREATE TABLE pg_temp.t`, or a
+    // search_path that puts it first, so that a plain CREATE TABLE makes a temp table.
+    if contains_ignore_case(stmt, b"pg_temp") {
+        return Some(Effect::Pin("temporary schema"));
     }
     let toks = tokens(stmt, 8);
     let tword = |i: usize| match toks.get(i) {
@@ -268,6 +276,25 @@ mod tests {
             }]
         );
         assert_eq!(effects_of("DISCARD ALL"), vec![Effect::DiscardAll]);
+    }
+
+    #[test]
+    fn naming_the_temporary_schema_pins() {
+        for sql in [
+            "CREATE TABLE pg_temp.w AS SELECT 1",
+            "create view PG_TEMP.v as select 1",
+            "SET search_path = pg_temp, public",
+            "SELECT set_config('search_path', 'pg_temp,public', true)",
+            "SELECT * FROM pg_temp.w",
+        ] {
+            assert!(
+                matches!(
+                    effects_of(sql).as_slice(),
+                    [Effect::Pin("temporary schema")]
+                ),
+                "{sql}"
+            );
+        }
     }
 
     #[test]

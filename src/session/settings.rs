@@ -42,9 +42,30 @@ pub struct Settings {
     hash: u64,
 }
 
-/// DateStyle SETs kept for replay; past this the oldest goes (a client this busy changing
-/// it has long since set both parts again).
+/// DateStyle SETs whose value this module cannot read, kept for replay; past this the oldest
+/// goes. Postgres accepts no such value, so these SETs failed and were never applied.
 const MAX_DATESTYLE_SETS: usize = 8;
+
+/// What a `SET DateStyle` statement sets: (output style, field order). `None` when its value
+/// holds a word Postgres does not accept there.
+fn datestyle_parts(stmt: &str) -> Option<(bool, bool)> {
+    let lower = stmt.to_ascii_lowercase();
+    let value = &lower[lower.find("datestyle")? + "datestyle".len()..];
+    let (mut style, mut order) = (false, false);
+    let words = value.split(|c: char| !c.is_ascii_alphanumeric() && c != '_');
+    for (i, word) in words.filter(|w| !w.is_empty()).enumerate() {
+        match word {
+            "to" if i == 0 => {}
+            "iso" | "sql" | "postgres" | "german" => style = true,
+            "ymd" | "dmy" | "mdy" | "euro" | "european" | "us" | "noneuro" | "noneuropean" => {
+                order = true
+            }
+            "default" => (style, order) = (true, true),
+            _ => return None,
+        }
+    }
+    Some((style, order))
+}
 
 /// Settings `RESET ALL` leaves alone (GUC_NO_RESET_ALL in PostgreSQL).
 const NOT_RESET_BY_ALL: &[&str] = &["role", "session_authorization"];
@@ -156,6 +177,37 @@ impl Settings {
         self.apply_staged()
     }
 
+    /// Drops the DateStyle SETs that no longer matter: walking from the newest, a SET is
+    /// needed while it sets a part (style, order) that no newer one sets. Unreadable ones are
+    /// kept (up to [`MAX_DATESTYLE_SETS`]).
+    fn prune_datestyle_sets(&mut self) {
+        let (mut style_set, mut order_set) = (false, false);
+        let mut unreadable = 0;
+        let mut drop = vec![false; self.sets.len()];
+        for (i, (k, stmt)) in self.sets.iter().enumerate().rev() {
+            if k != "datestyle" {
+                continue;
+            }
+            match datestyle_parts(stmt) {
+                Some((style, order)) => {
+                    let sets_something_new = (style && !style_set) || (order && !order_set);
+                    drop[i] = !sets_something_new;
+                    style_set |= style;
+                    order_set |= order;
+                }
+                None => {
+                    unreadable += 1;
+                    drop[i] = unreadable > MAX_DATESTYLE_SETS;
+                }
+            }
+        }
+        let mut i = 0;
+        self.sets.retain(|_| {
+            i += 1;
+            !drop[i - 1]
+        });
+    }
+
     fn apply_staged(&mut self) -> bool {
         if self.staged.is_empty() {
             return false;
@@ -169,18 +221,16 @@ impl Settings {
                     }
                     if key == "datestyle" {
                         // `SET DateStyle = 'DMY'` changes only the order, keeping the output
-                        // format an earlier SET chose: replay them all, in order (a repeat
-                        // of the same text moves to the end).
+                        // format an earlier SET chose: replay them in order (a repeat of the
+                        // same text moves to the end), all but those whose every part a later
+                        // one sets again.
                         self.sets.retain(|(k, s)| *k != key || *s != stmt);
-                        if self.sets.iter().filter(|(k, _)| *k == key).count() >= MAX_DATESTYLE_SETS
-                            && let Some(at) = self.sets.iter().position(|(k, _)| *k == key)
-                        {
-                            self.sets.remove(at);
-                        }
+                        self.sets.push((key, stmt));
+                        self.prune_datestyle_sets();
                     } else {
                         self.sets.retain(|(k, _)| *k != key);
+                        self.sets.push((key, stmt));
                     }
-                    self.sets.push((key, stmt));
                 }
                 Effect::Reset { key } => {
                     if key == "session_authorization" {
@@ -465,6 +515,50 @@ mod tests {
             o.fingerprint()
         };
         assert_ne!(s.fingerprint(), only_dmy);
+    }
+
+    #[test]
+    fn a_datestyle_style_survives_any_number_of_later_order_only_sets() {
+        let mut s = Settings::from_startup(&[]);
+        s.stage(set("datestyle", "SET DateStyle = 'German'"));
+        for order in [
+            "MDY",
+            "YMD",
+            "US",
+            "NonEuropean",
+            "Euro",
+            "European",
+            "ymd",
+            "DMY",
+            "MDY",
+        ] {
+            s.stage(set("datestyle", &format!("SET DateStyle = '{order}'")));
+        }
+        s.settle(b'I', false);
+        assert!(
+            s.apply_sql()
+                .ends_with(";RESET ALL;SET DateStyle = 'German'\n;SET DateStyle = 'MDY'\n;"),
+            "{}",
+            s.apply_sql()
+        );
+        // A SET of both parts makes every earlier one moot.
+        s.stage(set("datestyle", "SET datestyle TO iso, dmy"));
+        s.settle(b'I', false);
+        assert!(
+            s.apply_sql()
+                .ends_with(";RESET ALL;SET datestyle TO iso, dmy\n;"),
+            "{}",
+            s.apply_sql()
+        );
+        assert_eq!(
+            datestyle_parts("SET DateStyle = 'Postgres'"),
+            Some((true, false))
+        );
+        assert_eq!(
+            datestyle_parts("SET DateStyle TO DEFAULT"),
+            Some((true, true))
+        );
+        assert_eq!(datestyle_parts("SET DateStyle = 'ISO, bogus'"), None);
     }
 
     #[test]

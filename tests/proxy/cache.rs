@@ -495,6 +495,87 @@ async fn time_read_from_text_by_any_route_is_never_served_stale() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_change_without_a_visible_write_are_never_served_stale() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "nowrite");
+    pg.psql_db(
+        &db,
+        "CREATE EXTENSION hstore;
+         CREATE TABLE t (id int PRIMARY KEY, note text, h hstore);
+         INSERT INTO t VALUES (1, 'now', 'at=>now');
+         CREATE TABLE logs (id int PRIMARY KEY, at timestamptz);
+         INSERT INTO logs VALUES (1, '2024-01-01');
+         CREATE TABLE big AS SELECT g AS id FROM generate_series(1, 2000) g;
+         CREATE VIEW sample AS SELECT count(*) AS n FROM big TABLESAMPLE BERNOULLI (50);
+         CREATE SEQUENCE s;
+         CREATE VIEW seqs AS SELECT last_value FROM pg_sequences WHERE sequencename = 's';
+         CREATE TABLE w (id int PRIMARY KEY, v int);
+         INSERT INTO w VALUES (3, 3), (1, 1), (2, 2);",
+    );
+    let db2 = fresh_database(pg, "nowrite2");
+    pg.psql_db(
+        &db2,
+        "CREATE TABLE t (id int PRIMARY KEY, note text);
+         INSERT INTO t VALUES (1, 'now');
+         CREATE CAST (text AS timestamptz) WITH INOUT AS IMPLICIT;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
+    let c = proxy.connect("postgres", "", &db).await;
+    // hstore's immutable populate_record reads 'now' as the record's timestamptz field.
+    follows_the_clock(
+        &c,
+        "SELECT (populate_record(l, t.h)).at::text FROM logs l, t",
+    )
+    .await;
+    // A user-defined implicit cast from text runs where the text shows no cast.
+    let c2 = proxy.connect("postgres", "", &db2).await;
+    follows_the_clock(&c2, "SELECT date_trunc('milliseconds', note)::text FROM t").await;
+    // A view with TABLESAMPLE: another sample each time.
+    let mut samples = std::collections::HashSet::new();
+    for _ in 0..6 {
+        samples.insert(simple_int(&c, "SELECT n::text FROM sample").await);
+    }
+    assert!(
+        samples.len() >= 4,
+        "the same sample again and again: {samples:?}"
+    );
+    // A view over a system view: nextval() changes it and writes nothing.
+    let seq = "SELECT coalesce(last_value, 0)::text FROM seqs";
+    for _ in 0..2 {
+        assert_eq!(simple_int(&c, seq).await, "0");
+    }
+    simple_int(&c, "SELECT nextval('s')::text").await;
+    assert_eq!(simple_int(&c, seq).await, "1");
+    // CLUSTER puts the rows in another order.
+    let order = "SELECT string_agg(id::text, ',') FROM w";
+    for _ in 0..2 {
+        assert_eq!(simple_int(&c, order).await, "3,1,2");
+    }
+    c.batch_execute("CLUSTER w USING w_pkey")
+        .await
+        .expect("cluster");
+    assert_eq!(simple_int(&c, order).await, "1,2,3");
+    // A temp table created by naming pg_temp shadows `w` for its own session only, also
+    // through a pool of one server connection: the client keeps it, and it is not handed on.
+    drop((c, c2));
+    drop(proxy);
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 1);
+    let a = proxy.connect("postgres", "", &db).await;
+    a.batch_execute("CREATE TABLE pg_temp.w AS SELECT 1 AS id, 999 AS v")
+        .await
+        .expect("temp table");
+    let point = "SELECT v::text FROM w WHERE id = 1";
+    for _ in 0..3 {
+        assert_eq!(simple_int(&a, point).await, "999");
+    }
+    drop(a);
+    let b = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert_eq!(simple_int(&b, point).await, "1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_security_policies_that_read_other_tables_are_never_served_stale() {
     let pg = shared_pg();
     let db = fresh_database(pg, "rlsdeps");

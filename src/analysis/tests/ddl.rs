@@ -180,3 +180,45 @@ fn unrecognised_parsed_statements_flush() {
         assert_eq!(flush_reason(sql), FlushReason::Unrecognised, "{sql}");
     }
 }
+
+#[test]
+fn cluster_and_vacuum_full_flush_because_row_order_changes() {
+    for sql in [
+        "CLUSTER w USING w_pkey",
+        "CLUSTER",
+        "VACUUM FULL w",
+        "VACUUM (FULL) w",
+        "vacuum (full, analyze) w",
+    ] {
+        assert_eq!(
+            an(sql),
+            Analysis::Ddl(DdlInfo {
+                scope: DdlScope::Database(FlushReason::Rewrite),
+                creates_temp: false,
+            }),
+            "{sql}"
+        );
+    }
+    for sql in ["VACUUM w", "VACUUM (ANALYZE) w"] {
+        assert!(!matches!(an(sql), Analysis::Ddl(_)), "{sql}");
+    }
+}
+
+#[test]
+fn server_setting_changes_flush() {
+    for sql in [
+        "ALTER SYSTEM SET timezone = 'Asia/Tokyo'",
+        "alter system reset all",
+        "SELECT pg_reload_conf()",
+        "SELECT pg_catalog.pg_reload_conf()",
+    ] {
+        assert_eq!(
+            an(sql),
+            Analysis::Ddl(DdlInfo {
+                scope: DdlScope::Database(FlushReason::Settings),
+                creates_temp: false,
+            }),
+            "{sql}"
+        );
+    }
+}
