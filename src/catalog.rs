@@ -48,6 +48,9 @@ pub struct Catalog {
     /// Relations with user triggers or rules (pgstash's own NOTIFY triggers aside): a write
     /// to them may write any table.
     triggered: HashSet<String>,
+    /// Relations whose BEFORE ROW triggers or rules may write other keys than a statement
+    /// names: their writes invalidate the whole table.
+    rekeyed: HashSet<String>,
     /// Table name → integer primary key, when unambiguous across schemas.
     keys: HashMap<String, IntKey>,
     /// Function names with at least one overload that is not immutable. Stable functions
@@ -376,6 +379,24 @@ impl Catalog {
             )
             .await?;
         cat.triggered = rows.iter().map(|r| r.get(0)).collect();
+        // BEFORE ROW INSERT/UPDATE triggers (tgtype bits: row 1, before 2, insert 4, update
+        // 16) may change NEW's key, and rules may rewrite the write: the keys a statement
+        // names are then not the keys it writes.
+        let rows = client
+            .query(
+                "SELECT c.relname::text
+                   FROM pg_trigger t
+                   JOIN pg_class c ON c.oid = t.tgrelid
+                  WHERE NOT t.tgisinternal AND t.tgtype & 3 = 3 AND t.tgtype & 20 <> 0
+                 UNION
+                 SELECT c.relname::text
+                   FROM pg_rewrite r
+                   JOIN pg_class c ON c.oid = r.ev_class
+                  WHERE r.rulename <> '_RETURN'",
+                &[],
+            )
+            .await?;
+        cat.rekeyed = rows.iter().map(|r| r.get(0)).collect();
         let rows = client
             .query(
                 "SELECT c.relname::text, count(*) OVER (PARTITION BY c.relname),
@@ -384,7 +405,7 @@ impl Catalog {
                    FROM pg_index i
                    JOIN pg_class c ON c.oid = i.indrelid
                    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
-                  WHERE i.indisprimary",
+                  WHERE i.indisprimary AND a.attgenerated = ''",
                 &[],
             )
             .await?;
@@ -559,7 +580,12 @@ impl Catalog {
         self
     }
 
+    /// The integer primary key that row-precise invalidation follows, unless a trigger or
+    /// rule may write other keys than the statement names.
     pub fn int_key(&self, table: &str) -> Option<&IntKey> {
+        if !self.rekeyed.is_empty() && self.rekeyed.contains(table) {
+            return None;
+        }
         self.keys.get(table)
     }
 

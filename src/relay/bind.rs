@@ -95,16 +95,26 @@ impl<'a> BindParams<'a> {
             1 => self.formats[0],
             _ => *self.formats.get(n - 1)?,
         };
+        const INT2: u32 = 21;
+        const INT4: u32 = 23;
+        const INT8: u32 = 20;
+        let declared = self.types.get(n - 1).copied().unwrap_or(0);
         if format == 0 {
+            // Text read by integer input: unspecified (the server infers the column's
+            // type), an integer type, or text cast to one in the query. A float4, float8,
+            // numeric or oid parameter is read its own way ('16777217' as float4 is
+            // 16777216) and then compared: no integer key.
+            const TEXT: u32 = 25;
+            const UNKNOWN: u32 = 705;
+            const VARCHAR: u32 = 1043;
+            if !matches!(declared, 0 | INT2 | INT4 | INT8 | TEXT | UNKNOWN | VARCHAR) {
+                return None;
+            }
             canonical_int(std::str::from_utf8(value).ok()?)
         } else {
             // Unspecified (0): the server infers the compared column's integer type, and a
             // binary value of another width is refused. Any other type (float8, numeric,
             // text...) has its own binary form, which is no integer.
-            const INT2: u32 = 21;
-            const INT4: u32 = 23;
-            const INT8: u32 = 20;
-            let declared = self.types.get(n - 1).copied().unwrap_or(0);
             if !matches!(declared, 0 | INT2 | INT4 | INT8) {
                 return None;
             }
@@ -214,6 +224,26 @@ mod tests {
                 .with_types(&text)
                 .int_param(1),
             None
+        );
+        // A text value declared float4, float8 or oid is read as that type first.
+        for oid in [700, 701, 26, 1700] {
+            let body = bind(&[0], &[Some(b"16777217")]);
+            assert_eq!(
+                BindParams::parse(&body)
+                    .unwrap()
+                    .with_types(&types(&[oid]))
+                    .int_param(1),
+                None,
+                "{oid}"
+            );
+        }
+        let body = bind(&[0], &[Some(b"16777217")]);
+        assert_eq!(
+            BindParams::parse(&body)
+                .unwrap()
+                .with_types(&types(&[23]))
+                .int_param(1),
+            Some(16777217)
         );
         let body = bind(&[1], &[Some(&7i64.to_be_bytes())]);
         let int8 = types(&[20]);

@@ -709,7 +709,9 @@ pub fn changes_transaction(sql: &str) -> bool {
         let first = first_word(stmt).unwrap_or("");
         first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
     };
-    contains_ignore_case(sql, b"repeatable read")
+    // The words alone: any spacing or comment may stand between REPEATABLE and READ (and a
+    // TABLESAMPLE ... REPEATABLE merely reads through Postgres for its transaction).
+    contains_ignore_case(sql, b"repeatable")
         || contains_ignore_case(sql, b"serializable")
         // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
         || statements(sql).any(changes_settings)

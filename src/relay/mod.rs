@@ -72,6 +72,10 @@ pub struct Relay<R, W> {
     skip_to_sync: bool,
     /// Why the client may not leave its server connection, if it may not.
     pinned: Option<&'static str>,
+    /// Settings the client changed (SET, RESET) since the server was last idle: the
+    /// ParameterStatus reports they cause, and their reverts at ROLLBACK, are expected.
+    /// `None` stands for all of them (RESET ALL, DISCARD ALL, SET LOCAL).
+    settings_touched: Option<Vec<String>>,
     /// An error or rollback happened since the server was last idle.
     undone: bool,
     unnamed_on_server: bool,
@@ -145,6 +149,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             copy_in: false,
             skip_to_sync: false,
             pinned: None,
+            settings_touched: Some(Vec::new()),
             undone: false,
             unnamed_on_server: false,
             cache: s.cache,
@@ -636,13 +641,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     self.pinned.get_or_insert(why);
                 }
                 // The transaction's settings are no longer the ones the cache key holds.
-                Effect::TxSetting => self.strict_tx = true,
+                Effect::TxSetting => {
+                    self.strict_tx = true;
+                    self.settings_touched = None;
+                }
                 Effect::DiscardAll | Effect::DeallocateAll => {
                     self.statements.clear();
                     self.server_conn().prepared.clear();
                     self.settings.stage(e.clone());
+                    self.settings_touched = None;
                 }
-                other => self.settings.stage(other.clone()),
+                other => {
+                    match other {
+                        Effect::Set { key, .. } | Effect::Reset { key } => {
+                            if let Some(keys) = self.settings_touched.as_mut() {
+                                keys.push(key.clone());
+                            }
+                        }
+                        Effect::ResetAll => self.settings_touched = None,
+                        _ => {}
+                    }
+                    self.settings.stage(other.clone());
+                }
             }
         }
     }
@@ -664,9 +684,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.finish_fill();
         }
         match tag {
-            b'S' => self.server_conn().note_parameter(&msg),
+            b'S' => {
+                self.server_conn().note_parameter(&msg);
+                self.check_setting_report(&msg);
+            }
             b'Z' => {
                 self.tx_status = msg.body().first().copied().unwrap_or(b'I');
+                if self.tx_status == b'I' {
+                    self.settings_touched = Some(Vec::new());
+                }
                 self.copy_in = false;
                 if self.tx_status == b'I' {
                     self.transaction_ended();
@@ -743,6 +769,37 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 }
                 None => self.unnamed_on_server = false,
             }
+        }
+    }
+
+    /// A ParameterStatus for a setting that shapes results (how values render, how text is
+    /// read or encoded), which no SET or RESET the client sent explains: a function body
+    /// ran `SET`, or the server's configuration was reloaded. The session's settings are
+    /// no longer the ones its key and replay describe, so the client keeps its server
+    /// connection (closed when it leaves, never handed on) and is served by Postgres only.
+    fn check_setting_report(&mut self, msg: &Message) {
+        const SHAPES_RESULTS: &[&str] = &[
+            "client_encoding",
+            "datestyle",
+            "intervalstyle",
+            "standard_conforming_strings",
+            "timezone",
+        ];
+        let Some((key, _)) = cstr_at(msg.body(), 0) else {
+            return;
+        };
+        let key = String::from_utf8_lossy(key).to_ascii_lowercase();
+        if !SHAPES_RESULTS.contains(&key.as_str()) {
+            return;
+        }
+        let explained = self
+            .settings_touched
+            .as_ref()
+            .is_none_or(|keys| keys.contains(&key));
+        if !explained {
+            tracing::debug!(setting = %key, "setting changed where no SET shows it: client pinned");
+            self.pinned
+                .get_or_insert("a setting changed where no SET shows it");
         }
     }
 

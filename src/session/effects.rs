@@ -191,21 +191,37 @@ fn set_effect(stmt: &str, toks: &[Tok]) -> Effect {
         _ => "",
     };
     let i = if word(1) == "session" { 2 } else { 1 };
-    let key = match word(i) {
+    let (key, value_at) = match word(i) {
         // SET LOCAL and transaction-scoped forms end with the transaction: nothing to carry
         // (the relay bypasses the cache for the rest of it).
         "local" | "transaction" | "constraints" if i == 1 => return Effect::TxSetting,
-        "characteristics" if i == 2 => "session_characteristics".to_string(),
-        "authorization" if i == 2 => "session_authorization".to_string(),
-        "time" if word(i + 1) == "zone" => "timezone".to_string(),
-        "names" => "client_encoding".to_string(),
-        "xml" if word(i + 1) == "option" => "xmloption".to_string(),
-        "schema" => "search_path".to_string(),
+        "characteristics" if i == 2 => ("session_characteristics".to_string(), None),
+        "authorization" if i == 2 => ("session_authorization".to_string(), None),
+        "time" if word(i + 1) == "zone" => ("timezone".to_string(), Some(i + 2)),
+        "names" => ("client_encoding".to_string(), Some(i + 1)),
+        "xml" if word(i + 1) == "option" => ("xmloption".to_string(), Some(i + 2)),
+        "schema" => ("search_path".to_string(), Some(i + 1)),
         _ => match dotted_name(toks, i) {
-            Some((name, _)) => name,
+            Some((name, next)) => (name, Some(next)),
             None => return Effect::Pin("a SET the pooler cannot read"),
         },
     };
+    // `SET x TO DEFAULT` (and `SET TIME ZONE LOCAL`) is `RESET x`: the session goes back to
+    // its startup value, which a verbatim replay elsewhere would not restore.
+    if let Some(mut at) = value_at {
+        if matches!(toks.get(at), Some(Tok::Word(w)) if w == "to")
+            || toks.get(at) == Some(&Tok::Punct(b'='))
+        {
+            at += 1;
+        }
+        let resets = match toks.get(at) {
+            Some(Tok::Word(w)) => w == "default" || (key == "timezone" && w == "local"),
+            _ => false,
+        };
+        if resets && toks.len() == at + 1 {
+            return Effect::Reset { key };
+        }
+    }
     Effect::Set {
         key,
         stmt: stmt.to_string(),
@@ -276,6 +292,32 @@ mod tests {
             }]
         );
         assert_eq!(effects_of("DISCARD ALL"), vec![Effect::DiscardAll]);
+    }
+
+    #[test]
+    fn set_to_default_is_a_reset() {
+        for (sql, key) in [
+            ("SET TimeZone TO DEFAULT", "timezone"),
+            ("set search_path = default", "search_path"),
+            ("SET TIME ZONE DEFAULT", "timezone"),
+            ("SET TIME ZONE LOCAL", "timezone"),
+            ("SET SESSION app.tenant TO DEFAULT", "app.tenant"),
+        ] {
+            assert_eq!(
+                effects_of(sql),
+                vec![Effect::Reset { key: key.into() }],
+                "{sql}"
+            );
+        }
+        for sql in [
+            "SET TimeZone TO 'default'",
+            "SET search_path TO default, public",
+        ] {
+            assert!(
+                matches!(effects_of(sql).as_slice(), [Effect::Set { .. }]),
+                "{sql}"
+            );
+        }
     }
 
     #[test]

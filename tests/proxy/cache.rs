@@ -575,6 +575,75 @@ async fn answers_that_change_without_a_visible_write_are_never_served_stale() {
     }
 }
 
+/// The first column of the first row, or "none" when there is no row.
+async fn first_or_none(c: &Client, sql: &str) -> String {
+    c.simple_query(sql)
+        .await
+        .expect("read")
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_else(|| "none".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_keys_the_text_does_not_show_and_snapshot_reads_stay_fresh() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "rekey");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE gen (x int, id int GENERATED ALWAYS AS (x) STORED PRIMARY KEY, v int);
+         INSERT INTO gen (x, v) VALUES (20, 200);
+         CREATE TABLE tr (id int PRIMARY KEY, v int);
+         INSERT INTO tr VALUES (1, 1);
+         CREATE FUNCTION shift() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN NEW.id := NEW.id + 100; RETURN NEW; END $$;
+         CREATE TRIGGER shift BEFORE UPDATE ON tr FOR EACH ROW EXECUTE FUNCTION shift();
+         CREATE TABLE snap (id int PRIMARY KEY, v int);
+         INSERT INTO snap VALUES (1, 1);",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
+    let c = proxy.connect("postgres", "", &db).await;
+    // A generated key column: the UPDATE names x, the row moves from id 20 to id 21.
+    let moved = "SELECT v FROM gen WHERE id = 21";
+    for _ in 0..2 {
+        assert_eq!(first_or_none(&c, moved).await, "none");
+    }
+    c.batch_execute("UPDATE gen SET x = 21 WHERE id = 20")
+        .await
+        .expect("update");
+    assert_eq!(first_or_none(&c, moved).await, "200");
+    // A BEFORE ROW trigger moves the row from id 1 to id 101.
+    let shifted = "SELECT v FROM tr WHERE id = 101";
+    for _ in 0..2 {
+        assert_eq!(first_or_none(&c, shifted).await, "none");
+    }
+    c.batch_execute("UPDATE tr SET v = 5 WHERE id = 1")
+        .await
+        .expect("update");
+    assert_eq!(first_or_none(&c, shifted).await, "5");
+    // A REPEATABLE READ transaction however it is spelled: its snapshot's reads are not
+    // stored for others.
+    let a = proxy.connect("postgres", "", &db).await;
+    a.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE /* x */\n  READ")
+        .await
+        .expect("begin");
+    let read = "SELECT v FROM snap WHERE id = 1";
+    assert_eq!(first_or_none(&a, read).await, "1");
+    c.batch_execute("UPDATE snap SET v = 2 WHERE id = 1")
+        .await
+        .expect("concurrent update");
+    for _ in 0..3 {
+        assert_eq!(first_or_none(&a, read).await, "1");
+    }
+    for _ in 0..2 {
+        assert_eq!(first_or_none(&c, read).await, "2");
+    }
+    a.batch_execute("COMMIT").await.expect("commit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_security_policies_that_read_other_tables_are_never_served_stale() {
     let pg = shared_pg();

@@ -380,3 +380,32 @@ async fn options_postgres_takes_only_at_session_start_do_not_refuse_the_client()
     tokio::spawn(conn);
     assert_eq!(rows(&client).await, "s2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_changed_inside_a_function_stays_with_its_client() {
+    let (proxy, db) = setup(1);
+    let pg = shared_pg();
+    pg.psql_db(
+        &db,
+        "CREATE FUNCTION to_tokyo() RETURNS int LANGUAGE plpgsql
+             AS $$ BEGIN SET timezone = 'Asia/Tokyo'; RETURN 1; END $$;",
+    );
+    let read = "SELECT '2020-01-01 00:00+00'::timestamptz::text";
+    let direct = pg.client(&db).await;
+    let expected: String = direct.query_one(read, &[]).await.expect("direct").get(0);
+    assert!(!expected.ends_with("+09"), "{expected}");
+    // The function's SET shows only as a ParameterStatus: the client keeps its server
+    // connection, and nothing it reads under Tokyo time goes into the cache.
+    let a = proxy.connect("postgres", "", &db).await;
+    one(&a, "SELECT to_tokyo()::text").await;
+    for _ in 0..3 {
+        assert_eq!(one(&a, read).await, "2020-01-01 09:00:00+09");
+    }
+    drop(a);
+    // Through a pool of one: the next client gets another server connection, and the
+    // time as its own settings (none) render it.
+    let b = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert_eq!(one(&b, read).await, expected);
+    }
+}
