@@ -704,14 +704,20 @@ impl PlanShape {
 /// before COMMIT): the transaction then bypasses the cache until it ends. A property of the
 /// text alone, memoised with its analysis.
 pub fn changes_transaction(sql: &str) -> bool {
-    use crate::session::scan::{contains_ignore_case, first_word, statements};
+    use crate::session::scan::{Tok, contains_ignore_case, first_word, statements, tokens};
     let changes_settings = |stmt: &str| {
         let first = first_word(stmt).unwrap_or("");
         first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
     };
-    // The words alone: any spacing or comment may stand between REPEATABLE and READ (and a
-    // TABLESAMPLE ... REPEATABLE merely reads through Postgres for its transaction).
-    contains_ignore_case(sql, b"repeatable")
+    // REPEATABLE READ as two tokens, whatever spacing or comments stand between them.
+    let repeatable_read = |stmt: &str| {
+        let t = tokens(stmt, 32);
+        t.windows(2).any(|w| {
+            matches!(&w[0], Tok::Word(a) if a == "repeatable")
+                && matches!(&w[1], Tok::Word(b) if b == "read")
+        })
+    };
+    (contains_ignore_case(sql, b"repeatable") && statements(sql).any(repeatable_read))
         || contains_ignore_case(sql, b"serializable")
         // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
         || statements(sql).any(changes_settings)
@@ -989,6 +995,26 @@ mod tests {
         assert!(Arc::ptr_eq(&thrice, &twice), "served from the memo");
         assert!(thrice.is_for("SELECT v FROM t WHERE id = 2"));
         assert!(!thrice.is_for("SELECT v FROM t WHERE id = 3"));
+    }
+
+    #[test]
+    fn repeatable_read_is_found_however_it_is_spaced_and_only_then() {
+        for sql in [
+            "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            "begin isolation level repeatable  read",
+            "BEGIN ISOLATION LEVEL REPEATABLE /* c */\n READ",
+            "START TRANSACTION READ ONLY, ISOLATION LEVEL REPEATABLE -- c\n READ",
+            "SELECT 1; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        ] {
+            assert!(changes_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM t WHERE NOT repeatable",
+            "SELECT * FROM t TABLESAMPLE SYSTEM (10) REPEATABLE (1)",
+            "BEGIN",
+        ] {
+            assert!(!changes_transaction(sql), "{sql}");
+        }
     }
 
     #[test]

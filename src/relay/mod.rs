@@ -690,9 +690,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             b'Z' => {
                 self.tx_status = msg.body().first().copied().unwrap_or(b'I');
-                if self.tx_status == b'I' {
-                    self.settings_touched = Some(Vec::new());
-                }
                 self.copy_in = false;
                 if self.tx_status == b'I' {
                     self.transaction_ended();
@@ -750,6 +747,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let done = self
             .expect
             .on_server_message(tag, msg.raw(), &mut self.to_client, &mut failed);
+        // Idle with nothing more in flight: SETs the client pipelined behind this
+        // ReadyForQuery were recorded when they went out, and their reports are still due.
+        if tag == b'Z' && self.tx_status == b'I' && self.expect.is_empty() {
+            self.settings_touched = Some(Vec::new());
+        }
         if let Some(Expect::Parse { hash: Some(h), .. }) = done {
             self.pool.mark_valid(h, self.settings.fingerprint());
         }

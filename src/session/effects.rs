@@ -72,7 +72,7 @@ fn effect_of(stmt: &str) -> Option<Effect> {
         if contains_ignore_case(stmt, b"into temp") {
             return Some(Effect::Pin("temporary table"));
         }
-        if contains_ignore_case(stmt, b"pg_temp") {
+        if names_temp_schema(stmt) {
             return Some(Effect::Pin("temporary schema"));
         }
         if contains_ignore_case(stmt, b"set_config") {
@@ -86,7 +86,7 @@ fn effect_of(stmt: &str) -> Option<Effect> {
     }
     // The session's temporary schema named outright: `CREATE TABLE pg_temp.t`, or a
     // search_path that puts it first, so that a plain CREATE TABLE makes a temp table.
-    if contains_ignore_case(stmt, b"pg_temp") {
+    if names_temp_schema(stmt) {
         return Some(Effect::Pin("temporary schema"));
     }
     let toks = tokens(stmt, 8);
@@ -163,6 +163,30 @@ fn set_config_effect(stmt: &str) -> Option<Effect> {
         Effect::TxSetting
     } else {
         Effect::Pin("set_config")
+    })
+}
+
+/// Whether `stmt` names the temporary schema: `pg_temp` or `pg_temp_<n>` as a name of its
+/// own (`pg_temp.t`, `search_path = pg_temp, public`, `'pg_temp'`), not inside a longer
+/// one (`jpg_template`).
+fn names_temp_schema(stmt: &str) -> bool {
+    if !contains_ignore_case(stmt, b"pg_temp") {
+        return false;
+    }
+    let b = stmt.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    (0..b.len().saturating_sub(6)).any(|i| {
+        if !b[i..i + 7].eq_ignore_ascii_case(b"pg_temp") || (i > 0 && ident(b[i - 1])) {
+            return false;
+        }
+        let mut j = i + 7;
+        if b.get(j) == Some(&b'_') && b.get(j + 1).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+            while b.get(j).is_some_and(u8::is_ascii_digit) {
+                j += 1;
+            }
+        }
+        b.get(j).is_none_or(|&c| !ident(c))
     })
 }
 
@@ -328,6 +352,8 @@ mod tests {
             "SET search_path = pg_temp, public",
             "SELECT set_config('search_path', 'pg_temp,public', true)",
             "SELECT * FROM pg_temp.w",
+            "create table pg_temp_3.w (id int)",
+            "SET search_path = 'pg_temp'",
         ] {
             assert!(
                 matches!(
@@ -336,6 +362,13 @@ mod tests {
                 ),
                 "{sql}"
             );
+        }
+        for sql in [
+            "SELECT 'jpg_template.png'",
+            "CREATE TABLE my_pg_temps (id int)",
+            "SELECT * FROM pg_templates",
+        ] {
+            assert!(effects_of(sql).is_empty(), "{sql}");
         }
     }
 

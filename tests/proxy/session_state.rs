@@ -409,3 +409,28 @@ async fn a_setting_changed_inside_a_function_stays_with_its_client() {
         assert_eq!(one(&b, read).await, expected);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_pipelined_behind_another_statement_does_not_pin() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "pipeset");
+    let proxy = Proxy::start(pg, |c| {
+        c.pool.max_size = 1;
+        c.pool.checkout_timeout = std::time::Duration::from_secs(2);
+    });
+    let a = proxy.connect("postgres", "", &db).await;
+    // Both go out before the first ReadyForQuery comes back: the SET's ParameterStatus
+    // arrives after the SELECT's ReadyForQuery, and is still the client's own doing.
+    let (first, set) = futures_util::join!(
+        a.simple_query("SELECT 1"),
+        a.simple_query("SET TimeZone = 'Asia/Tokyo'")
+    );
+    first.expect("select");
+    set.expect("set");
+    assert_eq!(one(&a, "SHOW TimeZone").await, "Asia/Tokyo");
+    // Not pinned: the only server connection is free for another client between
+    // transactions.
+    let b = proxy.connect("postgres", "", &db).await;
+    assert_eq!(one(&b, "SELECT 2::text").await, "2");
+    assert_eq!(one(&a, "SHOW TimeZone").await, "Asia/Tokyo");
+}
