@@ -45,13 +45,27 @@ struct Collector<'f> {
     scopes: Vec<Scope>,
     /// A relation name already handled by `pre_visit_table_factor`.
     handled_relation: Option<*const ObjectName>,
-    /// Columns cast to a date or time type: the read is cacheable only if each is a
-    /// date/time column for sure (see `time_casts_are_repeatable`).
-    time_cast_columns: Vec<String>,
-    /// A FROM item whose columns the catalog does not describe (a subquery, a function, a
-    /// CTE, VALUES): a column name may then stand for text of any origin.
-    untyped_from: bool,
+    /// Columns cast to a date or time type, with the query scope they were named in: the
+    /// read is cacheable only if each is a date/time column for sure (see
+    /// `time_casts_are_repeatable`).
+    time_cast_columns: Vec<(usize, Vec<String>)>,
+    /// Every query scope met (0: the statement itself), and the path to the current one.
+    typing: Vec<Typing>,
+    typing_path: Vec<usize>,
+    /// Queries that see no column of the query around them: FROM subqueries (not LATERAL)
+    /// and CTE bodies.
+    self_contained: Vec<*const Query>,
     out: Collected,
+}
+
+/// Whether a query scope's column names can be trusted to be the catalog's.
+struct Typing {
+    parent: usize,
+    /// Sees no column of its parent scope.
+    self_contained: bool,
+    /// A FROM item whose columns the catalog does not describe (a subquery, a function, a
+    /// CTE, VALUES, an alias list): a column name may then stand for text of any origin.
+    untyped: bool,
 }
 
 /// Walks `node` (a statement or a query) and everything below it.
@@ -61,7 +75,13 @@ pub(crate) fn collect<T: Visit>(node: &T, funcs: &dyn FunctionVolatility) -> Col
         scopes: Vec::new(),
         handled_relation: None,
         time_cast_columns: Vec::new(),
-        untyped_from: false,
+        typing: vec![Typing {
+            parent: 0,
+            self_contained: true,
+            untyped: false,
+        }],
+        typing_path: Vec::new(),
+        self_contained: Vec::new(),
         out: Collected {
             tables: Vec::new(),
             occurrences: 0,
@@ -84,23 +104,38 @@ impl Collector<'_> {
     /// whichever relation a name resolves to).
     fn time_casts_are_repeatable(&self) -> bool {
         self.time_cast_columns.is_empty()
-            || (!self.untyped_from
-                && self
-                    .out
-                    .tables
-                    .iter()
-                    .all(|t| self.funcs.knows_relation(&t.name))
-                && self
-                    .time_cast_columns
-                    .iter()
-                    .all(|c| self.funcs.time_column(c)))
+            || (self
+                .out
+                .tables
+                .iter()
+                .all(|t| self.funcs.knows_relation(&t.name))
+                && self.time_cast_columns.iter().all(|(scope, columns)| {
+                    self.typed(*scope) && columns.iter().all(|c| self.funcs.time_column(c))
+                }))
+    }
+
+    /// Whether every column a scope can name (its own FROM items', and those of the scopes
+    /// around it that it sees) is a catalog relation's.
+    fn typed(&self, scope: usize) -> bool {
+        let t = &self.typing[scope];
+        !t.untyped && (t.self_contained || scope == 0 || self.typed(t.parent))
+    }
+
+    fn scope(&self) -> usize {
+        self.typing_path.last().copied().unwrap_or(0)
+    }
+
+    fn mark_untyped(&mut self) {
+        let scope = self.scope();
+        self.typing[scope].untyped = true;
     }
 
     /// A cast of `inner` to a type that may hold a date or time.
     fn time_cast(&mut self, inner: &Expr) {
         let mut columns = Vec::new();
         if yields_no_text(inner, self.funcs, &mut columns) {
-            self.time_cast_columns.extend(columns);
+            let scope = self.scope();
+            self.time_cast_columns.push((scope, columns));
         } else {
             self.bypass(BypassReason::TextAsTime);
         }
@@ -128,7 +163,7 @@ impl Collector<'_> {
         if let [single] = parts.as_slice()
             && self.is_cte(single)
         {
-            self.untyped_from = true;
+            self.mark_untyped();
             return;
         }
         let Some(table) = table_ref_from_parts(parts) else {
@@ -206,6 +241,17 @@ impl Visitor for Collector<'_> {
         if !query.locks.is_empty() {
             self.bypass(BypassReason::Locking);
         }
+        let cte_body = self
+            .scopes
+            .last()
+            .is_some_and(|parent| parent.bodies.iter().any(|b| ptr::eq(*b, query)));
+        let self_contained = cte_body || self.self_contained.iter().any(|q| ptr::eq(*q, query));
+        self.typing.push(Typing {
+            parent: self.scope(),
+            self_contained,
+            untyped: false,
+        });
+        self.typing_path.push(self.typing.len() - 1);
         if let Some(parent) = self.scopes.last_mut()
             && let Some(i) = parent.bodies.iter().position(|b| ptr::eq(*b, query))
         {
@@ -243,6 +289,7 @@ impl Visitor for Collector<'_> {
 
     fn post_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         self.scopes.pop();
+        self.typing_path.pop();
         if let Some(parent) = self.scopes.last_mut()
             && parent.bodies.iter().any(|b| ptr::eq(*b, query))
         {
@@ -254,7 +301,15 @@ impl Visitor for Collector<'_> {
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         // `FROM t AS x(id, at)` renames columns: `at` may now be a text column.
         if table_factor_renames_columns(factor) {
-            self.untyped_from = true;
+            self.mark_untyped();
+        }
+        if let TableFactor::Derived {
+            lateral: false,
+            subquery,
+            ..
+        } = factor
+        {
+            self.self_contained.push(ptr::from_ref(subquery.as_ref()));
         }
         match factor {
             TableFactor::Table {
@@ -267,7 +322,7 @@ impl Visitor for Collector<'_> {
                 self.handled_relation = Some(ptr::from_ref(name));
                 if args.is_some() {
                     // `FROM generate_series(1, 3)`: a function, not a relation.
-                    self.untyped_from = true;
+                    self.mark_untyped();
                     self.call(name);
                 } else {
                     self.read_relation(
@@ -279,7 +334,7 @@ impl Visitor for Collector<'_> {
                 }
             }
             TableFactor::Function { name, .. } => {
-                self.untyped_from = true;
+                self.mark_untyped();
                 self.call(name);
             }
             TableFactor::NestedJoin { .. } => {}
@@ -288,7 +343,7 @@ impl Visitor for Collector<'_> {
             | TableFactor::JsonTable { .. }
             | TableFactor::OpenJsonTable { .. } => self.bypass(BypassReason::TextAsTime),
             // Subqueries, UNNEST, ...: their columns are not the catalog's.
-            _ => self.untyped_from = true,
+            _ => self.mark_untyped(),
         }
         ControlFlow::Continue(())
     }

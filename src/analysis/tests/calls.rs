@@ -310,6 +310,9 @@ fn text_that_may_be_read_as_the_current_time_bypasses() {
         "SELECT ts::date FROM t JOIN v USING (id)",
         "SELECT note::app.day FROM t",
         "SELECT note::tstzrange FROM t",
+        // A subquery that sees the columns of a renaming FROM item around it.
+        "SELECT (SELECT s.ts::date FROM u LIMIT 1) FROM (SELECT note AS ts FROM t) AS s",
+        "SELECT * FROM (SELECT note AS ts FROM t) AS s, LATERAL (SELECT s.ts::date FROM u) AS l",
         // Columns renamed by an alias list: `ts` is t's text column here.
         "SELECT x.ts::timestamptz FROM t x(id, ts)",
         "SELECT ts::date FROM (t JOIN u USING (id)) AS j(id, ts)",
@@ -360,6 +363,12 @@ fn dates_and_times_cast_to_dates_and_times_stay_cacheable() {
         "SELECT '2024-01-01'::date, NULL::timestamptz FROM t",
         "SELECT $1::date FROM t",
         "SELECT x.ts::date FROM t AS x",
+        // Casts inside subqueries and CTEs that see only catalog relations, wrapped for
+        // pagination or counting as ORMs do.
+        "SELECT * FROM (SELECT id, ts::date FROM t) AS sub LIMIT 10",
+        "SELECT count(*) FROM (SELECT DISTINCT t.ts::date FROM t) AS subquery",
+        "WITH c AS (SELECT ts::date AS day FROM t) SELECT day FROM c",
+        "SELECT ts::date FROM t WHERE id IN (SELECT id FROM (SELECT id FROM u) AS x)",
         "SELECT make_timestamp(2024, 1, 1, 0, 0, 0)::date FROM t",
         "SELECT 'a'::mood FROM t",
     ] {
