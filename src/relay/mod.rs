@@ -72,8 +72,9 @@ pub struct Relay<R, W> {
     skip_to_sync: bool,
     /// Why the client may not leave its server connection, if it may not.
     pinned: Option<&'static str>,
-    /// Settings the client changed (SET, RESET) since the server was last idle: the
-    /// ParameterStatus reports they cause, and their reverts at ROLLBACK, are expected.
+    /// Settings the client changed (SET, RESET) since the server was last idle with nothing
+    /// in flight: the ParameterStatus reports they cause, and their reverts at ROLLBACK, are
+    /// expected.
     /// `None` stands for all of them (RESET ALL, DISCARD ALL, SET LOCAL).
     settings_touched: Option<Vec<String>>,
     /// An error or rollback happened since the server was last idle.
@@ -651,18 +652,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     self.settings.stage(e.clone());
                     self.settings_touched = None;
                 }
-                other => {
-                    match other {
-                        Effect::Set { key, .. } | Effect::Reset { key } => {
-                            if let Some(keys) = self.settings_touched.as_mut() {
-                                keys.push(key.clone());
-                            }
-                        }
-                        Effect::ResetAll => self.settings_touched = None,
-                        _ => {}
+                Effect::Set { key, .. } | Effect::Reset { key } => {
+                    if let Some(keys) = self.settings_touched.as_mut() {
+                        keys.push(key.clone());
                     }
-                    self.settings.stage(other.clone());
+                    self.settings.stage(e.clone());
                 }
+                Effect::ResetAll => {
+                    self.settings_touched = None;
+                    self.settings.stage(e.clone());
+                }
+                other => self.settings.stage(other.clone()),
             }
         }
     }
