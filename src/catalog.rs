@@ -72,6 +72,8 @@ pub struct Catalog {
     unsafe_types: HashSet<String>,
     /// Names of functions outside the system schemas.
     user_functions: HashSet<String>,
+    /// Lower-cased names of every type outside the system schemas.
+    user_types: HashSet<String>,
     /// A user-defined implicit or assignment cast that runs code that is not immutable (a
     /// cast from text to timestamptz WITH INOUT reads 'now'): queries may call it where
     /// their text shows no cast, so no read of this database is cached.
@@ -494,6 +496,15 @@ impl Catalog {
             )
             .await?;
         cat.unsafe_types = types.iter().map(|r| r.get(0)).collect();
+        let types = client
+            .query(
+                "SELECT DISTINCT lower(typname::text) FROM pg_type
+                  WHERE typnamespace NOT IN ('pg_catalog'::regnamespace,
+                                             'information_schema'::regnamespace)",
+                &[],
+            )
+            .await?;
+        cat.user_types = types.iter().map(|r| r.get(0)).collect();
         let functions = client
             .query(
                 "SELECT DISTINCT proname::text FROM pg_proc
@@ -641,6 +652,10 @@ impl crate::analysis::FunctionVolatility for Catalog {
 
     fn user_function(&self, name: &str) -> bool {
         self.user_functions.contains(name)
+    }
+
+    fn user_type(&self, name: &str) -> bool {
+        self.user_types.contains(&name.to_lowercase())
     }
 
     fn hidden_casts(&self) -> bool {

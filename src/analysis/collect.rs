@@ -385,7 +385,7 @@ impl Visitor for Collector<'_> {
                 expr: inner,
                 data_type,
                 ..
-            } if may_hold_time(data_type) => self.time_cast(inner),
+            } if may_hold_time(data_type, self.funcs) => self.time_cast(inner),
             // A user-defined operator runs a function the analysis cannot see.
             Expr::BinaryOp {
                 op:
@@ -546,7 +546,7 @@ fn yields_no_text(e: &Expr, funcs: &dyn FunctionVolatility, columns: &mut Vec<St
 /// A type whose input may read text such as `'now'` as the current time: the date and time
 /// types, their arrays and ranges, and any type this analysis does not know to be free of
 /// them (a domain over `date`, a composite type with a `timestamptz` field).
-fn may_hold_time(t: &sqlparser::ast::DataType) -> bool {
+fn may_hold_time(t: &sqlparser::ast::DataType, funcs: &dyn FunctionVolatility) -> bool {
     use sqlparser::ast::{ArrayElemTypeDef, DataType};
     // Built-in types only: an extension's type (citext, hstore) is a user type, judged by
     // the catalog (`unsafe_type`), as is a user type shadowing one of these names.
@@ -562,10 +562,14 @@ fn may_hold_time(t: &sqlparser::ast::DataType) -> bool {
             ArrayElemTypeDef::SquareBracket(inner, _)
             | ArrayElemTypeDef::AngleBracket(inner)
             | ArrayElemTypeDef::Parenthesis(inner),
-        ) => may_hold_time(inner),
+        ) => may_hold_time(inner, funcs),
+        // A user type the catalog knows and does not list as unsafe (an enum, a domain over
+        // text, citext): its input cannot read the time. Unsafe ones bypass before this.
         DataType::Custom(name, _) => {
             let name = name.to_string().to_ascii_lowercase();
-            !NO_TIME.contains(&name.trim_start_matches("pg_catalog."))
+            let known_safe_user_type =
+                funcs.user_type(&type_name(t)) && !funcs.unsafe_type(&type_name(t));
+            !NO_TIME.contains(&name.trim_start_matches("pg_catalog.")) && !known_safe_user_type
         }
         _ => false,
     }

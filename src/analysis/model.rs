@@ -320,6 +320,13 @@ pub trait FunctionVolatility {
         false
     }
 
+    /// Whether a user-defined type of this name exists (any schema, case-insensitively): an
+    /// enum, a domain, a base type from an extension... Together with
+    /// [`FunctionVolatility::unsafe_type`] it tells a type whose input cannot read the time.
+    fn user_type(&self, _name: &str) -> bool {
+        false
+    }
+
     /// Whether a function of this name exists outside the system schemas (whatever its
     /// volatility): a built-in name the analysis trusts may then resolve to it.
     fn user_function(&self, _name: &str) -> bool {
