@@ -111,6 +111,95 @@ const UNSAFE_TYPES: &str = "WITH RECURSIVE unsafe_type(oid, name) AS (
           JOIN unsafe_type u ON t.typbasetype = u.oid OR t.typelem = u.oid
      )";
 
+/// Views and row-security policies whose reads are never cached, in one query over their
+/// stored expression trees (`expr`):
+/// - a call of a function that is not immutable (pg_depend does not record built-ins such
+///   as now() and nextval(), so the trees are searched for every function id they call),
+///   or a CURRENT_DATE-like keyword (SQLValueFunction; those of type `name`, CURRENT_USER
+///   and friends, are answered by the cache key, as are current_setting() and the like);
+/// - text read as a type whose input is not immutable ('now' stored in a row read as a
+///   date): a CoerceViaIO node, whose input function the tree does not name. Its fields end
+///   `:resulttype T :resultcollid C :coerceformat`, which no other node's do (RelabelType,
+///   ArrayCoerceExpr and CoerceToDomain have a typmod in between), so nested casts are each
+///   found;
+/// - a table function (XMLTABLE reads text as its column types where no such node shows)
+///   or TABLESAMPLE (another sample each time);
+/// - values of the unsafe user types made where no conversion shows (hstore's immutable
+///   populate_record(NULL::composite, h), a domain's CHECK);
+/// - views and policies over system relations (pg_stat_activity, pg_sequences...), which
+///   change without writes.
+///
+/// A materialized view is not here: reading it runs nothing. Views in system schemas are
+/// skipped (never cached anyway), or a user table named like an information_schema view
+/// would be caught by its name.
+const OPAQUE_RELATIONS: [&str; 3] = [
+    UNSAFE_TYPES,
+    r",
+    expr AS (
+        SELECT v.relname::text AS rel, r.ev_action::text AS tree
+          FROM pg_rewrite r
+          JOIN pg_class v ON v.oid = r.ev_class
+         WHERE v.relkind = 'v'
+           AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                      'information_schema'::regnamespace)
+        UNION ALL
+        SELECT c.relname::text, pol.polqual::text
+          FROM pg_policy pol
+          JOIN pg_class c ON c.oid = pol.polrelid
+         WHERE pol.polqual IS NOT NULL
+    )",
+    r"
+    SELECT e.rel
+      FROM expr e,
+           regexp_matches(e.tree, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)', 'g') m
+      JOIN pg_proc p ON p.oid = m[1]::oid
+     WHERE p.provolatile <> 'i'
+       AND p.proname NOT IN ('current_setting', 'current_user', 'session_user',
+                             'current_role', 'current_schema', 'current_database')
+    UNION
+    SELECT e.rel
+      FROM expr e,
+           regexp_matches(e.tree, '\{SQLVALUEFUNCTION :op \d+ :type (\d+)', 'g') m
+     WHERE m[1] <> '19'
+    UNION
+    SELECT e.rel
+      FROM expr e,
+           regexp_matches(e.tree, ':resulttype (\d+) :resultcollid \d+ :coerceformat', 'g') m
+      JOIN pg_type t ON t.oid = m[1]::oid
+      JOIN pg_proc p ON p.oid = t.typinput
+     WHERE p.provolatile <> 'i'
+    UNION
+    SELECT e.rel FROM expr e
+     WHERE e.tree LIKE '%{TABLEFUNC %' OR e.tree LIKE '%{TABLESAMPLECLAUSE %'
+    UNION
+    SELECT e.rel
+      FROM expr e,
+           regexp_matches(e.tree,
+               ':(?:resulttype|funcresulttype|opresulttype|consttype) (\d+)', 'g') m
+     WHERE m[1]::oid IN (SELECT oid FROM unsafe_type)
+    UNION
+    SELECT v.relname::text
+      FROM pg_depend d
+      JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
+      JOIN pg_class v ON v.oid = r.ev_class
+      JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
+     WHERE v.relkind = 'v' AND t.oid <> v.oid
+       AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                  'information_schema'::regnamespace)
+       AND t.relnamespace IN ('pg_catalog'::regnamespace,
+                              'information_schema'::regnamespace,
+                              'pg_toast'::regnamespace)
+    UNION
+    SELECT c.relname::text
+      FROM pg_depend d
+      JOIN pg_policy pol ON pol.oid = d.objid AND d.classid = 'pg_policy'::regclass
+      JOIN pg_class c ON c.oid = pol.polrelid
+      JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
+     WHERE t.relnamespace IN ('pg_catalog'::regnamespace,
+                              'information_schema'::regnamespace,
+                              'pg_toast'::regnamespace)",
+];
+
 /// Source of [`Catalog::epoch`]: never reused within the process.
 static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -172,135 +261,9 @@ impl Catalog {
         for r in rows {
             direct.entry(r.get(0)).or_default().push(r.get(1));
         }
-        // Functions that are not immutable, called where a view's definition or a policy's
-        // USING expression calls them. pg_depend does not record built-in functions (now(),
-        // nextval()), so the stored expression trees are searched for every function id they
-        // call, and for CURRENT_DATE-like keywords (SQLValueFunction; only the ones of type
-        // `name`, CURRENT_USER and friends, are answered by the cache key). current_setting()
-        // and the like are allowed for the same reason: the key holds role, database and
-        // settings. A materialized view is not here: reading it runs nothing. System schemas
-        // are skipped (never cached anyway), or a user table named like an
-        // information_schema view would be caught by its name.
-        let rows = client
-            .query(
-                r"WITH expr AS (
-                    SELECT v.relname::text AS rel, r.ev_action::text AS tree
-                      FROM pg_rewrite r
-                      JOIN pg_class v ON v.oid = r.ev_class
-                     WHERE v.relkind = 'v'
-                       AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
-                                                  'information_schema'::regnamespace)
-                    UNION ALL
-                    SELECT c.relname::text, pol.polqual::text
-                      FROM pg_policy pol
-                      JOIN pg_class c ON c.oid = pol.polrelid
-                     WHERE pol.polqual IS NOT NULL
-                  )
-                  SELECT e.rel
-                    FROM expr e,
-                         regexp_matches(e.tree, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)', 'g') m
-                    JOIN pg_proc p ON p.oid = m[1]::oid
-                   WHERE p.provolatile <> 'i'
-                     AND p.proname NOT IN ('current_setting', 'current_user', 'session_user',
-                                           'current_role', 'current_schema', 'current_database')
-                  UNION
-                  SELECT e.rel
-                    FROM expr e,
-                         regexp_matches(e.tree, '\{SQLVALUEFUNCTION :op \d+ :type (\d+)', 'g') m
-                   WHERE m[1] <> '19'",
-                &[],
-            )
-            .await?;
+        // Views and policies that read what no write changes (see OPAQUE_RELATIONS).
+        let rows = client.query(&OPAQUE_RELATIONS.concat(), &[]).await?;
         let mut opaque: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
-        // Text read as a type whose input is not immutable (a text column cast to date in a
-        // view: 'now' stored in a row reads as the current time): a CoerceViaIO node, whose
-        // input function the tree does not name. Its fields end `:resulttype T :resultcollid C
-        // :coerceformat`, which no other node's do (RelabelType, ArrayCoerceExpr and
-        // CoerceToDomain have a typmod in between), so nested casts are each found. A table
-        // function (XMLTABLE) reads text as its column types where no such node shows.
-        // Also opaque: TABLESAMPLE (another sample each time), and views and policies over
-        // system relations (pg_stat_activity, pg_sequences...), which change without writes.
-        let rows = client
-            .query(
-                r"WITH expr AS (
-                    SELECT v.relname::text AS rel, r.ev_action::text AS tree
-                      FROM pg_rewrite r
-                      JOIN pg_class v ON v.oid = r.ev_class
-                     WHERE v.relkind = 'v'
-                       AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
-                                                  'information_schema'::regnamespace)
-                    UNION ALL
-                    SELECT c.relname::text, pol.polqual::text
-                      FROM pg_policy pol
-                      JOIN pg_class c ON c.oid = pol.polrelid
-                     WHERE pol.polqual IS NOT NULL
-                  )
-                  SELECT DISTINCT e.rel
-                    FROM expr e,
-                         regexp_matches(e.tree,
-                             ':resulttype (\d+) :resultcollid \d+ :coerceformat',
-                             'g') m
-                    JOIN pg_type t ON t.oid = m[1]::oid
-                    JOIN pg_proc p ON p.oid = t.typinput
-                   WHERE p.provolatile <> 'i'
-                  UNION
-                  SELECT e.rel FROM expr e
-                   WHERE e.tree LIKE '%{TABLEFUNC %' OR e.tree LIKE '%{TABLESAMPLECLAUSE %'
-                  UNION
-                  SELECT DISTINCT v.relname::text
-                    FROM pg_depend d
-                    JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
-                    JOIN pg_class v ON v.oid = r.ev_class
-                    JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
-                   WHERE v.relkind = 'v' AND t.oid <> v.oid
-                     AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
-                                                'information_schema'::regnamespace)
-                     AND t.relnamespace IN ('pg_catalog'::regnamespace,
-                                            'information_schema'::regnamespace,
-                                            'pg_toast'::regnamespace)
-                  UNION
-                  SELECT DISTINCT c.relname::text
-                    FROM pg_depend d
-                    JOIN pg_policy pol ON pol.oid = d.objid AND d.classid = 'pg_policy'::regclass
-                    JOIN pg_class c ON c.oid = pol.polrelid
-                    JOIN pg_class t ON t.oid = d.refobjid AND d.refclassid = 'pg_class'::regclass
-                   WHERE t.relnamespace IN ('pg_catalog'::regnamespace,
-                                            'information_schema'::regnamespace,
-                                            'pg_toast'::regnamespace)",
-                &[],
-            )
-            .await?;
-        opaque.extend(rows.iter().map(|r| r.get::<_, String>(0)));
-        // Values of those unsafe user types made where the tree does not show a conversion
-        // (hstore's immutable populate_record(NULL::composite, h), a domain's CHECK).
-        let rows = client
-            .query(
-                &format!(
-                    r"{UNSAFE_TYPES},
-                    expr AS (
-                        SELECT v.relname::text AS rel, r.ev_action::text AS tree
-                          FROM pg_rewrite r
-                          JOIN pg_class v ON v.oid = r.ev_class
-                         WHERE v.relkind = 'v'
-                           AND v.relnamespace NOT IN ('pg_catalog'::regnamespace,
-                                                      'information_schema'::regnamespace)
-                        UNION ALL
-                        SELECT c.relname::text, pol.polqual::text
-                          FROM pg_policy pol
-                          JOIN pg_class c ON c.oid = pol.polrelid
-                         WHERE pol.polqual IS NOT NULL
-                    )
-                    SELECT DISTINCT e.rel
-                      FROM expr e,
-                           regexp_matches(e.tree,
-                               ':(?:resulttype|funcresulttype|opresulttype|consttype) (\d+)',
-                               'g') m
-                     WHERE m[1]::oid IN (SELECT oid FROM unsafe_type)"
-                ),
-                &[],
-            )
-            .await?;
-        opaque.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         // Relations whose contents change without a write to them: a sequence (nextval() is
         // no write), a foreign table (written in another server), and a table with foreign
         // partitions or children.

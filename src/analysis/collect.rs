@@ -567,8 +567,9 @@ fn may_hold_time(t: &sqlparser::ast::DataType, funcs: &dyn FunctionVolatility) -
         // text, citext): its input cannot read the time. Unsafe ones bypass before this.
         DataType::Custom(name, _) => {
             let name = name.to_string().to_ascii_lowercase();
+            let user_name = type_name(t);
             let known_safe_user_type =
-                funcs.user_type(&type_name(t)) && !funcs.unsafe_type(&type_name(t));
+                funcs.user_type(&user_name) && !funcs.unsafe_type(&user_name);
             !NO_TIME.contains(&name.trim_start_matches("pg_catalog.")) && !known_safe_user_type
         }
         _ => false,
