@@ -343,7 +343,7 @@ impl Listener {
                     Payload {
                         meaning: Meaning::Change(Change::Database),
                         at: None,
-                        xid: None,
+                        tx: None,
                     }
                 }
             };
@@ -354,7 +354,7 @@ impl Listener {
                     Change::Database
                 }
             };
-            let of = p.xid.map(|xid| (n.process_id(), xid));
+            let of = p.tx.map(|tx| (n.process_id(), tx));
             if of.is_none() || of != group_of {
                 self.apply(&group, group_at);
                 group.clear();

@@ -1,7 +1,9 @@
-//! What a payload from the triggers of `migrations/0002_notify_triggers.up.sql` means (the
-//! format is described at the top of that file). The NOTIFY source reads it from
-//! notifications; the WAL source from the logical decoding messages that the DDL hooks
-//! also write since migration 0003.
+//! What a payload from pgstash's triggers means. Two formats: the JSON object of
+//! `migrations/0002_notify_triggers.up.sql` (described at the top of that file), which the
+//! DDL hooks send, and the compact line of `migrations/0006_compact_notify_payload.up.sql`,
+//! which the row trigger sends. The NOTIFY source reads both from notifications; the WAL
+//! source reads the DDL hooks' JSON from the logical decoding messages they also write
+//! since migration 0003.
 
 use super::{Change, TableRef};
 use serde::Deserialize;
@@ -21,8 +23,9 @@ pub(super) struct Payload {
     /// migrations 0004 and 0005 (its first write to the table under 0002's), the time of
     /// the command for the DDL hooks. Staleness measured from it is an upper bound.
     pub at: Option<SystemTime>,
-    /// The writing transaction, to keep its changes together.
-    pub xid: Option<String>,
+    /// Identifies the writing transaction among those of the sending backend, to keep its
+    /// changes together: the xid in JSON payloads, the transaction's start in compact ones.
+    pub tx: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +34,8 @@ pub(super) enum PayloadError {
     Json(#[from] serde_json::Error),
     #[error("unsupported payload version {0}")]
     Version(u32),
+    #[error("malformed compact payload: {0}")]
+    Compact(&'static str),
     #[error("unknown kind {0:?}")]
     Kind(String),
     #[error("kind {0:?} without schema and table")]
@@ -49,6 +54,75 @@ struct Wire {
 }
 
 pub(super) fn parse(text: &str) -> Result<Payload, PayloadError> {
+    match text.strip_prefix("2 ") {
+        Some(rest) => parse_compact(rest),
+        None => parse_json(text),
+    }
+}
+
+/// `<op> <ts> <schema>.<table>`, each name as `quote_ident` prints it.
+fn parse_compact(text: &str) -> Result<Payload, PayloadError> {
+    let (op, rest) = text
+        .split_once(' ')
+        .ok_or(PayloadError::Compact("no time"))?;
+    let (ts, names) = rest
+        .split_once(' ')
+        .ok_or(PayloadError::Compact("no table"))?;
+    let secs: f64 = ts.parse().map_err(|_| PayloadError::Compact("bad time"))?;
+    let (schema, rest) = unquote_ident(names)?;
+    let rest = rest
+        .strip_prefix('.')
+        .ok_or(PayloadError::Compact("no dot after the schema"))?;
+    let (name, rest) = unquote_ident(rest)?;
+    if !rest.is_empty() {
+        return Err(PayloadError::Compact("text after the table"));
+    }
+    let table = TableRef { schema, name };
+    let meaning = match op {
+        "TRUNCATE" => Meaning::Change(Change::Table(table)),
+        "INSERT" | "UPDATE" | "DELETE" => Meaning::Change(Change::Rows { table, keys: None }),
+        _ => return Err(PayloadError::Kind(op.to_owned())),
+    };
+    Ok(Payload {
+        meaning,
+        at: epoch_seconds(secs),
+        tx: Some(ts.to_owned()),
+    })
+}
+
+/// One name as `quote_ident` prints it, and what follows it. Unquoted, it is the name as
+/// it stands: quote_ident leaves only names of lower-case ASCII letters, digits and
+/// underscores (not starting with a digit) unquoted, so anything else ends it. Quoted,
+/// inner quotes are doubled.
+fn unquote_ident(text: &str) -> Result<(String, &str), PayloadError> {
+    let Some(quoted) = text.strip_prefix('"') else {
+        let end = text
+            .find(|c: char| !matches!(c, 'a'..='z' | '0'..='9' | '_'))
+            .unwrap_or(text.len());
+        if end == 0 || text.as_bytes()[0].is_ascii_digit() {
+            return Err(PayloadError::Compact("not a name"));
+        }
+        return Ok((text[..end].to_owned(), &text[end..]));
+    };
+    let mut name = String::new();
+    let mut rest = quoted;
+    loop {
+        let at = rest
+            .find('"')
+            .ok_or(PayloadError::Compact("unterminated quoted name"))?;
+        name.push_str(&rest[..at]);
+        rest = &rest[at + 1..];
+        match rest.strip_prefix('"') {
+            Some(after) => {
+                name.push('"');
+                rest = after;
+            }
+            None => return Ok((name, rest)),
+        }
+    }
+}
+
+fn parse_json(text: &str) -> Result<Payload, PayloadError> {
     let wire: Wire = serde_json::from_str(text)?;
     if wire.v != 1 {
         return Err(PayloadError::Version(wire.v));
@@ -73,7 +147,7 @@ pub(super) fn parse(text: &str) -> Result<Payload, PayloadError> {
     Ok(Payload {
         meaning,
         at: wire.ts.and_then(epoch_seconds),
-        xid: wire.xid,
+        tx: wire.xid,
     })
 }
 
@@ -113,7 +187,7 @@ mod tests {
                 keys: None
             })
         );
-        assert_eq!(p.xid.as_deref(), Some("729"));
+        assert_eq!(p.tx.as_deref(), Some("729"));
         let at = p.at.expect("a time");
         let micros = at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -132,7 +206,7 @@ mod tests {
             p.meaning,
             Meaning::Change(Change::Table(t("My \"Schema\"", "a.b c\\d")))
         );
-        assert_eq!(p.xid, None);
+        assert_eq!(p.tx, None);
     }
 
     #[test]
@@ -146,6 +220,66 @@ mod tests {
     }
 
     #[test]
+    fn compact_payloads_mean_rows_or_the_whole_table() {
+        let p = parse("2 UPDATE 1796209028.019654 public.pgbench_branches").expect("valid");
+        assert_eq!(
+            p.meaning,
+            Meaning::Change(Change::Rows {
+                table: t("public", "pgbench_branches"),
+                keys: None
+            })
+        );
+        assert_eq!(p.tx.as_deref(), Some("1796209028.019654"));
+        let micros =
+            p.at.expect("a time")
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after the epoch")
+                .as_micros();
+        assert_eq!(micros, 1_796_209_028_019_654);
+        for op in ["INSERT", "DELETE"] {
+            let p = parse(&format!("2 {op} 1.5 s.t")).expect("valid");
+            assert!(
+                matches!(p.meaning, Meaning::Change(Change::Rows { .. })),
+                "{op}"
+            );
+        }
+        let p = parse("2 TRUNCATE 1796209028 s.t").expect("valid");
+        assert_eq!(p.meaning, Meaning::Change(Change::Table(t("s", "t"))));
+    }
+
+    #[test]
+    fn compact_payloads_read_names_as_quote_ident_prints_them() {
+        // What quote_ident gives for the schema `My "Schema" \` and the table `a.b "c"`,
+        // a keyword, upper case, a space and a tab.
+        let p = parse(r#"2 INSERT 1.0 "My ""Schema"" \"."a.b ""c""""#).expect("valid");
+        assert_eq!(
+            p.meaning,
+            Meaning::Change(Change::Rows {
+                table: t(r#"My "Schema" \"#, r#"a.b "c""#),
+                keys: None
+            })
+        );
+        for (text, schema, name) in [
+            (r#"2 INSERT 1 public."user""#, "public", "user"),
+            (r#"2 INSERT 1 "Public"."Tab""#, "Public", "Tab"),
+            ("2 INSERT 1 _s1.t_2", "_s1", "t_2"),
+            ("2 INSERT 1 s.\"été\"", "s", "été"),
+            ("2 INSERT 1 s.\"tab\tbed\"", "s", "tab\tbed"),
+            (r#"2 INSERT 1 "".t"#, "", "t"),
+        ] {
+            let p = parse(text).expect(text);
+            assert_eq!(
+                p.meaning,
+                Meaning::Change(Change::Rows {
+                    table: t(schema, name),
+                    keys: None
+                }),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_payloads_are_errors() {
         for bad in [
             "",
@@ -156,6 +290,20 @@ mod tests {
             r#"{"v":1,"kind":"table","table":"t"}"#,
             r#"{"v":1,"kind":"everything"}"#,
             r#"{"v":1,"kind":"rows","schema":1,"table":"t"}"#,
+            "2 ",
+            "2 UPDATE",
+            "2 UPDATE 1.5",
+            "2 UPDATE 1.5 t",
+            "2 UPDATE now s.t",
+            "2 MERGE 1.5 s.t",
+            "2 UPDATE 1.5 .t",
+            "2 UPDATE 1.5 s.",
+            "2 UPDATE 1.5 s.t.u",
+            r#"2 UPDATE 1.5 "s.t"#,
+            r#"2 UPDATE 1.5 "s"t.u"#,
+            "2 UPDATE 1.5 s.t ",
+            "2 UPDATE 1.5 S.t",
+            "2 UPDATE 1.5 1s.t",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} must not parse");
         }

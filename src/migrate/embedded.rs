@@ -60,6 +60,12 @@ pub static MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/0005_concat_notify_payload.up.sql"),
         down: include_str!("../../migrations/0005_concat_notify_payload.down.sql"),
     },
+    Migration {
+        version: 6,
+        name: "compact_notify_payload",
+        up: include_str!("../../migrations/0006_compact_notify_payload.up.sql"),
+        down: include_str!("../../migrations/0006_compact_notify_payload.down.sql"),
+    },
 ];
 
 /// The embedded migration with this version.

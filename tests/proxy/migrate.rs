@@ -137,7 +137,20 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     let (_db, mut c) = fresh("migrate_down").await;
     migrate::up(&mut c).await.expect("up");
 
-    // 0005 first: the payload is built with json_build_object again, as 0004 had it.
+    // 0006 first: the row trigger sends 0005's JSON payload again.
+    assert!(
+        notify_change_source(&c).await.contains("quote_ident"),
+        "0006 sends the compact payload"
+    );
+    let reverted = migrate::down(&mut c, 1).await.expect("down 1");
+    assert_eq!(versions(&reverted), vec![6]);
+    assert!(
+        notify_change_source(&c)
+            .await
+            .contains("to_json(TG_TABLE_NAME)"),
+        "down restores 0005's trigger function"
+    );
+    // Then 0005: the payload is built with json_build_object again, as 0004 had it.
     assert!(
         !notify_change_source(&c).await.contains("json_build_object"),
         "0005 builds the payload by concatenation"
@@ -168,7 +181,14 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     assert_eq!(versions(&reverted), vec![3]);
     assert_eq!(
         pending(&c).await,
-        vec![(1, false), (2, false), (3, true), (4, true), (5, true)]
+        vec![
+            (1, false),
+            (2, false),
+            (3, true),
+            (4, true),
+            (5, true),
+            (6, true)
+        ]
     );
     assert_eq!(
         notify_triggers(&c).await,
@@ -202,15 +222,22 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
         "and restores what it replaced"
     );
     let reapplied = migrate::up(&mut c).await.expect("up 0003 again");
-    assert_eq!(versions(&reapplied), vec![3, 4, 5]);
+    assert_eq!(versions(&reapplied), vec![3, 4, 5, 6]);
     assert!(!notify_change_source(&c).await.contains("pgstash.notified"));
     assert!(!notify_change_source(&c).await.contains("json_build_object"));
 
-    let reverted = migrate::down(&mut c, 4).await.expect("down 4");
-    assert_eq!(versions(&reverted), vec![5, 4, 3, 2]);
+    let reverted = migrate::down(&mut c, 5).await.expect("down 5");
+    assert_eq!(versions(&reverted), vec![6, 5, 4, 3, 2]);
     assert_eq!(
         pending(&c).await,
-        vec![(1, false), (2, true), (3, true), (4, true), (5, true)]
+        vec![
+            (1, false),
+            (2, true),
+            (3, true),
+            (4, true),
+            (5, true),
+            (6, true)
+        ]
     );
     assert_eq!(
         notify_triggers(&c).await,
@@ -233,11 +260,11 @@ async fn down_reverts_the_newest_migrations_and_up_reapplies_them() {
     );
 
     let reapplied = migrate::up(&mut c).await.expect("up again");
-    assert_eq!(versions(&reapplied), vec![2, 3, 4, 5]);
+    assert_eq!(versions(&reapplied), vec![2, 3, 4, 5, 6]);
     assert_eq!(notify_triggers(&c).await, 1);
 
     let all = migrate::down(&mut c, 10).await.expect("down everything");
-    assert_eq!(versions(&all), vec![5, 4, 3, 2, 1], "newest first");
+    assert_eq!(versions(&all), vec![6, 5, 4, 3, 2, 1], "newest first");
     assert!(
         !pgstash_schema_exists(&c).await,
         "reverting 0001 leaves nothing of pgstash"
@@ -352,7 +379,14 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
     );
     assert_eq!(
         pending(&c).await,
-        vec![(1, false), (2, true), (3, true), (4, true), (5, true)],
+        vec![
+            (1, false),
+            (2, true),
+            (3, true),
+            (4, true),
+            (5, true),
+            (6, true)
+        ],
         "0001 stays applied, the later ones pending"
     );
     assert_eq!(notify_triggers(&c).await, 0, "nothing of 0002 is left");
@@ -364,7 +398,7 @@ async fn a_failing_migration_is_rolled_back_alone_and_releases_the_lock() {
         .await
         .expect("the lock was released")
         .expect("up after the obstacle is gone");
-    assert_eq!(versions(&applied), vec![2, 3, 4, 5]);
+    assert_eq!(versions(&applied), vec![2, 3, 4, 5, 6]);
 }
 
 async fn all_notify_triggers(c: &Client) -> i64 {
@@ -495,12 +529,12 @@ async fn row_triggers_switch_off_and_back_on() {
         .await
         .expect("enabled again");
 
-    // Off, then 0005, 0004 and 0003 reverted: 0002 has no switch, so every table gets
-    // its trigger back.
+    // Off, then 0006, 0005, 0004 and 0003 reverted: 0002 has no switch, so every table
+    // gets its trigger back.
     set_row_triggers(&c, false).await;
-    migrate::down(&mut c, 3)
+    migrate::down(&mut c, 4)
         .await
-        .expect("down 0005, 0004 and 0003");
+        .expect("down 0006, 0005, 0004 and 0003");
     assert_eq!(all_notify_triggers(&c).await, 2);
     notify::ensure_installed(&c, &db)
         .await

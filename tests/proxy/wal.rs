@@ -839,9 +839,9 @@ async fn a_database_without_migration_0003_is_refused_by_name_until_it_is_migrat
     // 0002 alone (the NOTIFY source's) is not enough.
     let mut client = w.client().await;
     migrate::up(&mut client).await.expect("up");
-    migrate::down(&mut client, 3)
+    migrate::down(&mut client, 4)
         .await
-        .expect("down 0005, 0004 and 0003");
+        .expect("down 0006, 0005, 0004 and 0003");
     let err = wal::ensure_installed(&w.cfg)
         .await
         .expect_err("0003 is missing");
@@ -882,11 +882,11 @@ async fn a_database_without_migration_0003_is_refused_by_name_until_it_is_migrat
 async fn the_source_stops_vouching_while_its_ddl_hooks_are_reverted_or_disabled() {
     let mut w = Wal::start(shared_pg(), T).await;
     let mut client = w.client().await;
-    // Reverting 0003 says so in the stream, at its commit (0005 and 0004 go first,
+    // Reverting 0003 says so in the stream, at its commit (0006, 0005 and 0004 go first,
     // silently).
-    migrate::down(&mut client, 3)
+    migrate::down(&mut client, 4)
         .await
-        .expect("down 0005, 0004 and 0003");
+        .expect("down 0006, 0005, 0004 and 0003");
     let reason = w.wait_unhealthy_because("0003_wal_source").await;
     assert!(reason.contains(&w.db), "{reason}");
     migrate::up(&mut client).await.expect("up again");
