@@ -74,6 +74,9 @@ pub struct Catalog {
     user_functions: HashSet<String>,
     /// Lower-cased names of every type outside the system schemas.
     user_types: HashSet<String>,
+    /// Lower-cased names of functions and procedures outside the system schemas whose
+    /// source may change the session's role or settings (see [`session_changers`]).
+    session_changers: Vec<String>,
     /// A user-defined implicit or assignment cast that runs code that is not immutable (a
     /// cast from text to timestamptz WITH INOUT reads 'now'): queries may call it where
     /// their text shows no cast, so no read of this database is cached.
@@ -477,6 +480,22 @@ impl Catalog {
             )
             .await?;
         cat.user_functions = functions.iter().map(|r| r.get(0)).collect();
+        let sources = client
+            .query(
+                "SELECT p.proname::text, p.prosrc FROM pg_proc p
+                  WHERE p.pronamespace NOT IN ('pg_catalog'::regnamespace,
+                                               'information_schema'::regnamespace)
+                    AND p.prolang NOT IN (SELECT oid FROM pg_language
+                                           WHERE lanname IN ('internal', 'c'))",
+                &[],
+            )
+            .await?;
+        cat.session_changers = session_changers(
+            &sources
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>(),
+        );
         let row = client
             .query_one(
                 "SELECT EXISTS (
@@ -517,6 +536,24 @@ impl Catalog {
         self.bases.get(name).map_or(&[], Vec::as_slice)
     }
 
+    /// Whether `name` is a user table, view, materialized view, foreign table or composite
+    /// type with at least one column, as of the last load.
+    pub fn is_user_relation(&self, name: &str) -> bool {
+        self.typed_relations.contains(name)
+    }
+
+    /// Whether `sql` names a function or procedure that may change the session's role or
+    /// settings where no statement shows it (see [`session_changers`]).
+    pub fn calls_session_changer(&self, sql: &str) -> bool {
+        if self.session_changers.is_empty() {
+            return false;
+        }
+        let sql = sql.to_lowercase();
+        self.session_changers
+            .iter()
+            .any(|name| mentions_word(&sql, name))
+    }
+
     /// Whether reading `name` runs functions the cache cannot vouch for (see `opaque`).
     pub fn is_opaque(&self, name: &str) -> bool {
         !self.opaque.is_empty() && self.opaque.contains(name)
@@ -542,9 +579,18 @@ impl Catalog {
         }
     }
 
-    /// A catalog knowing one table's integer key (for tests elsewhere in the crate).
+    /// A catalog that also lists `table` (for tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn with_relation(mut self, table: &str) -> Catalog {
+        self.typed_relations.insert(table.to_string());
+        self
+    }
+
+    /// A catalog knowing one table's integer key, and the table (for tests elsewhere in
+    /// the crate).
     #[cfg(test)]
     pub(crate) fn with_int_key(mut self, table: &str, column: &str) -> Catalog {
+        self.typed_relations.insert(table.to_string());
         self.keys.insert(
             table.to_string(),
             IntKey {
@@ -577,6 +623,55 @@ impl Catalog {
 }
 
 /// Every name reachable from `start` along `edges`, `start` included.
+/// The functions (lower-cased names) whose source, given as (name, source) pairs, may
+/// change the session's role or settings for the session, not only while they run: a
+/// `SET ROLE`, `SET SESSION AUTHORIZATION`, `RESET ROLE` or `RESET ALL`, a `set_config`
+/// call, or dynamic SQL (`EXECUTE`) that mentions the role; and, transitively, functions
+/// whose source names one of those. Postgres reports none of this unless the change makes
+/// the session superuser or not, so the relay pins a client that calls one. The match is
+/// on text, deliberately wide (a comment or a string mentioning them counts); C and
+/// internal functions cannot be read and are not listed.
+fn session_changers(sources: &[(String, String)]) -> Vec<String> {
+    static DIRECT: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"(?is)set_config|session[\s_]+authorization|\b(set|reset)\s+((local|session)\s+)?role\b|\breset\s+all\b|\bexecute\b[^;]*\brole\b",
+        )
+        .expect("a valid pattern")
+    });
+    let lowered: Vec<(String, String)> = sources
+        .iter()
+        .map(|(n, src)| (n.to_lowercase(), src.to_lowercase()))
+        .collect();
+    let mut found: HashSet<String> = lowered
+        .iter()
+        .filter(|(_, src)| DIRECT.is_match(src))
+        .map(|(n, _)| n.clone())
+        .collect();
+    loop {
+        let more: Vec<String> = lowered
+            .iter()
+            .filter(|(n, src)| !found.contains(n) && found.iter().any(|f| mentions_word(src, f)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        found.extend(more);
+    }
+    let mut out: Vec<String> = found.into_iter().collect();
+    out.sort();
+    out
+}
+
+/// Whether `word` occurs in `text` as a word of its own (not inside a longer identifier).
+/// Both lower-cased by the caller.
+fn mentions_word(text: &str, word: &str) -> bool {
+    let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    text.match_indices(word).any(|(at, _)| {
+        !ident(text[..at].chars().next_back()) && !ident(text[at + word.len()..].chars().next())
+    })
+}
+
 fn closure(edges: &HashMap<String, Vec<String>>, start: &str) -> HashSet<String> {
     let mut seen = HashSet::new();
     let mut stack = vec![start.to_string()];
@@ -634,5 +729,74 @@ impl crate::analysis::FunctionVolatility for Catalog {
                 Volatility::Volatile
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changers(sources: &[(&str, &str)]) -> Vec<String> {
+        session_changers(
+            &sources
+                .iter()
+                .map(|(n, s)| (n.to_string(), s.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn functions_that_may_change_the_role_or_settings_are_found_through_their_callers() {
+        let found = changers(&[
+            (
+                "become",
+                "BEGIN EXECUTE format('SET ROLE %I', r); RETURN r; END",
+            ),
+            ("Become_Admin", "BEGIN SET\n  LOCAL   ROLE admin; END"),
+            ("auth", "SET SESSION AUTHORIZATION bob"),
+            (
+                "cfg",
+                "SELECT pg_catalog.set_config('search_path', $1, false)",
+            ),
+            (
+                "dyn",
+                "BEGIN EXECUTE 'SET ' || quote_ident('role') || ' = ' || r; END",
+            ),
+            ("wipe", "BEGIN RESET ALL; END"),
+            ("outer_fn", "BEGIN PERFORM become('x'); END"),
+            ("outermost", "SELECT outer_fn()"),
+            ("report", "SELECT role, count(*) FROM users GROUP BY role"),
+            // Wide on purpose: `SET role = x` is also how a SET ROLE may be spelt.
+            ("update_roles", "UPDATE users SET role = $1 WHERE id = $2"),
+            ("becomes", "SELECT becomes_x()"),
+        ]);
+        assert_eq!(
+            found,
+            [
+                "auth",
+                "become",
+                "become_admin",
+                "cfg",
+                "dyn",
+                "outer_fn",
+                "outermost",
+                "update_roles",
+                "wipe"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_statement_calls_a_session_changer_only_by_its_name_as_a_word() {
+        let cat = Catalog {
+            session_changers: vec!["become".into()],
+            ..Catalog::default()
+        };
+        assert!(cat.calls_session_changer("SELECT become('bob')"));
+        assert!(cat.calls_session_changer("SELECT public.BECOME('bob')"));
+        assert!(cat.calls_session_changer("CALL \"become\"('bob')"));
+        assert!(!cat.calls_session_changer("SELECT becomes FROM t"));
+        assert!(!cat.calls_session_changer("SELECT unbecome()"));
+        assert!(!Catalog::default().calls_session_changer("SELECT become('bob')"));
     }
 }

@@ -668,7 +668,14 @@ impl PlanShape {
     /// `None` when the analysis says the read must not be cached.
     pub fn of(a: &Analysis, catalog: &Catalog) -> Option<PlanShape> {
         let Analysis::Read(r) = a else { return None };
-        if r.tables.iter().any(|t| catalog.is_opaque(&t.name)) {
+        // A relation the catalog does not list as a table, view or the like is either a
+        // sequence, a system relation, or one created since the catalog was read (behind
+        // pgstash's back, and not reported: the DDL hooks skip sequences): nothing would
+        // invalidate what is read from it.
+        if r.tables
+            .iter()
+            .any(|t| catalog.is_opaque(&t.name) || !catalog.is_user_relation(&t.name))
+        {
             return None;
         }
         let mut shape = PlanShape {
@@ -919,10 +926,27 @@ mod tests {
     }
 
     #[test]
+    fn reads_of_relations_the_catalog_does_not_list_are_not_cached() {
+        // A sequence, a system relation, or a table created since the catalog was read.
+        let c = shared();
+        let cat = Arc::new(Catalog::default().with_relation("t"));
+        for sql in [
+            "SELECT last_value FROM s",
+            "SELECT relname FROM pg_class WHERE oid = 1",
+            "SELECT v FROM t JOIN later USING (id)",
+        ] {
+            let a = c.analyze("db", sql, &cat);
+            assert!(a.read_plan(&cat, CacheKey(1), None).is_none(), "{sql}");
+        }
+        let a = c.analyze("db", "SELECT v FROM t", &cat);
+        assert!(a.read_plan(&cat, CacheKey(1), None).is_some());
+    }
+
+    #[test]
     fn a_plan_shape_is_memoised_for_its_own_catalog_only() {
         let c = shared();
         let keyed = Arc::new(Catalog::default().with_int_key("t", "id"));
-        let plain = Arc::new(Catalog::default());
+        let plain = Arc::new(Catalog::default().with_relation("t"));
         let a = c.analyze("db", "SELECT v FROM t WHERE id = 5", &keyed);
         let key = CacheKey(1);
         let is_point = |p: ReadPlan| matches!(p.deps()[..], [Dependency::Key(_, _)]);

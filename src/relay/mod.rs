@@ -791,13 +791,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return;
         };
         let key = String::from_utf8_lossy(key).to_ascii_lowercase();
-        if !SHAPES_RESULTS.contains(&key.as_str()) {
-            return;
-        }
-        let explained = self
-            .settings_touched
-            .as_ref()
-            .is_none_or(|keys| keys.contains(&key));
+        // Who the session is: reported when a role change makes it superuser or not, or
+        // its session authorization changes. A SET ROLE or SET SESSION AUTHORIZATION of the
+        // client's own explains both.
+        let explained_by: &[&str] = match key.as_str() {
+            "is_superuser" => &["role", "session_authorization"],
+            "session_authorization" => &["session_authorization"],
+            k if SHAPES_RESULTS.contains(&k) => &[],
+            _ => return,
+        };
+        let explained = self.settings_touched.as_ref().is_none_or(|keys| {
+            keys.contains(&key) || keys.iter().any(|k| explained_by.contains(&k.as_str()))
+        });
         if !explained {
             tracing::debug!(setting = %key, "setting changed where no SET shows it: client pinned");
             self.pinned
@@ -812,7 +817,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // cache key does not capture: it is served by Postgres only.
         self.pinned.is_none()
             && self.settings_restore.is_none()
-            && self.expect.is_empty()
+            // Nothing pending on the server: messages sent without a Sync yet (`P B E H`)
+            // leave it mid-batch (an implicit transaction, SETs not settled, or an error
+            // skipping to Sync). Answering from the cache would keep the client's Sync from
+            // it, and the cache key would not carry those SETs.
+            && self.server_idle()
             && match self.tx_status {
                 b'I' => true,
                 // Both settings can make every later BEGIN REPEATABLE READ or SERIALIZABLE,
@@ -1150,6 +1159,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             |a| a.changes_transaction,
         ) {
             self.strict_tx = true;
+        }
+        // A function that may SET ROLE (or other settings) for the session: Postgres does
+        // not report it, so nothing this client reads may be shared, nor its server
+        // connection handed to another client with the role it left there.
+        if let Some(c) = &catalog
+            && c.calls_session_changer(sql)
+        {
+            self.pinned
+                .get_or_insert("a function that may change the role or settings");
         }
         let (Some(catalog), Some(analyzed)) = (catalog, analyzed) else {
             return;

@@ -1564,3 +1564,25 @@ async fn a_table_created_earlier_in_the_search_path_takes_over_cached_reads_of_i
         assert_eq!(simple_int(&c, scan).await, "early");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relations_unknown_to_the_catalog_are_read_through() {
+    let (proxy, db, direct) = setup(10).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    // The catalog is read now; the sequence and the table come after, behind its back.
+    assert_eq!(simple_int(&c, "SELECT v FROM t WHERE id = 1").await, "10");
+    direct
+        .batch_execute("CREATE SEQUENCE s; CREATE TABLE late (id int); INSERT INTO late VALUES (1)")
+        .await
+        .expect("direct DDL");
+    for _ in 0..3 {
+        assert_eq!(simple_int(&c, "SELECT last_value FROM s").await, "1");
+        assert_eq!(simple_int(&c, "SELECT count(*) FROM late").await, "1");
+    }
+    direct
+        .batch_execute("SELECT setval('s', 42); INSERT INTO late VALUES (2)")
+        .await
+        .expect("direct writes");
+    assert_eq!(simple_int(&c, "SELECT last_value FROM s").await, "42");
+    assert_eq!(simple_int(&c, "SELECT count(*) FROM late").await, "2");
+}

@@ -19,5 +19,6 @@ mod resilience;
 mod session_state;
 mod shared_tier;
 mod sources;
+mod unsynced;
 mod wal;
 mod wrong_client;

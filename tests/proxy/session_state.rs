@@ -434,3 +434,49 @@ async fn a_set_pipelined_behind_another_statement_does_not_pin() {
     assert_eq!(one(&b, "SELECT 2::text").await, "2");
     assert_eq!(one(&a, "SHOW TimeZone").await, "Asia/Tokyo");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_changed_inside_a_function_is_never_shared_nor_served_from_the_cache() {
+    let (proxy, db) = setup(1);
+    let pg = shared_pg();
+    // SET ROLE between two roles that are not superusers: Postgres reports nothing.
+    pg.psql_db(
+        &db,
+        "CREATE ROLE rolefn_a LOGIN PASSWORD 'rolefnpass'; CREATE ROLE rolefn_b; GRANT rolefn_b TO rolefn_a;
+         GRANT SELECT ON t TO rolefn_a, rolefn_b;
+         INSERT INTO t VALUES ('rolefn_a', 'a-row'), ('rolefn_b', 'b-row');
+         CREATE FUNCTION become(r text) RETURNS text LANGUAGE plpgsql
+             AS $$ BEGIN EXECUTE format('SET ROLE %I', r); RETURN r; END $$;",
+    );
+    let a = proxy.connect("rolefn_a", "rolefnpass", &db).await;
+    for _ in 0..3 {
+        assert_eq!(rows(&a).await, "a-row");
+    }
+    assert_eq!(one(&a, "SELECT become('rolefn_b')").await, "rolefn_b");
+    for _ in 0..2 {
+        assert_eq!(rows(&a).await, "b-row", "read as rolefn_b now");
+        assert_eq!(one(&a, "SELECT current_user::text").await, "rolefn_b");
+    }
+    drop(a);
+    // Through a pool of one: the next client of the same role does not inherit rolefn_b.
+    let b = proxy.connect("rolefn_a", "rolefnpass", &db).await;
+    assert_eq!(one(&b, "SELECT current_user::text").await, "rolefn_a");
+    for _ in 0..3 {
+        assert_eq!(rows(&b).await, "a-row");
+    }
+    // A superuser becoming someone else: Postgres reports is_superuser, which pins too,
+    // even for a function the catalog has not seen (created behind pgstash's back).
+    let c = proxy.connect("postgres", "", &db).await;
+    for _ in 0..3 {
+        assert!(rows(&c).await.contains("public"));
+    }
+    pg.psql_db(
+        &db,
+        "CREATE FUNCTION become_late(r text) RETURNS text LANGUAGE plpgsql
+             AS $$ BEGIN EXECUTE format('SET ROLE %I', r); RETURN r; END $$;",
+    );
+    assert_eq!(one(&c, "SELECT become_late('md5user')").await, "md5user");
+    for _ in 0..2 {
+        assert_eq!(rows(&c).await, "mine");
+    }
+}

@@ -1,0 +1,230 @@
+//! Messages a client sent without a Sync yet (`Parse Bind Execute Flush`) leave the server
+//! mid-batch: an implicit transaction open, SETs not settled, or an error skipping to the
+//! next Sync. A cached answer must never take that Sync's place.
+
+use crate::fixture::{Proxy, fresh_database};
+use crate::support::shared_pg;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// A client that writes protocol messages by hand.
+struct Wire {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    fn connect(proxy: &Proxy, db: &str) -> Wire {
+        let s = TcpStream::connect(proxy.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut w = Wire { s, buf: Vec::new() };
+        let params = format!("user\0postgres\0database\0{db}\0\0");
+        let mut p = ((params.len() + 8) as i32).to_be_bytes().to_vec();
+        p.extend_from_slice(&0x0003_0000i32.to_be_bytes());
+        p.extend_from_slice(params.as_bytes());
+        w.s.write_all(&p).expect("startup");
+        w.until_ready();
+        w
+    }
+
+    fn send(&mut self, tag: u8, body: &[u8]) {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        self.s.write_all(&m).expect("write");
+    }
+
+    fn parse(&mut self, sql: &str) {
+        self.send(b'P', format!("\0{sql}\0\0\0").as_bytes());
+    }
+
+    /// Bind of the unnamed statement to the unnamed portal, text parameters.
+    fn bind(&mut self, params: &[&str]) {
+        let mut b = b"\0\0\0\0".to_vec();
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        self.send(b'B', &b);
+    }
+
+    fn describe_portal(&mut self) {
+        self.send(b'D', b"P\0");
+    }
+
+    fn execute(&mut self) {
+        self.send(b'E', b"\0\0\0\0\0");
+    }
+
+    /// The next message: tag and body.
+    fn next(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
+                if self.buf.len() > len {
+                    let msg: Vec<u8> = self.buf.drain(..len + 1).collect();
+                    return (msg[0], msg[5..].to_vec());
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self
+                .s
+                .read(&mut chunk)
+                .expect("an answer within 10 s (none: the server is still waiting for a Sync)");
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Tags up to and including the next ReadyForQuery.
+    fn until_ready(&mut self) -> Vec<u8> {
+        let mut tags = Vec::new();
+        loop {
+            let (tag, _) = self.next();
+            tags.push(tag);
+            if tag == b'Z' {
+                return tags;
+            }
+        }
+    }
+
+    /// Tags up to and including the first with tag `last`.
+    fn until(&mut self, last: u8) -> Vec<u8> {
+        let mut tags = Vec::new();
+        loop {
+            let (tag, _) = self.next();
+            tags.push(tag);
+            if tag == last {
+                return tags;
+            }
+        }
+    }
+
+    /// The cacheable batch: `Parse Bind Describe Execute Sync`.
+    fn cached_read(&mut self) -> Vec<u8> {
+        self.parse("SELECT v FROM t WHERE id = $1");
+        self.bind(&["7"]);
+        self.describe_portal();
+        self.execute();
+        self.send(b'S', b"");
+        self.until_ready()
+    }
+}
+
+fn setup() -> (Proxy, String) {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "unsynced");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 10) g;
+         CREATE TABLE w (id int);",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    (proxy, db)
+}
+
+fn warm(proxy: &Proxy, db: &str) {
+    let mut w = Wire::connect(proxy, db);
+    for _ in 0..3 {
+        assert_eq!(w.cached_read(), b"12TDCZ");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_read_does_not_swallow_the_sync_that_commits_an_unsynced_write() {
+    let (proxy, db) = setup();
+    warm(&proxy, &db);
+    let mut w = Wire::connect(&proxy, &db);
+    w.parse("INSERT INTO w VALUES (1)");
+    w.bind(&[]);
+    w.execute();
+    w.send(b'H', b"");
+    assert_eq!(w.until(b'C'), b"12C");
+    // The cached read's Sync ends the implicit transaction the INSERT runs in.
+    assert_eq!(w.cached_read(), b"12TDCZ");
+    let direct = shared_pg().client(&db).await;
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM w", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1, "the INSERT is committed once its batch was synced");
+    w.send(b'Q', b"SELECT 42\0");
+    assert_eq!(w.until_ready(), b"TDCZ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_unsynced_error_a_cached_read_is_skipped_like_postgres_skips_it() {
+    let (proxy, db) = setup();
+    warm(&proxy, &db);
+    let mut w = Wire::connect(&proxy, &db);
+    w.parse("SELECT 1/0");
+    w.bind(&[]);
+    w.execute();
+    w.send(b'H', b"");
+    // 1/0 is folded when the statement is planned, at Bind.
+    assert_eq!(w.until(b'E'), b"1E");
+    // Postgres ignores everything up to the Sync after an error: only ReadyForQuery.
+    assert_eq!(w.cached_read(), b"Z");
+    w.send(b'Q', b"SELECT 42\0");
+    assert_eq!(w.until_ready(), b"TDCZ");
+    assert_eq!(w.cached_read(), b"12TDCZ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsynced_set_is_settled_before_a_read_is_answered_or_cached() {
+    let pg = shared_pg();
+    let (proxy, db) = setup();
+    pg.psql_db(
+        &db,
+        "CREATE SCHEMA sb; CREATE TABLE sb.t (id int PRIMARY KEY, v text);
+         INSERT INTO sb.t VALUES (7, 'from sb');",
+    );
+    warm(&proxy, &db);
+    let mut w = Wire::connect(&proxy, &db);
+    w.parse("SET search_path = sb");
+    w.bind(&[]);
+    w.execute();
+    w.send(b'H', b"");
+    assert_eq!(w.until(b'C'), b"12C");
+    for _ in 0..3 {
+        w.parse("SELECT v FROM t WHERE id = $1");
+        w.bind(&["7"]);
+        w.execute();
+        w.send(b'S', b"");
+        let mut rows = Vec::new();
+        loop {
+            let (tag, body) = w.next();
+            if tag == b'D' {
+                rows.push(String::from_utf8_lossy(&body[6..]).into_owned());
+            }
+            if tag == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(rows, ["from sb"], "read under search_path sb");
+    }
+    // Nothing read under sb went in under the default search_path.
+    let mut other = Wire::connect(&proxy, &db);
+    assert_eq!(other.cached_read(), b"12TDCZ");
+    other.parse("SELECT v FROM t WHERE id = $1");
+    other.bind(&["7"]);
+    other.execute();
+    other.send(b'S', b"");
+    let mut rows = Vec::new();
+    loop {
+        let (tag, body) = other.next();
+        if tag == b'D' {
+            rows.push(String::from_utf8_lossy(&body[6..]).into_owned());
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(rows, ["v7"]);
+}
