@@ -249,9 +249,12 @@ impl Login<'_> {
         Ok(())
     }
 
-    /// No users configured: the client proves itself to Postgres. If Postgres lets us in
-    /// without a password the client is in; otherwise the client's password must be one
-    /// Postgres accepts for this user, and it becomes the pool's login password.
+    /// No users configured: the client proves itself to Postgres, at every login, on a
+    /// connection of its own (closed right after): Postgres alone knows whether the role
+    /// still exists, may log in, has not expired, and which password it has now. If
+    /// Postgres lets us in without a password the client is in; otherwise the client's
+    /// password must be one Postgres accepts, and it becomes the pool's login password
+    /// (the newest one proved wins: a password changed since is followed).
     async fn passthrough<R, W>(
         &self,
         shared: &Shared,
@@ -263,32 +266,29 @@ impl Login<'_> {
         W: AsyncWrite + Unpin,
     {
         let pool = shared.pools.get(self.database, self.user, None);
-        let known = pool.password();
-        match pool.checkout().await {
-            Ok(server) if known.is_none() => return Ok((pool, server)),
-            Ok(_) | Err(CheckoutError::Upstream(UpstreamError::PasswordRequired)) => {}
-            Err(e) => return Err(checkout_error(&e)),
-        }
-        let given = auth::ask_cleartext(r, w)
-            .await
-            .map_err(|e| auth_error(&e))?;
-        let matches_known = known.as_deref().is_some_and(|k| {
-            use subtle::ConstantTimeEq;
-            bool::from(k.as_bytes().ct_eq(given.as_bytes()))
-        });
-        if !matches_known {
-            // A new or changed password: only Postgres can say whether it is right.
-            let params = ConnectParams {
-                addr: shared.pools.upstream_addr(),
-                user: self.user.to_string(),
-                database: self.database.to_string(),
-                password: Some(given.clone()),
-                timeout: self.config.upstream.connect_timeout,
-            };
-            match connect(&params).await {
-                Ok(_) => pool.set_password(Some(given)),
-                Err(e) => return Err(upstream_error_message(&e, Severity::Fatal)),
+        let mut params = ConnectParams {
+            addr: shared.pools.upstream_addr(),
+            user: self.user.to_string(),
+            database: self.database.to_string(),
+            password: None,
+            timeout: self.config.upstream.connect_timeout,
+        };
+        match connect(&params).await {
+            Ok(proof) => proof.terminate().await,
+            Err(UpstreamError::PasswordRequired) => {
+                let given = auth::ask_cleartext(r, w)
+                    .await
+                    .map_err(|e| auth_error(&e))?;
+                params.password = Some(given.clone());
+                match connect(&params).await {
+                    Ok(proof) => {
+                        proof.terminate().await;
+                        pool.set_password(Some(given));
+                    }
+                    Err(e) => return Err(upstream_error_message(&e, Severity::Fatal)),
+                }
             }
+            Err(e) => return Err(upstream_error_message(&e, Severity::Fatal)),
         }
         let server = pool.checkout().await.map_err(|e| checkout_error(&e))?;
         Ok((pool, server))

@@ -101,6 +101,11 @@ impl ServerConn {
         }
     }
 
+    /// Say goodbye (Terminate) and close, so that Postgres logs no broken connection.
+    pub async fn terminate(mut self) {
+        let _ = self.writer.write_all(b"X\0\0\0\x04").await;
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.writer.write_all(bytes).await
     }

@@ -58,6 +58,57 @@ async fn passthrough_checks_passwords_with_postgres_and_relays_its_codes() {
     assert_eq!(unknown, Some(SqlState::INVALID_PASSWORD));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_follows_role_changes_made_behind_its_back() {
+    let pg = shared_pg();
+    pg.psql_db(
+        "postgres",
+        "CREATE ROLE behind LOGIN PASSWORD 'first'; GRANT CONNECT ON DATABASE postgres TO behind;",
+    );
+    let proxy = Proxy::start(pg, |_| {});
+    // Logged in once: pgstash has a pooled connection and the proven password.
+    let kept = proxy.connect("behind", "first", "postgres").await;
+    assert_eq!(
+        login_code(&proxy, "behind", "first", "postgres").await,
+        None
+    );
+    // A new password, set straight in Postgres: the old one no longer logs in, the new one
+    // does.
+    pg.psql_db("postgres", "ALTER ROLE behind PASSWORD 'second'");
+    assert_eq!(
+        login_code(&proxy, "behind", "first", "postgres").await,
+        Some(SqlState::INVALID_PASSWORD)
+    );
+    assert_eq!(
+        login_code(&proxy, "behind", "second", "postgres").await,
+        None
+    );
+    // Not allowed to log in any more: refused as Postgres refuses it.
+    pg.psql_db("postgres", "ALTER ROLE behind NOLOGIN");
+    assert_eq!(
+        login_code(&proxy, "behind", "second", "postgres").await,
+        Some(SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    );
+    // A session that began before keeps working, as in Postgres.
+    let v: i32 = kept
+        .query_one("SELECT 8", &[])
+        .await
+        .expect("open session")
+        .get(0);
+    assert_eq!(v, 8);
+    // A password changed through pgstash works at once.
+    pg.psql_db("postgres", "ALTER ROLE behind LOGIN");
+    let admin = proxy.connect("postgres", "", "postgres").await;
+    admin
+        .batch_execute("ALTER ROLE behind PASSWORD 'third'")
+        .await
+        .expect("change the password through pgstash");
+    assert_eq!(
+        login_code(&proxy, "behind", "third", "postgres").await,
+        None
+    );
+}
+
 fn user(name: &str, method: AuthMethod, password: &str) -> UserConfig {
     UserConfig {
         name: name.into(),

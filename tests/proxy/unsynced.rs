@@ -104,6 +104,25 @@ impl Wire {
         }
     }
 
+    /// `SELECT v FROM t WHERE id = 7` as `Parse Bind Execute Sync`: the values of its rows.
+    fn read_v7(&mut self) -> Vec<String> {
+        self.parse("SELECT v FROM t WHERE id = $1");
+        self.bind(&["7"]);
+        self.execute();
+        self.send(b'S', b"");
+        let mut rows = Vec::new();
+        loop {
+            let (tag, body) = self.next();
+            if tag == b'D' {
+                // Column count (2 bytes), first column's length (4), its text.
+                rows.push(String::from_utf8_lossy(&body[6..]).into_owned());
+            }
+            if tag == b'Z' {
+                return rows;
+            }
+        }
+    }
+
     /// The cacheable batch: `Parse Bind Describe Execute Sync`.
     fn cached_read(&mut self) -> Vec<u8> {
         self.parse("SELECT v FROM t WHERE id = $1");
@@ -193,38 +212,10 @@ async fn an_unsynced_set_is_settled_before_a_read_is_answered_or_cached() {
     w.send(b'H', b"");
     assert_eq!(w.until(b'C'), b"12C");
     for _ in 0..3 {
-        w.parse("SELECT v FROM t WHERE id = $1");
-        w.bind(&["7"]);
-        w.execute();
-        w.send(b'S', b"");
-        let mut rows = Vec::new();
-        loop {
-            let (tag, body) = w.next();
-            if tag == b'D' {
-                rows.push(String::from_utf8_lossy(&body[6..]).into_owned());
-            }
-            if tag == b'Z' {
-                break;
-            }
-        }
-        assert_eq!(rows, ["from sb"], "read under search_path sb");
+        assert_eq!(w.read_v7(), ["from sb"], "read under search_path sb");
     }
     // Nothing read under sb went in under the default search_path.
     let mut other = Wire::connect(&proxy, &db);
     assert_eq!(other.cached_read(), b"12TDCZ");
-    other.parse("SELECT v FROM t WHERE id = $1");
-    other.bind(&["7"]);
-    other.execute();
-    other.send(b'S', b"");
-    let mut rows = Vec::new();
-    loop {
-        let (tag, body) = other.next();
-        if tag == b'D' {
-            rows.push(String::from_utf8_lossy(&body[6..]).into_owned());
-        }
-        if tag == b'Z' {
-            break;
-        }
-    }
-    assert_eq!(rows, ["v7"]);
+    assert_eq!(other.read_v7(), ["v7"]);
 }
