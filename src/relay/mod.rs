@@ -291,6 +291,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 }
                 b'Q' => {
                     self.flush_batch().await?;
+                    // Answered from the cache or not, the Query ends the client's unnamed
+                    // statement (the server's, if it has one, is closed before any Bind).
+                    self.statements.unnamed = None;
                     if self.serve_query(&msg).await? {
                         return Ok(true);
                     }
@@ -368,6 +371,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         match tag {
             b'Q' => {
+                // A simple Query destroys the unnamed statement, on the server and for the
+                // client.
+                self.statements.unnamed = None;
+                self.unnamed_on_server = false;
                 let sql = cstr_at(msg.body(), 0)
                     .map(|(s, _)| utf8_or_lossy(s))
                     .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
@@ -542,6 +549,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     /// now present on the server, `None` when unknown (forwarded so Postgres reports it).
     fn resolve(&mut self, name: &[u8]) -> Option<Arc<str>> {
         if name.is_empty() {
+            if self.statements.unnamed.is_none() {
+                // The client has no unnamed statement (never parsed, closed, or destroyed by
+                // a simple Query), but this server connection may hold one: another
+                // client's, or one a Close or a cached Query kept from being destroyed.
+                // Close it, so that Postgres answers as it would the client alone (26000).
+                self.to_server
+                    .extend_from_slice(&protocol::with_statement_name(b'C', b"S", "", &[]));
+                self.expect.push(Expect::Close, true);
+                self.unnamed_on_server = false;
+            }
             if !self.unnamed_on_server
                 && let Some(s) = self.statements.unnamed.clone()
             {

@@ -219,3 +219,43 @@ async fn an_unsynced_set_is_settled_before_a_read_is_answered_or_cached() {
     assert_eq!(other.cached_read(), b"12TDCZ");
     assert_eq!(other.read_v7(), ["v7"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_ends_where_postgres_ends_it() {
+    let (proxy, db) = setup();
+    warm(&proxy, &db);
+    let mut w = Wire::connect(&proxy, &db);
+    let bind_execute = |w: &mut Wire| {
+        w.bind(&["7"]);
+        w.execute();
+        w.send(b'S', b"");
+        w.until_ready()
+    };
+    // A simple Query destroys it: the Bind fails (26000) and skips to the Sync.
+    w.parse("SELECT v FROM t WHERE id = $1");
+    w.send(b'S', b"");
+    assert_eq!(w.until_ready(), b"1Z");
+    w.send(b'Q', b"SELECT 42\0");
+    assert_eq!(w.until_ready(), b"TDCZ");
+    assert_eq!(bind_execute(&mut w), b"EZ");
+    // So does a Query answered from the cache.
+    w.parse("SELECT v FROM t WHERE id = $1");
+    w.send(b'S', b"");
+    assert_eq!(w.until_ready(), b"1Z");
+    for _ in 0..3 {
+        w.send(b'Q', b"SELECT v FROM t WHERE id = 3\0");
+        assert_eq!(w.until_ready(), b"TDCZ");
+    }
+    assert_eq!(bind_execute(&mut w), b"EZ");
+    // And Close of it, even though the server keeps its copy until the next Parse.
+    w.parse("SELECT v FROM t WHERE id = $1");
+    w.send(b'S', b"");
+    assert_eq!(w.until_ready(), b"1Z");
+    w.send(b'C', b"S\0");
+    w.send(b'S', b"");
+    assert_eq!(w.until_ready(), b"3Z");
+    assert_eq!(bind_execute(&mut w), b"EZ");
+    // Parsed again, it works.
+    w.parse("SELECT v FROM t WHERE id = $1");
+    assert_eq!(bind_execute(&mut w), b"12DCZ");
+}
