@@ -80,6 +80,10 @@ pub struct Relay<R, W> {
     /// An error or rollback happened since the server was last idle.
     undone: bool,
     unnamed_on_server: bool,
+    /// An answer from the cache inside a transaction block stood in for a Bind (or a
+    /// Query) the server never saw: its unnamed portal may be an older one of this
+    /// transaction, which Postgres would have replaced (or, for a Query, destroyed).
+    portal_gap: bool,
     cache: Option<Arc<CacheShared>>,
     database: String,
     user: String,
@@ -153,6 +157,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             settings_touched: Some(Vec::new()),
             undone: false,
             unnamed_on_server: false,
+            portal_gap: false,
             cache: s.cache,
             database: s.database,
             user: s.user,
@@ -371,10 +376,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         match tag {
             b'Q' => {
-                // A simple Query destroys the unnamed statement, on the server and for the
-                // client.
+                // A simple Query destroys the unnamed statement and portal, on the server
+                // and for the client.
                 self.statements.unnamed = None;
                 self.unnamed_on_server = false;
+                self.portal_gap = false;
                 let sql = cstr_at(msg.body(), 0)
                     .map(|(s, _)| utf8_or_lossy(s))
                     .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
@@ -397,6 +403,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     .ok_or_else(|| RelayError::Violation("bad Execute".into()))?;
                 if let Some(effects) = self.portal_effects.get(portal).cloned() {
                     self.apply_effects(&effects);
+                }
+                if portal.is_empty() {
+                    self.close_gap_portal();
                 }
                 self.batch_open = true;
                 self.forward(&msg, Expect::Execute);
@@ -585,6 +594,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let bad = || RelayError::Violation("bad Bind".into());
         let (portal, p1) = cstr_at(body, 0).ok_or_else(bad)?;
         let (stmt, p2) = cstr_at(body, p1).ok_or_else(bad)?;
+        if portal.is_empty() {
+            // The server's unnamed portal is replaced by this one.
+            self.portal_gap = false;
+        }
         let effects = if stmt.is_empty() {
             self.statements.unnamed.as_ref().map(|s| s.effects.clone())
         } else {
@@ -616,6 +629,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let body = msg.body();
         let (name, _) =
             cstr_at(body, 1).ok_or_else(|| RelayError::Violation("bad Describe".into()))?;
+        if body[0] == b'P' && name.is_empty() {
+            self.close_gap_portal();
+        }
         if body[0] == b'S'
             && let Some(server_name) = self.resolve(name)
         {
@@ -644,9 +660,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(());
         }
         self.batch_open = true;
+        if name.is_empty() {
+            self.close_gap_portal();
+        }
         self.portal_effects.remove(name);
         self.forward(&msg, Expect::Close);
         Ok(())
+    }
+
+    /// Before a message about the unnamed portal reaches the server after a cache answer
+    /// in this transaction: close the server's unnamed portal, an older one Postgres would
+    /// no longer have. Postgres would still have the answered one, finished (an Execute of
+    /// it gives `SELECT 0`); the server gives 34000 instead: an error, never another
+    /// query's rows.
+    fn close_gap_portal(&mut self) {
+        if std::mem::take(&mut self.portal_gap) {
+            self.to_server
+                .extend_from_slice(&protocol::with_statement_name(b'C', b"P", "", &[]));
+            self.expect.push(Expect::Close, true);
+        }
     }
 
     fn apply_effects(&mut self, effects: &[Effect]) {
@@ -707,6 +739,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             b'Z' => {
                 self.tx_status = msg.body().first().copied().unwrap_or(b'I');
+                if self.tx_status == b'I' {
+                    // Portals end with their transaction.
+                    self.portal_gap = false;
+                }
                 self.copy_in = false;
                 if self.tx_status == b'I' {
                     self.transaction_ended();
@@ -925,6 +961,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     /// Answer from the cache: the stored response, then ReadyForQuery; counted as a hit of
     /// `tier` (L2 hits are counted where they are found), timed from `started`.
     fn answer_hit(&mut self, response: Bytes, tier: caching::Tier, started: std::time::Instant) {
+        if self.tx_status == b'T' {
+            self.portal_gap = true;
+        }
         self.expect.push_synthetic(response, &mut self.to_client);
         let rfq = protocol::ready_for_query(self.tx_status);
         self.expect.push_synthetic(rfq, &mut self.to_client);

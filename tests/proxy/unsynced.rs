@@ -259,3 +259,27 @@ async fn the_unnamed_statement_ends_where_postgres_ends_it() {
     w.parse("SELECT v FROM t WHERE id = $1");
     assert_eq!(bind_execute(&mut w), b"12DCZ");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_cached_answer_in_a_transaction_the_unnamed_portal_is_never_an_older_one() {
+    let (proxy, db) = setup();
+    warm(&proxy, &db);
+    let mut w = Wire::connect(&proxy, &db);
+    w.send(b'Q', b"BEGIN\0");
+    assert_eq!(w.until_ready(), b"CZ");
+    // An unnamed portal of this transaction, on the server, not executed yet.
+    w.parse("SELECT 77");
+    w.bind(&[]);
+    w.send(b'S', b"");
+    assert_eq!(w.until_ready(), b"12Z");
+    // Answered from the cache: in Postgres this Bind replaced that portal.
+    assert_eq!(w.cached_read(), b"12TDCZ");
+    // Executing the unnamed portal again: Postgres finds the finished cached one (no
+    // rows, `SELECT 0`); pgstash's server has no portal then (34000). Never 77's rows.
+    w.execute();
+    w.send(b'S', b"");
+    let tags = w.until_ready();
+    assert!(!tags.contains(&b'D'), "rows of an older portal: {tags:?}");
+    w.send(b'Q', b"ROLLBACK\0");
+    assert_eq!(w.until_ready(), b"CZ");
+}
