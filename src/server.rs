@@ -189,7 +189,7 @@ async fn start_change_source(
 ) -> std::io::Result<()> {
     use crate::config::InvalidationSource;
     use crate::invalidation::leader::StartSource;
-    use crate::invalidation::{ChangeSink, apply::CacheSink, notify};
+    use crate::invalidation::{ChangeSink, apply::CacheSink, notify, roles};
     use crate::metrics::InvalidationOrigin;
     let source = config.invalidation.source;
     if source == InvalidationSource::Proxy {
@@ -221,12 +221,27 @@ async fn start_change_source(
                         std::io::Error::other(format!("invalidation.source = \"notify\": {e}"))
                     })?;
                 let listen_db = db.clone();
+                let timeout = config.upstream.connect_timeout;
                 let start: StartSource = Arc::new(move |sink, cancel| {
                     let (conninfo, db) = (conninfo.clone(), listen_db.clone());
+                    let roles = roles::watch(
+                        conninfo.clone(),
+                        db.clone(),
+                        Arc::clone(&sink),
+                        timeout,
+                        cancel.clone(),
+                    );
                     Box::pin(async move {
                         let cfg = notify::ListenerConfig::default();
-                        if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
-                            tracing::error!(error = %e, "NOTIFY listener cannot start");
+                        let listen = async {
+                            if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
+                                tracing::error!(error = %e, "NOTIFY listener cannot start");
+                            }
+                        };
+                        // The role watch runs as long as the source does.
+                        tokio::select! {
+                            () = listen => {}
+                            () = roles => {}
                         }
                     })
                 });
@@ -256,8 +271,25 @@ async fn start_change_source(
                 wal::ensure_installed(&cfg).await.map_err(|e| {
                     std::io::Error::other(format!("invalidation.source = \"wal\": {e}"))
                 })?;
-                let start: StartSource =
-                    Arc::new(move |sink, cancel| Box::pin(wal::run(cfg.clone(), sink, cancel)));
+                let (roles_conninfo, roles_db) = (conninfo.clone(), db.clone());
+                let timeout = config.upstream.connect_timeout;
+                let start: StartSource = Arc::new(move |sink, cancel| {
+                    let roles = roles::watch(
+                        roles_conninfo.clone(),
+                        roles_db.clone(),
+                        Arc::clone(&sink),
+                        timeout,
+                        cancel.clone(),
+                    );
+                    let source = wal::run(cfg.clone(), sink, cancel);
+                    Box::pin(async move {
+                        // The role watch runs as long as the source does.
+                        tokio::select! {
+                            () = source => {}
+                            () = roles => {}
+                        }
+                    })
+                });
                 spawn_source(cache, "wal", db, &sink, start, cancel);
             }
             InvalidationSource::Proxy => return Ok(()),

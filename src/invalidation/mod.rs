@@ -14,6 +14,7 @@ pub mod notify;
 mod payload;
 pub mod pgoutput;
 mod replication;
+pub mod roles;
 mod setup;
 pub mod wal;
 

@@ -548,3 +548,59 @@ async fn one_instance_reads_the_source_and_another_takes_over_when_it_stops() {
         .expect("w");
     fresh_soon(&cb, "SELECT v FROM seen", "3").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_changes_behind_pgstash_invalidate_through_notify() {
+    role_changes_behind_pgstash_invalidate(Src::Notify, "n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_changes_behind_pgstash_invalidate_through_the_wal() {
+    role_changes_behind_pgstash_invalidate(Src::Wal, "w").await;
+}
+
+/// A membership revoked straight in Postgres: no event trigger fires for it and logical
+/// decoding does not carry it, yet the member may no longer read what it read.
+async fn role_changes_behind_pgstash_invalidate(src: Src, tag: &str) {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "srcroles");
+    let (reader, user) = (
+        format!("rolesrc_reader_{tag}"),
+        format!("rolesrc_user_{tag}"),
+    );
+    pg.psql_db(
+        &db,
+        &format!(
+            "CREATE TABLE r (id int PRIMARY KEY, v text); INSERT INTO r VALUES (1, 'one');
+             CREATE ROLE {reader}; GRANT SELECT ON r TO {reader};
+             CREATE ROLE {user} LOGIN PASSWORD 'rolesrcpass'; GRANT {reader} TO {user};"
+        ),
+    );
+    let (w, _through, direct) = watched(pg, &db, src).await;
+    w.wait_until_vouched().await;
+    let proxy = w.proxy.as_ref().expect("running");
+    let c = proxy.connect(&user, "rolesrcpass", &db).await;
+    let read = "SELECT v FROM r WHERE id = 1";
+    for _ in 0..3 {
+        assert_eq!(one(&c, read).await, "one");
+    }
+    direct
+        .batch_execute(&format!("REVOKE {reader} FROM {user}"))
+        .await
+        .expect("revoke behind pgstash's back");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match try_row(&c, read).await {
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                break;
+            }
+            got => assert!(
+                Instant::now() < deadline,
+                "still read after the revoke: {got:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
