@@ -77,6 +77,9 @@ pub struct Catalog {
     /// Lower-cased names of functions and procedures outside the system schemas whose
     /// source may change the session's role or settings (see [`session_changers`]).
     session_changers: Vec<String>,
+    /// Lower-cased names of functions outside the system schemas that call set_config for
+    /// the transaction only (and their callers), session changers aside.
+    transaction_changers: Vec<String>,
     /// A user-defined implicit or assignment cast that runs code that is not immutable (a
     /// cast from text to timestamptz WITH INOUT reads 'now'): queries may call it where
     /// their text shows no cast, so no read of this database is cached.
@@ -490,12 +493,16 @@ impl Catalog {
                 &[],
             )
             .await?;
-        cat.session_changers = session_changers(
-            &sources
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-                .collect::<Vec<_>>(),
-        );
+        let sources: Vec<(String, String)> = sources
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        cat.session_changers = session_changers(&sources);
+        let any_set_config = changers_by(&sources, &|src| src.contains("set_config"));
+        cat.transaction_changers = any_set_config
+            .into_iter()
+            .filter(|n| !cat.session_changers.contains(n))
+            .collect();
         let row = client
             .query_one(
                 "SELECT EXISTS (
@@ -545,13 +552,13 @@ impl Catalog {
     /// Whether `sql` names a function or procedure that may change the session's role or
     /// settings where no statement shows it (see [`session_changers`]).
     pub fn calls_session_changer(&self, sql: &str) -> bool {
-        if self.session_changers.is_empty() {
-            return false;
-        }
-        let sql = sql.to_lowercase();
-        self.session_changers
-            .iter()
-            .any(|name| mentions_word(&sql, name))
+        calls_any(&self.session_changers, sql)
+    }
+
+    /// Whether `sql` names a function that may change a setting for the rest of the
+    /// transaction (`set_config(..., true)` in its source).
+    pub fn calls_transaction_changer(&self, sql: &str) -> bool {
+        calls_any(&self.transaction_changers, sql)
     }
 
     /// Whether reading `name` runs functions the cache cannot vouch for (see `opaque`).
@@ -634,17 +641,34 @@ impl Catalog {
 fn session_changers(sources: &[(String, String)]) -> Vec<String> {
     static DIRECT: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
         regex::Regex::new(
-            r"(?is)set_config|session[\s_]+authorization|\b(set|reset)\s+((local|session)\s+)?role\b|\breset\s+all\b|\bexecute\b[^;]*\brole\b",
+            r"(?is)session[\s_]+authorization|\b(set|reset)\s+((local|session)\s+)?role\b|\breset\s+all\b|\bexecute\b[^;]*\brole\b",
         )
         .expect("a valid pattern")
     });
+    // set_config(name, value, true) changes a setting for the transaction only, as it does
+    // written in a query: only a call that is not plainly transaction-local counts, read
+    // as the relay reads queries.
+    let session_set_config = |src: &str| {
+        src.contains("set_config")
+            && crate::session::effects_of(src)
+                .iter()
+                .any(|e| matches!(e, crate::session::Effect::Pin(_)))
+    };
+    changers_by(sources, &|src| {
+        DIRECT.is_match(src) || session_set_config(src)
+    })
+}
+
+/// The functions (lower-cased names) whose lower-cased source satisfies `direct`, and,
+/// transitively, the functions whose source names one of them.
+fn changers_by(sources: &[(String, String)], direct: &dyn Fn(&str) -> bool) -> Vec<String> {
     let lowered: Vec<(String, String)> = sources
         .iter()
         .map(|(n, src)| (n.to_lowercase(), src.to_lowercase()))
         .collect();
     let mut found: HashSet<String> = lowered
         .iter()
-        .filter(|(_, src)| DIRECT.is_match(src))
+        .filter(|(_, src)| direct(src))
         .map(|(n, _)| n.clone())
         .collect();
     loop {
@@ -661,6 +685,15 @@ fn session_changers(sources: &[(String, String)]) -> Vec<String> {
     let mut out: Vec<String> = found.into_iter().collect();
     out.sort();
     out
+}
+
+/// Whether `sql` names one of `names` (lower-cased) as a word.
+fn calls_any(names: &[String], sql: &str) -> bool {
+    if names.is_empty() {
+        return false;
+    }
+    let sql = sql.to_lowercase();
+    names.iter().any(|name| mentions_word(&sql, name))
 }
 
 /// Whether `word` occurs in `text` as a word of its own (not inside a longer identifier).
@@ -758,6 +791,11 @@ mod tests {
                 "cfg",
                 "SELECT pg_catalog.set_config('search_path', $1, false)",
             ),
+            // For the transaction only: not a session change.
+            (
+                "tenant",
+                "BEGIN PERFORM set_config('app.tenant', t, true); END",
+            ),
             (
                 "dyn",
                 "BEGIN EXECUTE 'SET ' || quote_ident('role') || ' = ' || r; END",
@@ -784,6 +822,28 @@ mod tests {
                 "wipe"
             ]
         );
+    }
+
+    #[test]
+    fn a_transaction_local_set_config_in_a_function_changes_the_transaction_only() {
+        let sources: Vec<(String, String)> = [
+            (
+                "tenant",
+                "BEGIN PERFORM set_config('app.tenant', t, true); END",
+            ),
+            ("cfg", "SELECT set_config('search_path', $1, false)"),
+            ("with_tenant", "BEGIN PERFORM tenant(1); END"),
+        ]
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect();
+        let session = session_changers(&sources);
+        assert_eq!(session, ["cfg"]);
+        let transaction: Vec<String> = changers_by(&sources, &|src| src.contains("set_config"))
+            .into_iter()
+            .filter(|n| !session.contains(n))
+            .collect();
+        assert_eq!(transaction, ["tenant", "with_tenant"]);
     }
 
     #[test]

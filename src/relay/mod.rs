@@ -1219,11 +1219,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // A function that may SET ROLE (or other settings) for the session: Postgres does
         // not report it, so nothing this client reads may be shared, nor its server
         // connection handed to another client with the role it left there.
-        if let Some(c) = &catalog
-            && c.calls_session_changer(sql)
-        {
-            self.pinned
-                .get_or_insert("a function that may change the role or settings");
+        if let Some(c) = &catalog {
+            if c.calls_session_changer(sql) {
+                self.pinned
+                    .get_or_insert("a function that may change the role or settings");
+            } else if c.calls_transaction_changer(sql) {
+                // set_config(..., true) in a function: as written in the query itself, the
+                // rest of the transaction reads through.
+                self.strict_tx = true;
+            }
         }
         let (Some(catalog), Some(analyzed)) = (catalog, analyzed) else {
             return;
