@@ -32,6 +32,16 @@ pub struct IntKey {
     pub column: String,
 }
 
+/// A setting change a called function may make unseen (see
+/// [`Catalog::hidden_setting_change`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenChange {
+    /// The role or settings of the session.
+    Session,
+    /// A setting for the rest of the transaction only.
+    Transaction,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     /// Relation name → the names of the other relations a read of it reads: a view's base
@@ -552,13 +562,26 @@ impl Catalog {
     /// Whether `sql` names a function or procedure that may change the session's role or
     /// settings where no statement shows it (see [`session_changers`]).
     pub fn calls_session_changer(&self, sql: &str) -> bool {
-        calls_any(&self.session_changers, sql)
+        self.hidden_setting_change(sql) == Some(HiddenChange::Session)
     }
 
-    /// Whether `sql` names a function that may change a setting for the rest of the
-    /// transaction (`set_config(..., true)` in its source).
-    pub fn calls_transaction_changer(&self, sql: &str) -> bool {
-        calls_any(&self.transaction_changers, sql)
+    /// Whether `sql` names a function that may change the role or settings where no
+    /// statement shows it: for the session (see [`session_changers`]), or for the rest of
+    /// the transaction (`set_config(..., true)` in its source). One lower-casing of `sql`,
+    /// and none when the database has no such function.
+    pub fn hidden_setting_change(&self, sql: &str) -> Option<HiddenChange> {
+        if self.session_changers.is_empty() && self.transaction_changers.is_empty() {
+            return None;
+        }
+        let sql = sql.to_lowercase();
+        let names = |list: &[String]| list.iter().any(|name| mentions_word(&sql, name));
+        if names(&self.session_changers) {
+            Some(HiddenChange::Session)
+        } else if names(&self.transaction_changers) {
+            Some(HiddenChange::Transaction)
+        } else {
+            None
+        }
     }
 
     /// Whether reading `name` runs functions the cache cannot vouch for (see `opaque`).
@@ -685,15 +708,6 @@ fn changers_by(sources: &[(String, String)], direct: &dyn Fn(&str) -> bool) -> V
     let mut out: Vec<String> = found.into_iter().collect();
     out.sort();
     out
-}
-
-/// Whether `sql` names one of `names` (lower-cased) as a word.
-fn calls_any(names: &[String], sql: &str) -> bool {
-    if names.is_empty() {
-        return false;
-    }
-    let sql = sql.to_lowercase();
-    names.iter().any(|name| mentions_word(&sql, name))
 }
 
 /// Whether `word` occurs in `text` as a word of its own (not inside a longer identifier).

@@ -14,6 +14,7 @@ pub mod statements;
 
 use crate::analysis::Analysis;
 use crate::cancel::CancelSlot;
+use crate::catalog::HiddenChange;
 use crate::config::PoolMode;
 use crate::metrics::{BypassReason, InvalidationOrigin, metrics};
 use crate::protocol::{self, Message, MessageReader, ProtocolError, Severity, cstr_at};
@@ -1219,15 +1220,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // A function that may SET ROLE (or other settings) for the session: Postgres does
         // not report it, so nothing this client reads may be shared, nor its server
         // connection handed to another client with the role it left there.
-        if let Some(c) = &catalog {
-            if c.calls_session_changer(sql) {
+        match catalog.as_ref().and_then(|c| c.hidden_setting_change(sql)) {
+            Some(HiddenChange::Session) => {
                 self.pinned
                     .get_or_insert("a function that may change the role or settings");
-            } else if c.calls_transaction_changer(sql) {
-                // set_config(..., true) in a function: as written in the query itself, the
-                // rest of the transaction reads through.
-                self.strict_tx = true;
             }
+            // set_config(..., true) in a function: as written in the query itself, the
+            // rest of the transaction reads through.
+            Some(HiddenChange::Transaction) => self.strict_tx = true,
+            None => {}
         }
         let (Some(catalog), Some(analyzed)) = (catalog, analyzed) else {
             return;

@@ -104,6 +104,14 @@ impl Wire {
         }
     }
 
+    /// `sql` as `Parse Bind Execute Flush`: sent, no Sync.
+    fn unsynced(&mut self, sql: &str) {
+        self.parse(sql);
+        self.bind(&[]);
+        self.execute();
+        self.send(b'H', b"");
+    }
+
     /// `SELECT v FROM t WHERE id = 7` as `Parse Bind Execute Sync`: the values of its rows.
     fn read_v7(&mut self) -> Vec<String> {
         self.parse("SELECT v FROM t WHERE id = $1");
@@ -159,10 +167,7 @@ async fn a_cached_read_does_not_swallow_the_sync_that_commits_an_unsynced_write(
     let (proxy, db) = setup();
     warm(&proxy, &db);
     let mut w = Wire::connect(&proxy, &db);
-    w.parse("INSERT INTO w VALUES (1)");
-    w.bind(&[]);
-    w.execute();
-    w.send(b'H', b"");
+    w.unsynced("INSERT INTO w VALUES (1)");
     assert_eq!(w.until(b'C'), b"12C");
     // The cached read's Sync ends the implicit transaction the INSERT runs in.
     assert_eq!(w.cached_read(), b"12TDCZ");
@@ -182,10 +187,7 @@ async fn after_an_unsynced_error_a_cached_read_is_skipped_like_postgres_skips_it
     let (proxy, db) = setup();
     warm(&proxy, &db);
     let mut w = Wire::connect(&proxy, &db);
-    w.parse("SELECT 1/0");
-    w.bind(&[]);
-    w.execute();
-    w.send(b'H', b"");
+    w.unsynced("SELECT 1/0");
     // 1/0 is folded when the statement is planned, at Bind.
     assert_eq!(w.until(b'E'), b"1E");
     // Postgres ignores everything up to the Sync after an error: only ReadyForQuery.
@@ -206,10 +208,7 @@ async fn an_unsynced_set_is_settled_before_a_read_is_answered_or_cached() {
     );
     warm(&proxy, &db);
     let mut w = Wire::connect(&proxy, &db);
-    w.parse("SET search_path = sb");
-    w.bind(&[]);
-    w.execute();
-    w.send(b'H', b"");
+    w.unsynced("SET search_path = sb");
     assert_eq!(w.until(b'C'), b"12C");
     for _ in 0..3 {
         assert_eq!(w.read_v7(), ["from sb"], "read under search_path sb");
