@@ -115,8 +115,15 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
         let Some(value) = value else { continue };
         literals.push(value);
         text.push_str(&sql[copied..start]);
-        // Writing to a String cannot fail.
-        let _ = write!(text, "${}", literals.len());
+        text.push('$');
+        match u8::try_from(literals.len()) {
+            // Most texts have a few literals: no formatting machinery for those.
+            Ok(n @ 0..=9) => text.push(char::from(b'0' + n)),
+            // Writing to a String cannot fail.
+            _ => {
+                let _ = write!(text, "{}", literals.len());
+            }
+        }
         copied = span.end;
     }
     if literals.is_empty() {
@@ -207,6 +214,17 @@ mod tests {
             shape("/* pgstash: ttl=5s */ (select 1);"),
             Some(("/* pgstash: ttl=5s */ (select $1);".into(), vec!["1"]))
         );
+        let eleven = (1..=11).map(|n| n.to_string()).collect::<Vec<_>>();
+        let (text, literals) = shape(&format!(
+            "SELECT * FROM t WHERE k IN ({})",
+            eleven.join(", ")
+        ))
+        .expect("shape");
+        assert_eq!(
+            text,
+            "SELECT * FROM t WHERE k IN ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        );
+        assert_eq!(literals, eleven);
     }
 
     #[test]

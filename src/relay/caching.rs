@@ -58,7 +58,14 @@ struct ShapeMemo {
     /// The shape's analysis, if instantiating it with the first text's literals gave that
     /// text's own analysis; `None` if it did not (texts of this shape go to the text memo).
     template: Option<Analysis>,
+    /// The plan shape of every text instantiated from `template`: it depends on the tables
+    /// read and the key column, not on key values, so texts of one shape plan alike, and a
+    /// miss on a new value (a new text) costs no catalog lookups.
+    plan: PlanCell,
 }
+
+/// A memoised [`PlanShape`], with the catalog it was made with (see [`Analyzed::read_plan`]).
+type PlanCell = Arc<std::sync::OnceLock<(std::sync::Weak<Catalog>, Option<Arc<PlanShape>>)>>;
 
 /// A database's catalog, loaded once by whichever client needs it first (`None`: unreadable).
 type CatalogCell = Arc<OnceCell<Option<Arc<Catalog>>>>;
@@ -76,8 +83,8 @@ pub struct Analyzed {
     sql: Box<str>,
     /// See [`changes_transaction`].
     pub changes_transaction: bool,
-    /// See [`Analyzed::read_plan`].
-    plan_shape: std::sync::OnceLock<(std::sync::Weak<Catalog>, Option<Arc<PlanShape>>)>,
+    /// See [`Analyzed::read_plan`]; shared by the texts of a literal shape.
+    plan_shape: PlanCell,
 }
 
 impl Analyzed {
@@ -293,9 +300,13 @@ impl CacheShared {
         {
             return a.clone();
         }
-        let (analysis, fingerprint) = match analysis::literal_shape(sql) {
+        let (analysis, fingerprint, plan_shape) = match analysis::literal_shape(sql) {
             Some(shape) => self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog),
-            None => (analysis::analyze(sql, catalog), text_hash),
+            None => (
+                analysis::analyze(sql, catalog),
+                text_hash,
+                PlanCell::default(),
+            ),
         };
         let policy = self.policy(sql, &analysis);
         let a = Arc::new(Analyzed {
@@ -304,7 +315,7 @@ impl CacheShared {
             fingerprint,
             sql: sql.into(),
             changes_transaction: changes_transaction(sql),
-            plan_shape: std::sync::OnceLock::new(),
+            plan_shape,
         });
         let shaped = fingerprint != text_hash;
         if shaped && !self.texts_seen.seen_before(db_hash ^ text_hash) {
@@ -318,11 +329,11 @@ impl CacheShared {
         a
     }
 
-    /// The analysis of a new text that has a literal shape, with its fingerprint: from the
-    /// shape's memo (the shape's fingerprint: one query, whatever its values), or, for the
-    /// first text of a shape, parsed twice (as itself and as the shape) to decide whether
-    /// the shape can stand for its texts. Texts of a shape that cannot are parsed one by
-    /// one (their own fingerprint).
+    /// The analysis of a new text that has a literal shape, with its fingerprint and plan
+    /// cell: from the shape's memo (the shape's fingerprint and plan cell: one query,
+    /// whatever its values), or, for the first text of a shape, parsed twice (as itself and
+    /// as the shape) to decide whether the shape can stand for its texts. Texts of a shape
+    /// that cannot are parsed one by one (their own fingerprint and plan cell).
     fn analyze_shaped(
         &self,
         db_hash: u64,
@@ -330,7 +341,7 @@ impl CacheShared {
         sql: &str,
         shape: &analysis::LiteralShape,
         catalog: &Catalog,
-    ) -> (Analysis, u64) {
+    ) -> (Analysis, u64, PlanCell) {
         let fingerprint = xxh3_64(shape.text.as_bytes());
         let key = (db_hash, fingerprint);
         let known = {
@@ -338,16 +349,21 @@ impl CacheShared {
             map.get(&key).filter(|m| *m.text == *shape.text).map(|m| {
                 m.template
                     .as_ref()
-                    .map(|t| analysis::instantiate(t, &shape.literals))
+                    .map(|t| (analysis::instantiate(t, &shape.literals), m.plan.clone()))
             })
         };
         match known {
-            Some(Some(analysis)) => (analysis, fingerprint),
-            Some(None) => (analysis::analyze(sql, catalog), text_hash),
+            Some(Some((analysis, plan))) => (analysis, fingerprint, plan),
+            Some(None) => (
+                analysis::analyze(sql, catalog),
+                text_hash,
+                PlanCell::default(),
+            ),
             None => {
                 let own = analysis::analyze(sql, catalog);
                 let template = analysis::analyze(&shape.text, catalog);
                 let agrees = analysis::instantiate(&template, &shape.literals) == own;
+                let plan = PlanCell::default();
                 let mut map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
                 if map.len() >= MAX_MEMOISED_ANALYSES {
                     map.clear();
@@ -357,9 +373,14 @@ impl CacheShared {
                     ShapeMemo {
                         text: shape.text.as_str().into(),
                         template: agrees.then_some(template),
+                        plan: plan.clone(),
                     },
                 );
-                (own, if agrees { fingerprint } else { text_hash })
+                if agrees {
+                    (own, fingerprint, plan)
+                } else {
+                    (own, text_hash, PlanCell::default())
+                }
             }
         }
     }
@@ -711,7 +732,9 @@ impl PlanShape {
 /// before COMMIT): the transaction then bypasses the cache until it ends. A property of the
 /// text alone, memoised with its analysis.
 pub fn changes_transaction(sql: &str) -> bool {
-    use crate::session::scan::{Tok, contains_ignore_case, first_word, statements, tokens};
+    use crate::session::scan::{
+        Needles, Tok, contains_ignore_case, first_word, statements, tokens,
+    };
     let changes_settings = |stmt: &str| {
         let first = first_word(stmt).unwrap_or("");
         first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
@@ -724,8 +747,11 @@ pub fn changes_transaction(sql: &str) -> bool {
                 && matches!(&w[1], Tok::Word(b) if b == "read")
         })
     };
-    (contains_ignore_case(sql, b"repeatable") && statements(sql).any(repeatable_read))
-        || contains_ignore_case(sql, b"serializable")
+    // One pass rules both words out (nearly always), instead of one pass for each.
+    static ISOLATION: Needles = Needles::new(&[b"repeatable", b"serializable"]);
+    (ISOLATION.any_in(sql)
+        && ((contains_ignore_case(sql, b"repeatable") && statements(sql).any(repeatable_read))
+            || contains_ignore_case(sql, b"serializable")))
         // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
         || statements(sql).any(changes_settings)
 }
@@ -793,7 +819,8 @@ impl Analyzed {
     }
 
     /// The plan shape under `catalog`, memoised for the catalog it was first asked with
-    /// (the memo of analyses is dropped when the catalog is reloaded, so that is the one).
+    /// (the memos of analyses and shapes are dropped when the catalog is reloaded, so that
+    /// is the one).
     fn plan_shape(&self, catalog: &Arc<Catalog>) -> Option<Arc<PlanShape>> {
         let compute = || PlanShape::of(&self.analysis, catalog).map(Arc::new);
         // A `Weak` keeps the catalog's allocation, so its address cannot be reused by a
@@ -970,6 +997,26 @@ mod tests {
         // Another database has its own memo (its catalog may differ).
         let other = c.analyze("db2", "SELECT v FROM t WHERE id = 7", &cat);
         assert_eq!(other.analysis, point("t", "id", "7"));
+    }
+
+    #[test]
+    fn texts_of_one_shape_plan_once_and_keep_their_own_point_keys() {
+        let c = shared();
+        let cat = Arc::new(Catalog::default().with_int_key("t", "id"));
+        let plan = |sql: &str| {
+            c.analyze("db", sql, &cat)
+                .read_plan(&cat, CacheKey(1), None)
+                .expect("cacheable")
+        };
+        let five = plan("SELECT v FROM t WHERE id = 5");
+        let six = plan("SELECT v FROM t WHERE id = 6");
+        assert!(Arc::ptr_eq(&five.shape, &six.shape), "one plan shape");
+        let t = table_id("t");
+        assert_eq!(five.deps(), vec![Dependency::Key(t, key_hash(5))]);
+        assert_eq!(six.deps(), vec![Dependency::Key(t, key_hash(6))]);
+        // Another shape, another plan.
+        let other = plan("SELECT v, 1 FROM t WHERE id = 5");
+        assert!(!Arc::ptr_eq(&five.shape, &other.shape));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! What a statement does to session state, as far as the pooler is concerned.
 
 use super::scan::{
-    Tok, call_args, contains_ignore_case, dotted_name, first_word, leading_words, standalone_words,
-    statements, tokens,
+    Needles, Tok, call_args, contains_ignore_case, dotted_name, first_word, leading_words,
+    standalone_words, statements, tokens,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,17 @@ fn effect_of(stmt: &str) -> Option<Effect> {
     .iter()
     .any(|k| first.eq_ignore_ascii_case(k))
     {
+        // Each check below starts with one of these words: one pass rules them all out.
+        static ANY: Needles = Needles::new(&[
+            b"advisory_lock",
+            b"into temp",
+            b"pg_temp",
+            b"set_config",
+            b"pg_settings",
+        ]);
+        if !ANY.any_in(stmt) {
+            return None;
+        }
         if contains_ignore_case(stmt, b"advisory_lock") {
             let lower = stmt.to_ascii_lowercase();
             if lower.contains("pg_advisory_lock") || lower.contains("pg_try_advisory_lock") {
