@@ -27,7 +27,9 @@
 use std::fmt::Write as _;
 
 use super::lex::{Item, Lexer};
-use super::model::{Analysis, ColumnValue, KeyValue, WriteEffect};
+use super::model::{
+    Analysis, ColumnValue, KeyValue, PointKey, ReadInfo, TableWrite, WriteEffect, WriteInfo,
+};
 use super::{canonical_integer, guard, is_time_literal};
 
 /// A text with its literals replaced by `$1..$n`, and those literals' key values.
@@ -161,26 +163,34 @@ pub fn instantiate(template: &Analysis, literals: &[String]) -> Analysis {
             literal => literal.clone(),
         },
     };
+    // Built field by field: cloning the template whole would copy the key values only to
+    // replace them (this runs for every new text of a known shape).
     match template {
-        Analysis::Read(r) => {
-            let mut r = r.clone();
-            if let Some(p) = &mut r.point {
-                p.candidates = p.candidates.iter().map(fill).collect();
-            }
-            Analysis::Read(r)
-        }
-        Analysis::Write(w) => {
-            let mut w = w.clone();
-            for t in &mut w.tables {
-                if let WriteEffect::Keys(rows) = &mut t.effect {
-                    *rows = rows
-                        .iter()
-                        .map(|row| row.iter().map(fill).collect())
-                        .collect();
-                }
-            }
-            Analysis::Write(w)
-        }
+        Analysis::Read(r) => Analysis::Read(ReadInfo {
+            tables: r.tables.clone(),
+            point: r.point.as_ref().map(|p| PointKey {
+                table: p.table.clone(),
+                candidates: p.candidates.iter().map(fill).collect(),
+            }),
+        }),
+        Analysis::Write(w) => Analysis::Write(WriteInfo {
+            tables: w
+                .tables
+                .iter()
+                .map(|t| TableWrite {
+                    table: t.table.clone(),
+                    effect: match &t.effect {
+                        WriteEffect::Keys(rows) => WriteEffect::Keys(
+                            rows.iter()
+                                .map(|row| row.iter().map(fill).collect())
+                                .collect(),
+                        ),
+                        other => other.clone(),
+                    },
+                })
+                .collect(),
+            hidden_writes: w.hidden_writes,
+        }),
         other => other.clone(),
     }
 }

@@ -300,12 +300,18 @@ impl CacheShared {
         {
             return a.clone();
         }
-        let (analysis, fingerprint, plan_shape) = match analysis::literal_shape(sql) {
-            Some(shape) => self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog),
+        let ((analysis, fingerprint, plan_shape), changes_tx) = match analysis::literal_shape(sql) {
+            Some(shape) => (
+                self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog),
+                shaped_changes_transaction(sql),
+            ),
             None => (
-                analysis::analyze(sql, catalog),
-                text_hash,
-                PlanCell::default(),
+                (
+                    analysis::analyze(sql, catalog),
+                    text_hash,
+                    PlanCell::default(),
+                ),
+                changes_transaction(sql),
             ),
         };
         let policy = self.policy(sql, &analysis);
@@ -314,7 +320,7 @@ impl CacheShared {
             policy,
             fingerprint,
             sql: sql.into(),
-            changes_transaction: changes_transaction(sql),
+            changes_transaction: changes_tx,
             plan_shape,
         });
         let shaped = fingerprint != text_hash;
@@ -732,13 +738,25 @@ impl PlanShape {
 /// before COMMIT): the transaction then bypasses the cache until it ends. A property of the
 /// text alone, memoised with its analysis.
 pub fn changes_transaction(sql: &str) -> bool {
-    use crate::session::scan::{
-        Needles, Tok, contains_ignore_case, first_word, statements, tokens,
-    };
+    use crate::session::scan::{first_word, statements};
     let changes_settings = |stmt: &str| {
         let first = first_word(stmt).unwrap_or("");
         first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
     };
+    names_strict_isolation(sql)
+        // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
+        || statements(sql).any(changes_settings)
+}
+
+/// [`changes_transaction`] of a text that has a literal shape: one statement that starts
+/// with a query or DML keyword, never SET or RESET, so only the isolation words matter.
+fn shaped_changes_transaction(sql: &str) -> bool {
+    names_strict_isolation(sql)
+}
+
+/// Whether `sql` says REPEATABLE READ or SERIALIZABLE anywhere.
+fn names_strict_isolation(sql: &str) -> bool {
+    use crate::session::scan::{Needles, Tok, contains_ignore_case, statements, tokens};
     // REPEATABLE READ as two tokens, whatever spacing or comments stand between them.
     let repeatable_read = |stmt: &str| {
         let t = tokens(stmt, 32);
@@ -749,11 +767,9 @@ pub fn changes_transaction(sql: &str) -> bool {
     };
     // One pass rules both words out (nearly always), instead of one pass for each.
     static ISOLATION: Needles = Needles::new(&[b"repeatable", b"serializable"]);
-    (ISOLATION.any_in(sql)
+    ISOLATION.any_in(sql)
         && ((contains_ignore_case(sql, b"repeatable") && statements(sql).any(repeatable_read))
-            || contains_ignore_case(sql, b"serializable")))
-        // `BEGIN; SET LOCAL ROLE r` in one query string: every statement counts.
-        || statements(sql).any(changes_settings)
+            || contains_ignore_case(sql, b"serializable"))
 }
 
 /// The cache key's seed: who is asking, where, with which settings (role, search_path,
@@ -1066,6 +1082,34 @@ mod tests {
         assert!(Arc::ptr_eq(&thrice, &twice), "served from the memo");
         assert!(thrice.is_for("SELECT v FROM t WHERE id = 2"));
         assert!(!thrice.is_for("SELECT v FROM t WHERE id = 3"));
+    }
+
+    #[test]
+    fn shaped_texts_change_their_transaction_as_their_full_scan_says() {
+        let mut shaped = 0;
+        for sql in [
+            "SELECT v FROM t WHERE id = 1",
+            "/* set x */ SELECT v FROM t WHERE id = 1",
+            "-- reset\n(SELECT v FROM t WHERE id = 1);",
+            "SELECT set_config('transaction_isolation', 'serializable', true), 1",
+            "SELECT 1 AS repeatable, 2 AS read FROM t",
+            "SELECT repeatable read FROM t WHERE id = 3",
+            "UPDATE t SET v = 1 WHERE id = 2",
+            "SET search_path = 'x'",
+            "BEGIN; SELECT 1",
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        ] {
+            if analysis::literal_shape(sql).is_some() {
+                shaped += 1;
+                assert_eq!(
+                    shaped_changes_transaction(sql),
+                    changes_transaction(sql),
+                    "{sql}"
+                );
+            }
+        }
+        // All but the last three, which have no literal shape.
+        assert_eq!(shaped, 7);
     }
 
     #[test]
