@@ -12,9 +12,12 @@ pub enum Expect {
     Query,
     Sync,
     /// `hash`/`client_name` let a failed Parse be forgotten on both sides.
+    /// `client_unnamed`: the client's own Parse of its unnamed statement, not a copy
+    /// pgstash sent to make a server connection hold the client's statement.
     Parse {
         hash: Option<u64>,
         client_name: Option<Bytes>,
+        client_unnamed: bool,
     },
     Bind,
     Describe,
@@ -51,6 +54,9 @@ enum Entry {
 pub struct FailedParse {
     pub hash: Option<u64>,
     pub client_name: Option<Bytes>,
+    pub client_unnamed: bool,
+    /// It failed itself; otherwise it was skipped, after an earlier message failed.
+    pub erred: bool,
 }
 
 #[derive(Debug, Default)]
@@ -135,6 +141,8 @@ impl Expectations {
     }
 
     fn skip_to_sync(&mut self, failed: &mut Vec<FailedParse>) {
+        // The first message dropped is the one the error answers.
+        let mut erred = true;
         while let Some(front) = self.queue.front() {
             if let Entry::Server {
                 expect: Expect::Sync,
@@ -144,12 +152,23 @@ impl Expectations {
                 break;
             }
             if let Some(Entry::Server {
-                expect: Expect::Parse { hash, client_name },
+                expect:
+                    Expect::Parse {
+                        hash,
+                        client_name,
+                        client_unnamed,
+                    },
                 ..
             }) = self.queue.pop_front()
             {
-                failed.push(FailedParse { hash, client_name });
+                failed.push(FailedParse {
+                    hash,
+                    client_name,
+                    client_unnamed,
+                    erred,
+                });
             }
+            erred = false;
         }
     }
 
@@ -195,6 +214,7 @@ mod tests {
             Expect::Parse {
                 hash: Some(1),
                 client_name: Some(Bytes::from_static(b"s0")),
+                client_unnamed: false,
             },
             false,
         );
@@ -202,6 +222,7 @@ mod tests {
             Expect::Parse {
                 hash: Some(2),
                 client_name: None,
+                client_unnamed: false,
             },
             true,
         );
@@ -209,6 +230,11 @@ mod tests {
         e.push(Expect::Sync, false);
         e.on_server_message(b'E', &msg(b'E'), &mut out, &mut failed);
         assert_eq!(failed.len(), 2);
+        // The first Parse failed, the second was skipped.
+        assert_eq!(
+            failed.iter().map(|f| f.erred).collect::<Vec<_>>(),
+            [true, false]
+        );
         assert_eq!(e.head(), Some(&Expect::Sync));
         e.on_server_message(b'Z', &msg(b'Z'), &mut out, &mut failed);
         assert_eq!(&out[..], b"E\0\0\0\x04Z\0\0\0\x04");
@@ -223,6 +249,7 @@ mod tests {
             Expect::Parse {
                 hash: Some(1),
                 client_name: None,
+                client_unnamed: false,
             },
             true,
         );

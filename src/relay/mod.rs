@@ -23,9 +23,9 @@ use crate::upstream::pool::{Pooled, ServerPool};
 use crate::upstream::{ServerConn, UpstreamError};
 use bytes::{Buf, Bytes, BytesMut};
 use caching::{CacheShared, Fill, Invalidation, ReadOutcome};
-use expect::{Expect, Expectations, FailedParse};
+use expect::{Expect, Expectations};
 use statements::{ClientStatements, Statement, read_parse};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -81,6 +81,10 @@ pub struct Relay<R, W> {
     /// An error or rollback happened since the server was last idle.
     undone: bool,
     unnamed_on_server: bool,
+    /// The client's Parses of its unnamed statement not answered yet, oldest first: each
+    /// one's message, and the client's unnamed statement before it (see
+    /// `unnamed_parse_failed`).
+    unnamed_in_flight: VecDeque<(Bytes, Option<Statement>)>,
     /// An answer from the cache inside a transaction block stood in for a Bind (or a
     /// Query) the server never saw: its unnamed portal may be an older one of this
     /// transaction, which Postgres would have replaced (or, for a Query, destroyed).
@@ -158,6 +162,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             settings_touched: Some(Vec::new()),
             undone: false,
             unnamed_on_server: false,
+            unnamed_in_flight: VecDeque::new(),
             portal_gap: false,
             cache: s.cache,
             database: s.database,
@@ -455,14 +460,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             .filter(|(raw, _)| raw.as_ptr() == msg.raw().as_ptr() && raw.len() == msg.raw().len())
             .map(|(_, stmt)| stmt);
         if body.name.is_empty() {
-            self.statements.unnamed =
-                Some(ahead.unwrap_or_else(|| self.unnamed_statement(msg.raw(), &body)));
+            let stmt = ahead.unwrap_or_else(|| self.unnamed_statement(msg.raw(), &body));
+            let before = self.statements.unnamed.replace(stmt.clone());
+            self.unnamed_in_flight.push_back((stmt.parse, before));
             self.unnamed_on_server = true;
             self.forward(
                 &msg,
                 Expect::Parse {
                     hash: None,
                     client_name: None,
+                    client_unnamed: true,
                 },
             );
             return Ok(());
@@ -550,6 +557,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             Expect::Parse {
                 hash: Some(stmt.hash),
                 client_name,
+                client_unnamed: false,
             },
             inject,
         );
@@ -577,6 +585,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     Expect::Parse {
                         hash: None,
                         client_name: None,
+                        client_unnamed: false,
                     },
                     true,
                 );
@@ -806,8 +815,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         if tag == b'Z' && self.tx_status == b'I' && self.expect.is_empty() {
             self.settings_touched = Some(Vec::new());
         }
-        if let Some(Expect::Parse { hash: Some(h), .. }) = done {
-            self.pool.mark_valid(h, self.settings.fingerprint());
+        match done {
+            Some(Expect::Parse { hash: Some(h), .. }) => {
+                self.pool.mark_valid(h, self.settings.fingerprint());
+            }
+            Some(Expect::Parse {
+                client_unnamed: true,
+                ..
+            }) => {
+                self.unnamed_in_flight.pop_front();
+            }
+            _ => {}
         }
         if let (Some(f), Some(c)) = (&self.fill, &self.cache)
             && self.to_client.len() - f.start > c.config.max_result_bytes
@@ -815,15 +833,48 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             // Too large to store: stop holding it back.
             self.fill = None;
         }
-        for FailedParse { hash, client_name } in failed {
-            match hash {
+        for f in failed {
+            match f.hash {
                 Some(h) => {
                     self.server_conn().prepared.remove(h);
-                    if let Some(n) = client_name {
+                    if let Some(n) = f.client_name {
                         self.statements.forget_failed(&n, h);
                     }
                 }
                 None => self.unnamed_on_server = false,
+            }
+            if f.client_unnamed {
+                self.unnamed_parse_failed(f.erred);
+            }
+        }
+    }
+
+    /// The oldest client Parse of the unnamed statement in flight did not take effect.
+    /// Postgres drops the unnamed statement before parsing a new one, so after a Parse that
+    /// failed the client has none; a Parse skipped after an earlier error changed nothing,
+    /// and the statement before it stands. `statements.unnamed` was set when the Parse went
+    /// out: it is set back unless the client replaced it since (a later Parse, a Query, a
+    /// Close), and so is what the next Parse in flight found there.
+    fn unnamed_parse_failed(&mut self, erred: bool) {
+        let Some((parse, before)) = self.unnamed_in_flight.pop_front() else {
+            return;
+        };
+        let now = if erred { None } else { before };
+        let same = |s: &Option<Statement>| {
+            s.as_ref()
+                .is_some_and(|s| s.parse.as_ptr() == parse.as_ptr() && s.parse.len() == parse.len())
+        };
+        match self.unnamed_in_flight.front_mut() {
+            // Later Parses in flight decide the statement; the next one replaced this one.
+            Some((_, next_before)) => {
+                if same(next_before) {
+                    *next_before = now;
+                }
+            }
+            None => {
+                if same(&self.statements.unnamed) {
+                    self.statements.unnamed = now;
+                }
             }
         }
     }

@@ -3,14 +3,18 @@
 //! next Sync. A cached answer must never take that Sync's place.
 
 use crate::fixture::{Proxy, fresh_database};
-use crate::support::shared_pg;
+use crate::support::{PgCluster, shared_pg};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
+
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
 
 /// A client that writes protocol messages by hand.
 struct Wire {
-    s: TcpStream,
+    s: Box<dyn Stream>,
     buf: Vec<u8>,
 }
 
@@ -19,6 +23,19 @@ impl Wire {
         let s = TcpStream::connect(proxy.addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
+        Wire::start(Box::new(s), db)
+    }
+
+    /// Straight to Postgres (its Unix socket trusts the superuser), to compare with.
+    fn connect_postgres(pg: &PgCluster, db: &str) -> Wire {
+        let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port));
+        let s = UnixStream::connect(&path).expect("connect to postgres");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Wire::start(Box::new(s), db)
+    }
+
+    fn start(s: Box<dyn Stream>, db: &str) -> Wire {
         let mut w = Wire { s, buf: Vec::new() };
         let params = format!("user\0postgres\0database\0{db}\0\0");
         let mut p = ((params.len() + 8) as i32).to_be_bytes().to_vec();
@@ -88,6 +105,29 @@ impl Wire {
             tags.push(tag);
             if tag == b'Z' {
                 return tags;
+            }
+        }
+    }
+
+    /// Everything up to and including the next ReadyForQuery, in short: tags, with the
+    /// SQLSTATE of errors (`E[26000]`) and the first column of rows (`D[v7]`).
+    fn transcript(&mut self) -> String {
+        let mut out = Vec::new();
+        loop {
+            let (tag, body) = self.next();
+            out.push(match tag {
+                b'E' => {
+                    let code = body
+                        .split(|b| *b == 0)
+                        .find_map(|f| f.strip_prefix(b"C"))
+                        .unwrap_or(b"?");
+                    format!("E[{}]", String::from_utf8_lossy(code))
+                }
+                b'D' => format!("D[{}]", String::from_utf8_lossy(&body[6..])),
+                other => char::from(other).to_string(),
+            });
+            if tag == b'Z' {
+                return out.join(" ");
             }
         }
     }
@@ -281,4 +321,62 @@ async fn after_a_cached_answer_in_a_transaction_the_unnamed_portal_is_never_an_o
     assert!(!tags.contains(&b'D'), "rows of an older portal: {tags:?}");
     w.send(b'Q', b"ROLLBACK\0");
     assert_eq!(w.until_ready(), b"CZ");
+}
+
+/// The unnamed statement after a Parse of it that did not take effect, as Postgres leaves
+/// it: gone after a Parse that failed (Postgres drops it before parsing), unchanged after
+/// one skipped because an earlier message of its batch failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_of_the_unnamed_statement_that_fails_or_is_skipped_leaves_it_as_postgres_does() {
+    let (proxy, db) = setup();
+    let run = |w: &mut Wire| {
+        let mut seen = Vec::new();
+        let step = |w: &mut Wire, seen: &mut Vec<String>| {
+            w.send(b'S', b"");
+            seen.push(w.transcript());
+        };
+        // A Parse that fails: the statement before it is gone too.
+        w.parse("SELECT v FROM t WHERE id = 7");
+        step(w, &mut seen);
+        w.parse("SELECT v FROM no_such_table");
+        step(w, &mut seen);
+        w.bind(&[]);
+        w.execute();
+        step(w, &mut seen);
+        // A Parse skipped after a failed Bind (of a statement that does not exist): the
+        // statement before it stands.
+        w.parse("SELECT v FROM t WHERE id = 8");
+        step(w, &mut seen);
+        w.send(b'B', b"\0nope\0\0\0\0\0\0\0");
+        w.parse("SELECT v FROM t WHERE id = 9");
+        step(w, &mut seen);
+        w.bind(&[]);
+        w.execute();
+        step(w, &mut seen);
+        // Both in one batch: the first fails, the second is skipped; none is left.
+        w.parse("SELECT v FROM no_such_table");
+        w.parse("SELECT v FROM t WHERE id = 9");
+        step(w, &mut seen);
+        w.bind(&[]);
+        w.execute();
+        step(w, &mut seen);
+        seen
+    };
+    let through_pgstash = run(&mut Wire::connect(&proxy, &db));
+    let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
+    assert_eq!(
+        postgres,
+        [
+            "1 Z",
+            "E[42P01] Z",
+            "E[26000] Z",
+            "1 Z",
+            "E[26000] Z",
+            "2 D[v8] C Z",
+            "E[42P01] Z",
+            "E[26000] Z",
+        ],
+        "what Postgres does changed: this test's premise is wrong"
+    );
+    assert_eq!(through_pgstash, postgres);
 }
