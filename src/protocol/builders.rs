@@ -130,6 +130,13 @@ pub fn close_complete() -> Bytes {
     Bytes::from_static(b"3\0\0\0\x04")
 }
 
+/// A CommandComplete with this command tag (`SELECT 0`).
+pub fn command_complete(tag: &str) -> Bytes {
+    let mut b = begin(b'C', tag.len() + 1);
+    put_cstr(&mut b, tag.as_bytes());
+    finish(b)
+}
+
 /// A simple Query message.
 pub fn query(sql: &str) -> Bytes {
     let mut b = begin(b'Q', sql.len() + 1);

@@ -10,6 +10,7 @@
 pub mod bind;
 pub mod caching;
 mod expect;
+mod portal_gap;
 pub mod statements;
 
 use crate::analysis::Analysis;
@@ -24,6 +25,7 @@ use crate::upstream::{ServerConn, UpstreamError};
 use bytes::{Buf, Bytes, BytesMut};
 use caching::{CacheShared, Fill, Invalidation, ReadOutcome};
 use expect::{Expect, Expectations};
+use portal_gap::PortalGap;
 use statements::{ClientStatements, Statement, read_parse};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -88,7 +90,7 @@ pub struct Relay<R, W> {
     /// An answer from the cache inside a transaction block stood in for a Bind (or a
     /// Query) the server never saw: its unnamed portal may be an older one of this
     /// transaction, which Postgres would have replaced (or, for a Query, destroyed).
-    portal_gap: bool,
+    portal_gap: PortalGap,
     cache: Option<Arc<CacheShared>>,
     database: String,
     user: String,
@@ -163,7 +165,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             undone: false,
             unnamed_on_server: false,
             unnamed_in_flight: VecDeque::new(),
-            portal_gap: false,
+            portal_gap: PortalGap::None,
             cache: s.cache,
             database: s.database,
             user: s.user,
@@ -386,7 +388,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 // and for the client.
                 self.statements.unnamed = None;
                 self.unnamed_on_server = false;
-                self.portal_gap = false;
+                self.portal_gap = PortalGap::None;
                 let sql = cstr_at(msg.body(), 0)
                     .map(|(s, _)| utf8_or_lossy(s))
                     .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
@@ -407,6 +409,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 let portal = cstr_at(msg.body(), 0)
                     .map(|(p, _)| p)
                     .ok_or_else(|| RelayError::Violation("bad Execute".into()))?;
+                if portal.is_empty()
+                    && let PortalGap::Finished { done, .. } = &self.portal_gap
+                {
+                    // Postgres runs the finished portal again: no rows.
+                    let done = done.clone();
+                    self.batch_open = true;
+                    self.expect.push_synthetic(done, &mut self.to_client);
+                    return Ok(true);
+                }
                 if let Some(effects) = self.portal_effects.get(portal).cloned() {
                     self.apply_effects(&effects);
                 }
@@ -606,7 +617,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let (stmt, p2) = cstr_at(body, p1).ok_or_else(bad)?;
         if portal.is_empty() {
             // The server's unnamed portal is replaced by this one.
-            self.portal_gap = false;
+            self.portal_gap = PortalGap::None;
         }
         let effects = if stmt.is_empty() {
             self.statements.unnamed.as_ref().map(|s| s.effects.clone())
@@ -640,6 +651,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let (name, _) =
             cstr_at(body, 1).ok_or_else(|| RelayError::Violation("bad Describe".into()))?;
         if body[0] == b'P' && name.is_empty() {
+            if let PortalGap::Finished {
+                description: Some(d),
+                ..
+            } = &self.portal_gap
+            {
+                let d = d.clone();
+                self.expect.push_synthetic(d, &mut self.to_client);
+                return Ok(());
+            }
             self.close_gap_portal();
         }
         if body[0] == b'S'
@@ -679,12 +699,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     /// Before a message about the unnamed portal reaches the server after a cache answer
-    /// in this transaction: close the server's unnamed portal, an older one Postgres would
-    /// no longer have. Postgres would still have the answered one, finished (an Execute of
-    /// it gives `SELECT 0`); the server gives 34000 instead: an error, never another
-    /// query's rows.
+    /// in this transaction (one not answered here, see `PortalGap`): close the server's
+    /// unnamed portal, an older one Postgres would no longer have. Where Postgres would
+    /// still have the answered one but its answer is not known here (a Describe of it
+    /// after a batch that did not describe it), the server gives 34000 instead: an error,
+    /// never another query's rows.
     fn close_gap_portal(&mut self) {
-        if std::mem::take(&mut self.portal_gap) {
+        if std::mem::take(&mut self.portal_gap) != PortalGap::None {
             self.to_server
                 .extend_from_slice(&protocol::with_statement_name(b'C', b"P", "", &[]));
             self.expect.push(Expect::Close, true);
@@ -751,7 +772,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 self.tx_status = msg.body().first().copied().unwrap_or(b'I');
                 if self.tx_status == b'I' {
                     // Portals end with their transaction.
-                    self.portal_gap = false;
+                    self.portal_gap = PortalGap::None;
                 }
                 self.copy_in = false;
                 if self.tx_status == b'I' {
@@ -961,7 +982,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let key = caching::query_key(seed, sql);
         let started = std::time::Instant::now();
         if let Some(entry) = self.known_hit(&cache, &catalog, key) {
-            self.answer_hit(entry.response.clone(), caching::Tier::L1, started);
+            self.answer_hit(entry.response.clone(), caching::Tier::L1, started, None);
             return Ok(true);
         }
         let analyzed = cache.analyze(&self.database, sql, &catalog);
@@ -973,7 +994,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         let answered = self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, started)
+            .serve_plan(&cache, &catalog, &plan, &analyzed, started, None)
             .await?;
         if !answered {
             self.query_analyzed = Some(analyzed);
@@ -1011,10 +1032,24 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     /// Answer from the cache: the stored response, then ReadyForQuery; counted as a hit of
-    /// `tier` (L2 hits are counted where they are found), timed from `started`.
-    fn answer_hit(&mut self, response: Bytes, tier: caching::Tier, started: std::time::Instant) {
+    /// `tier` (L2 hits are counted where they are found), timed from `started`. `batch`:
+    /// `None` for a Query, else whether the batch described its portal.
+    fn answer_hit(
+        &mut self,
+        response: Bytes,
+        tier: caching::Tier,
+        started: std::time::Instant,
+        batch: Option<bool>,
+    ) {
+        if batch.is_some() {
+            // The answered Bind replaced the unnamed portal; a cached read has no effects.
+            self.portal_effects.remove(&b""[..]);
+        }
         if self.tx_status == b'T' {
-            self.portal_gap = true;
+            self.portal_gap = match batch {
+                None => PortalGap::Gone,
+                Some(described_portal) => PortalGap::finished(&response, described_portal),
+            };
         }
         self.expect.push_synthetic(response, &mut self.to_client);
         let rfq = protocol::ready_for_query(self.tx_status);
@@ -1035,6 +1070,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         plan: &caching::ReadPlan,
         analyzed: &caching::Analyzed,
         started: std::time::Instant,
+        batch: Option<bool>,
     ) -> Result<bool, RelayError> {
         let m = metrics();
         let ttl = match analyzed.policy {
@@ -1081,7 +1117,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 if let Some(s) = &stats {
                     s.hit();
                 }
-                self.answer_hit(bytes, tier, started);
+                self.answer_hit(bytes, tier, started, batch);
                 Ok(true)
             }
             ReadOutcome::Fill(pending) => {
@@ -1163,9 +1199,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             params.tail,
             [parse.is_some() as u8, shape.describe.key_byte()],
         );
+        let batch = Some(shape.describe == Described::Portal);
         let started = std::time::Instant::now();
         if let Some(entry) = self.known_hit(&cache, &catalog, key) {
-            self.answer_hit(entry.response.clone(), caching::Tier::L1, started);
+            self.answer_hit(entry.response.clone(), caching::Tier::L1, started, batch);
             self.adopt_parse(parse);
             self.batch.clear();
             return Ok(true);
@@ -1179,7 +1216,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         if self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, started)
+            .serve_plan(&cache, &catalog, &plan, &analyzed, started, batch)
             .await?
         {
             self.adopt_parse(parse);

@@ -110,7 +110,8 @@ impl Wire {
     }
 
     /// Everything up to and including the next ReadyForQuery, in short: tags, with the
-    /// SQLSTATE of errors (`E[26000]`) and the first column of rows (`D[v7]`).
+    /// SQLSTATE of errors (`E[26000]`), the first column of rows (`D[v7]`) and command
+    /// tags (`C[SELECT 1]`).
     fn transcript(&mut self) -> String {
         let mut out = Vec::new();
         loop {
@@ -124,6 +125,7 @@ impl Wire {
                     format!("E[{}]", String::from_utf8_lossy(code))
                 }
                 b'D' => format!("D[{}]", String::from_utf8_lossy(&body[6..])),
+                b'C' => format!("C[{}]", String::from_utf8_lossy(&body[..body.len() - 1])),
                 other => char::from(other).to_string(),
             });
             if tag == b'Z' {
@@ -300,27 +302,84 @@ async fn the_unnamed_statement_ends_where_postgres_ends_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_cached_answer_in_a_transaction_the_unnamed_portal_is_never_an_older_one() {
+async fn after_a_cached_answer_in_a_transaction_the_unnamed_portal_is_the_one_postgres_has() {
     let (proxy, db) = setup();
+    let run = |w: &mut Wire| {
+        let mut seen = Vec::new();
+        let sync = |w: &mut Wire| {
+            w.send(b'S', b"");
+            w.transcript()
+        };
+        let query = |w: &mut Wire, sql: &str| {
+            w.send(b'Q', format!("{sql}\0").as_bytes());
+            w.transcript()
+        };
+        seen.push(query(w, "BEGIN"));
+        // An unnamed portal of this transaction, on the server, not executed yet.
+        w.parse("SELECT 77");
+        w.bind(&[]);
+        seen.push(sync(w));
+        // Answered from the cache: in Postgres this Bind replaced that portal, and the
+        // portal ran to completion.
+        w.parse("SELECT v FROM t WHERE id = $1");
+        w.bind(&["7"]);
+        w.describe_portal();
+        w.execute();
+        seen.push(sync(w));
+        // Executed again (with or without a row limit) it gives no rows; described, the
+        // same columns. Never 77.
+        w.execute();
+        seen.push(sync(w));
+        w.send(b'E', b"\0\0\0\0\x01");
+        w.describe_portal();
+        seen.push(sync(w));
+        // Closed, it is gone (an error, which ends the transaction).
+        w.send(b'C', b"P\0");
+        w.execute();
+        seen.push(sync(w));
+        seen.push(query(w, "ROLLBACK"));
+        // A simple Query answered from the cache destroys the unnamed portal.
+        seen.push(query(w, "BEGIN"));
+        w.parse("SELECT 78");
+        w.bind(&[]);
+        seen.push(sync(w));
+        seen.push(query(w, "SELECT v FROM t WHERE id = 3"));
+        w.execute();
+        seen.push(sync(w));
+        seen.push(query(w, "ROLLBACK"));
+        seen
+    };
+    let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
+    // Through pgstash both reads are answered from the cache: warmed, then changed behind
+    // pgstash's back (source = "proxy" does not hear of it), they still show what
+    // Postgres showed above.
     warm(&proxy, &db);
-    let mut w = Wire::connect(&proxy, &db);
-    w.send(b'Q', b"BEGIN\0");
-    assert_eq!(w.until_ready(), b"CZ");
-    // An unnamed portal of this transaction, on the server, not executed yet.
-    w.parse("SELECT 77");
-    w.bind(&[]);
-    w.send(b'S', b"");
-    assert_eq!(w.until_ready(), b"12Z");
-    // Answered from the cache: in Postgres this Bind replaced that portal.
-    assert_eq!(w.cached_read(), b"12TDCZ");
-    // Executing the unnamed portal again: Postgres finds the finished cached one (no
-    // rows, `SELECT 0`); pgstash's server has no portal then (34000). Never 77's rows.
-    w.execute();
-    w.send(b'S', b"");
-    let tags = w.until_ready();
-    assert!(!tags.contains(&b'D'), "rows of an older portal: {tags:?}");
-    w.send(b'Q', b"ROLLBACK\0");
-    assert_eq!(w.until_ready(), b"CZ");
+    for _ in 0..3 {
+        let mut w = Wire::connect(&proxy, &db);
+        w.send(b'Q', b"SELECT v FROM t WHERE id = 3\0");
+        w.until_ready();
+    }
+    shared_pg().psql_db(&db, "UPDATE t SET v = 'changed' WHERE id IN (3, 7)");
+    let through_pgstash = run(&mut Wire::connect(&proxy, &db));
+    assert_eq!(
+        postgres,
+        [
+            "C[BEGIN] Z",
+            "1 2 Z",
+            "1 2 T D[v7] C[SELECT 1] Z",
+            "C[SELECT 0] Z",
+            "C[SELECT 0] T Z",
+            "3 E[34000] Z",
+            "C[ROLLBACK] Z",
+            "C[BEGIN] Z",
+            "1 2 Z",
+            "T D[v3] C[SELECT 1] Z",
+            "E[34000] Z",
+            "C[ROLLBACK] Z",
+        ],
+        "what Postgres does changed: this test's premise is wrong"
+    );
+    assert_eq!(through_pgstash, postgres);
 }
 
 /// The unnamed statement after a Parse of it that did not take effect, as Postgres leaves
@@ -372,7 +431,7 @@ async fn a_parse_of_the_unnamed_statement_that_fails_or_is_skipped_leaves_it_as_
             "E[26000] Z",
             "1 Z",
             "E[26000] Z",
-            "2 D[v8] C Z",
+            "2 D[v8] C[SELECT 1] Z",
             "E[42P01] Z",
             "E[26000] Z",
         ],
