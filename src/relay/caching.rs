@@ -34,6 +34,9 @@ pub struct CacheShared {
     upstream: UpstreamTarget,
     connect_timeout: Duration,
     catalogs: Mutex<HashMap<String, CatalogCell, BuildMix>>,
+    /// Counts the times catalogs were dropped (schema changes): a catalog a client holds on
+    /// to is current while this has not moved (see [`CacheShared::catalogs_version`]).
+    catalogs_dropped: std::sync::atomic::AtomicU64,
     /// Keyed by (hash of the database name, hash of the query text).
     /// Sharded by text hash: every query of every client looks here, and one lock would
     /// have its cache line bounce between cores on each of them.
@@ -211,6 +214,7 @@ impl CacheShared {
             upstream,
             connect_timeout,
             catalogs: Mutex::new(HashMap::with_hasher(BuildMix::new())),
+            catalogs_dropped: std::sync::atomic::AtomicU64::new(0),
             analyses: (0..ANALYSIS_SHARDS)
                 .map(|_| Mutex::new(HashMap::with_hasher(BuildMix::new())))
                 .collect(),
@@ -246,6 +250,13 @@ impl CacheShared {
         .clone()
     }
 
+    /// Read before [`CacheShared::catalog`]: while it returns the same, the catalog that
+    /// call gave is still the one it would give (for callers that keep it between calls).
+    pub fn catalogs_version(&self) -> u64 {
+        self.catalogs_dropped
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The catalog of `db` if it is loaded (no waiting: for callers that must not block).
     pub fn loaded_catalog(&self, db: &str) -> Option<Arc<Catalog>> {
         let map = self.catalogs.lock().unwrap_or_else(|p| p.into_inner());
@@ -260,6 +271,8 @@ impl CacheShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.catalogs_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         for shard in &self.analyses {
             shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
@@ -274,6 +287,8 @@ impl CacheShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(db);
+        self.catalogs_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let d = xxh3_64(db.as_bytes());
         for shard in &self.analyses {
             shard
@@ -966,6 +981,17 @@ mod tests {
                 }],
             }),
         })
+    }
+
+    #[test]
+    fn every_schema_change_moves_the_catalogs_version() {
+        let c = shared();
+        let v0 = c.catalogs_version();
+        c.schema_changed("db");
+        let v1 = c.catalogs_version();
+        assert_ne!(v1, v0);
+        c.schema_changed_everywhere();
+        assert_ne!(c.catalogs_version(), v1);
     }
 
     #[test]

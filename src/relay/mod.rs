@@ -92,6 +92,8 @@ pub struct Relay<R, W> {
     /// transaction, which Postgres would have replaced (or, for a Query, destroyed).
     portal_gap: PortalGap,
     cache: Option<Arc<CacheShared>>,
+    /// See [`Relay::catalog`]: the version it was found at, and the catalog.
+    catalog_kept: Option<(u64, Arc<crate::catalog::Catalog>)>,
     database: String,
     user: String,
     /// Extended-protocol messages held back until Sync, to answer the batch from the cache.
@@ -167,6 +169,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             unnamed_in_flight: VecDeque::new(),
             portal_gap: PortalGap::None,
             cache: s.cache,
+            catalog_kept: None,
             database: s.database,
             user: s.user,
             batch: Vec::new(),
@@ -974,7 +977,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Ok(sql) = std::str::from_utf8(sql) else {
             return Ok(false);
         };
-        let Some(catalog) = cache.catalog(&self.database).await else {
+        let Some(catalog) = self.catalog(&cache).await else {
             metrics().bypass(BypassReason::NoCatalog);
             return Ok(false);
         };
@@ -1000,6 +1003,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.query_analyzed = Some(analyzed);
         }
         Ok(answered)
+    }
+
+    /// [`CacheShared::catalog`] of the client's database, kept between statements while no
+    /// schema change has dropped it: most statements then take no lock to find it.
+    async fn catalog(&mut self, cache: &CacheShared) -> Option<Arc<crate::catalog::Catalog>> {
+        let version = cache.catalogs_version();
+        if let Some((v, c)) = &self.catalog_kept
+            && *v == version
+        {
+            return Some(c.clone());
+        }
+        let c = cache.catalog(&self.database).await?;
+        self.catalog_kept = Some((version, c.clone()));
+        Some(c)
     }
 
     /// A fresh L1 entry for a Query's or a batch's key, found without analysing the text:
@@ -1157,6 +1174,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             },
             None => None,
         };
+        let Some(catalog) = self.catalog(&cache).await else {
+            return Ok(false);
+        };
         let bind = &self.batch[shape.bind];
         let Some((_, p1)) = cstr_at(bind.body(), 0) else {
             return Ok(false);
@@ -1188,9 +1208,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         if params.has_time_literal() {
             return Ok(false);
         }
-        let Some(catalog) = cache.catalog(&self.database).await else {
-            return Ok(false);
-        };
         let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
         let key = caching::execute_key(
             seed,
@@ -1290,7 +1307,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(cache) = self.cache.clone() else {
             return;
         };
-        let catalog = cache.catalog(&self.database).await;
+        let catalog = self.catalog(&cache).await;
         let analyzed = match (analyzed, &catalog) {
             (Some(a), _) if a.is_for(sql) => Some(a),
             (_, Some(c)) => Some(cache.analyze(&self.database, sql, c)),

@@ -28,6 +28,11 @@ impl<'a> Iterator for Statements<'a> {
             let mut i = start;
             // The skip helpers may return past the end on unterminated input.
             let end = loop {
+                // Most bytes start nothing: one tight loop over them.
+                i += b
+                    .get(i..)
+                    .and_then(|rest| rest.iter().position(|&c| STARTS_SOMETHING[usize::from(c)]))
+                    .unwrap_or(b.len().saturating_sub(i));
                 let Some(&c) = b.get(i) else {
                     break b.len();
                 };
@@ -49,6 +54,19 @@ impl<'a> Iterator for Statements<'a> {
         None
     }
 }
+
+/// The bytes the statement splitter must look at: quotes, comment starts, dollar quotes,
+/// semicolons.
+static STARTS_SOMETHING: [bool; 256] = {
+    let mut t = [false; 256];
+    let special = b"'\"-/$;";
+    let mut k = 0;
+    while k < special.len() {
+        t[special[k] as usize] = true;
+        k += 1;
+    }
+    t
+};
 
 fn skip_quoted(b: &[u8], open: usize, q: u8) -> usize {
     // E'...' strings allow backslash escapes; standard strings double the quote instead.

@@ -299,6 +299,39 @@ async fn set_config_never_leaks_a_search_path_into_the_cache_or_to_other_clients
     assert_eq!(simple_int(&pc, q).await, "public");
 }
 
+/// A client that stays connected across a schema change plans its reads with the new
+/// schema: a view redefined over another table is invalidated by writes to that table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_session_sees_a_view_redefined_over_another_table() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "viewswap");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE old_t (id int PRIMARY KEY, v text);
+         CREATE TABLE new_t (id int PRIMARY KEY, v text);
+         INSERT INTO old_t VALUES (1, 'old');
+         INSERT INTO new_t VALUES (1, 'new');
+         CREATE VIEW cur AS SELECT id, v FROM old_t;",
+    );
+    let proxy = Proxy::start(pg, |c| c.pool.max_size = 2);
+    let reader = proxy.connect("postgres", "", &db).await;
+    let writer = proxy.connect("postgres", "", &db).await;
+    let q = "SELECT v FROM cur WHERE id = 1";
+    assert_eq!(simple_int(&reader, q).await, "old");
+    writer
+        .batch_execute("CREATE OR REPLACE VIEW cur AS SELECT id, v FROM new_t")
+        .await
+        .expect("redefine the view");
+    for _ in 0..3 {
+        assert_eq!(simple_int(&reader, q).await, "new");
+    }
+    writer
+        .batch_execute("UPDATE new_t SET v = 'newer' WHERE id = 1")
+        .await
+        .expect("update");
+    assert_eq!(simple_int(&reader, q).await, "newer");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_that_call_functions_are_never_served_stale() {
     let pg = shared_pg();
