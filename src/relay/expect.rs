@@ -62,6 +62,10 @@ pub struct FailedParse {
 #[derive(Debug, Default)]
 pub struct Expectations {
     queue: VecDeque<Entry>,
+    /// An error made the server skip messages up to a Sync that has not been sent yet (the
+    /// error came after a Flush): it will ignore whatever the client sends until its next
+    /// Sync. See [`Expectations::take_server_skipping`].
+    server_skipping: bool,
 }
 
 impl Expectations {
@@ -78,6 +82,12 @@ impl Expectations {
     pub fn push_synthetic(&mut self, msg: Bytes, out: &mut BytesMut) {
         self.queue.push_back(Entry::Synthetic(msg));
         self.flush_synthetic(out);
+    }
+
+    /// Whether an error since the last call left the server skipping messages until the
+    /// client's next Sync (no Sync was in flight to end the skip).
+    pub fn take_server_skipping(&mut self) -> bool {
+        std::mem::take(&mut self.server_skipping)
     }
 
     pub fn head(&self) -> Option<&Expect> {
@@ -143,7 +153,11 @@ impl Expectations {
     fn skip_to_sync(&mut self, failed: &mut Vec<FailedParse>) {
         // The first message dropped is the one the error answers.
         let mut erred = true;
-        while let Some(front) = self.queue.front() {
+        loop {
+            let Some(front) = self.queue.front() else {
+                self.server_skipping = true;
+                break;
+            };
             if let Entry::Server {
                 expect: Expect::Sync,
                 ..
@@ -238,6 +252,24 @@ mod tests {
         assert_eq!(e.head(), Some(&Expect::Sync));
         e.on_server_message(b'Z', &msg(b'Z'), &mut out, &mut failed);
         assert_eq!(&out[..], b"E\0\0\0\x04Z\0\0\0\x04");
+    }
+
+    #[test]
+    fn an_error_with_no_sync_in_flight_leaves_the_server_skipping() {
+        let mut e = Expectations::default();
+        let mut out = BytesMut::new();
+        let mut failed = vec![];
+        e.push(Expect::Bind, false);
+        e.on_server_message(b'E', &msg(b'E'), &mut out, &mut failed);
+        assert!(e.is_empty());
+        assert!(e.take_server_skipping());
+        assert!(!e.take_server_skipping(), "reported once");
+        // With a Sync in flight the skip ends there.
+        e.push(Expect::Bind, false);
+        e.push(Expect::Sync, false);
+        e.on_server_message(b'E', &msg(b'E'), &mut out, &mut failed);
+        assert!(!e.take_server_skipping());
+        assert_eq!(e.head(), Some(&Expect::Sync));
     }
 
     #[test]

@@ -412,13 +412,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 let portal = cstr_at(msg.body(), 0)
                     .map(|(p, _)| p)
                     .ok_or_else(|| RelayError::Violation("bad Execute".into()))?;
-                if portal.is_empty()
-                    && let PortalGap::Finished { done, .. } = &self.portal_gap
-                {
-                    // Postgres runs the finished portal again: no rows.
-                    let done = done.clone();
-                    self.batch_open = true;
-                    self.expect.push_synthetic(done, &mut self.to_client);
+                if portal.is_empty() && self.answer_gap_portal(GapMessage::Execute) {
                     return Ok(true);
                 }
                 if let Some(effects) = self.portal_effects.get(portal).cloned() {
@@ -649,22 +643,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     fn on_describe(&mut self, msg: Message) -> Result<(), RelayError> {
-        self.batch_open = true;
         let body = msg.body();
         let (name, _) =
             cstr_at(body, 1).ok_or_else(|| RelayError::Violation("bad Describe".into()))?;
         if body[0] == b'P' && name.is_empty() {
-            if let PortalGap::Finished {
-                description: Some(d),
-                ..
-            } = &self.portal_gap
-            {
-                let d = d.clone();
-                self.expect.push_synthetic(d, &mut self.to_client);
+            if self.answer_gap_portal(GapMessage::Describe) {
                 return Ok(());
             }
             self.close_gap_portal();
         }
+        self.batch_open = true;
         if body[0] == b'S'
             && let Some(server_name) = self.resolve(name)
         {
@@ -699,6 +687,40 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         self.portal_effects.remove(name);
         self.forward(&msg, Expect::Close);
         Ok(())
+    }
+
+    /// Answer an Execute or Describe of the unnamed portal for the finished portal of a
+    /// cached batch, as Postgres would; false when pgstash cannot say what Postgres would
+    /// answer, and the message goes to the server. Only with nothing in flight, so that the
+    /// last ReadyForQuery tells the transaction's state for sure (a message queued behind
+    /// an error would be skipped): healthy, the portal runs again to no rows, or describes
+    /// itself (if the batch described it); aborted, any use of it fails with 25P02, and
+    /// Postgres then skips to the next Sync. Nothing goes to the server, which stays idle.
+    fn answer_gap_portal(&mut self, msg: GapMessage) -> bool {
+        if !self.server_idle() {
+            return false;
+        }
+        let PortalGap::Finished { done, description } = &self.portal_gap else {
+            return false;
+        };
+        let answer = match (self.tx_status, msg) {
+            (b'T', GapMessage::Execute) => done.clone(),
+            (b'T', GapMessage::Describe) => match description {
+                Some(d) => d.clone(),
+                None => return false,
+            },
+            (b'E', _) => {
+                self.skip_to_sync = true;
+                protocol::error_response(
+                    Severity::Error,
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )
+            }
+            _ => return false,
+        };
+        self.expect.push_synthetic(answer, &mut self.to_client);
+        true
     }
 
     /// Before a message about the unnamed portal reaches the server after a cache answer
@@ -834,6 +856,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let done = self
             .expect
             .on_server_message(tag, msg.raw(), &mut self.to_client, &mut failed);
+        if self.expect.take_server_skipping() {
+            // Postgres ignores everything up to the client's next Sync, so pgstash must too:
+            // no answers of its own, no statements taken as made.
+            self.skip_to_sync = true;
+        }
         // Idle with nothing more in flight: SETs the client pipelined behind this
         // ReadyForQuery were recorded when they went out, and their reports are still due.
         if tag == b'Z' && self.tx_status == b'I' && self.expect.is_empty() {
@@ -1686,6 +1713,14 @@ struct BatchShape {
     parse: Option<usize>,
     bind: usize,
     describe: Described,
+}
+
+/// The messages about the unnamed portal that pgstash may answer itself after a cached
+/// batch (see `Relay::answer_gap_portal`).
+#[derive(Clone, Copy)]
+enum GapMessage {
+    Execute,
+    Describe,
 }
 
 /// What a batch's Describe asks about. Its answer is part of the stored response, so the kind

@@ -113,6 +113,16 @@ impl Wire {
     /// SQLSTATE of errors (`E[26000]`), the first column of rows (`D[v7]`) and command
     /// tags (`C[SELECT 1]`).
     fn transcript(&mut self) -> String {
+        self.read_until(|_, tag| tag == b'Z')
+    }
+
+    /// The next `n` messages, as [`Wire::transcript`] writes them (after a Flush, which
+    /// ends with no ReadyForQuery).
+    fn take(&mut self, n: usize) -> String {
+        self.read_until(|seen, _| seen == n)
+    }
+
+    fn read_until(&mut self, done: impl Fn(usize, u8) -> bool) -> String {
         let mut out = Vec::new();
         loop {
             let (tag, body) = self.next();
@@ -128,10 +138,15 @@ impl Wire {
                 b'C' => format!("C[{}]", String::from_utf8_lossy(&body[..body.len() - 1])),
                 other => char::from(other).to_string(),
             });
-            if tag == b'Z' {
+            if done(out.len(), tag) {
                 return out.join(" ");
             }
         }
+    }
+
+    /// Bind of statement `stmt` to the unnamed portal, no parameters.
+    fn bind_statement(&mut self, stmt: &str) {
+        self.send(b'B', format!("\0{stmt}\0\0\0\0\0\0\0").as_bytes());
     }
 
     /// Tags up to and including the first with tag `last`.
@@ -434,6 +449,134 @@ async fn a_parse_of_the_unnamed_statement_that_fails_or_is_skipped_leaves_it_as_
             "2 D[v8] C[SELECT 1] Z",
             "E[42P01] Z",
             "E[26000] Z",
+        ],
+        "what Postgres does changed: this test's premise is wrong"
+    );
+    assert_eq!(through_pgstash, postgres);
+}
+
+/// After an error, Postgres ignores every message up to the client's next Sync. When the
+/// error came after a Flush (no Sync in flight), pgstash must ignore them too: no answers
+/// of its own (a ParseComplete for a statement the server already has, the unnamed
+/// portal's SELECT 0), no statement taken as made, and no answer waited for that will never
+/// come (which hung the client and swallowed later answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_error_delivered_by_a_flush_pgstash_ignores_what_postgres_ignores() {
+    let (proxy, db) = setup();
+    let q = "SELECT v FROM t WHERE id = 4";
+    let run = |w: &mut Wire| {
+        let mut seen = Vec::new();
+        let sync = |w: &mut Wire| {
+            w.send(b'S', b"");
+            w.transcript()
+        };
+        let flush = |w: &mut Wire, n| {
+            w.send(b'H', b"");
+            w.take(n)
+        };
+        // A named Parse of a text the server already has, while Postgres skips it.
+        w.send(b'P', format!("s1\0{q}\0\0\0").as_bytes());
+        seen.push(sync(w));
+        w.bind_statement("nosuch");
+        seen.push(flush(w, 1));
+        w.send(b'P', format!("s2\0{q}\0\0\0").as_bytes());
+        seen.push(sync(w));
+        w.bind_statement("s2");
+        w.execute();
+        seen.push(sync(w));
+        // The unnamed statement, which pgstash knows is absent, while Postgres skips: then
+        // a Sync, another, and a Query, each answered.
+        w.bind_statement("nosuch");
+        seen.push(flush(w, 1));
+        w.bind_statement("");
+        seen.push(sync(w));
+        seen.push(sync(w));
+        w.send(b'Q', b"SELECT 1\0");
+        seen.push(w.transcript());
+        // A Query sent while Postgres skips is ignored too.
+        w.bind_statement("nosuch");
+        seen.push(flush(w, 1));
+        w.send(b'Q', b"SELECT 2\0");
+        seen.push(sync(w));
+        seen
+    };
+    let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
+    assert_eq!(
+        postgres,
+        [
+            "1 Z",
+            "E[26000]",
+            "Z",
+            "E[26000] Z",
+            "E[26000]",
+            "Z",
+            "Z",
+            "T D[1] C[SELECT 1] Z",
+            "E[26000]",
+            "Z",
+        ],
+        "what Postgres does changed: this test's premise is wrong"
+    );
+    assert_eq!(run(&mut Wire::connect(&proxy, &db)), postgres);
+}
+
+/// After a batch answered from the cache in a transaction, Postgres answers for the
+/// finished portal only while the transaction is healthy and nothing is skipped: in an
+/// aborted transaction it is an error (25P02), and while skipping to a Sync nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_finished_portal_of_a_cached_batch_is_not_answered_in_an_aborted_transaction() {
+    let (proxy, db) = setup();
+    let run = |w: &mut Wire| {
+        let mut seen = Vec::new();
+        let sync = |w: &mut Wire| {
+            w.send(b'S', b"");
+            w.transcript()
+        };
+        let query = |w: &mut Wire, sql: &str| {
+            w.send(b'Q', format!("{sql}\0").as_bytes());
+            w.transcript()
+        };
+        seen.push(query(w, "BEGIN"));
+        seen.push(String::from_utf8_lossy(&w.cached_read()).into_owned());
+        // An error aborts the transaction.
+        w.parse("selec oops");
+        seen.push(sync(w));
+        w.execute();
+        seen.push(sync(w));
+        w.describe_portal();
+        seen.push(sync(w));
+        seen.push(query(w, "ROLLBACK"));
+        // An error after a Flush: the Execute after it is skipped.
+        seen.push(query(w, "BEGIN"));
+        seen.push(String::from_utf8_lossy(&w.cached_read()).into_owned());
+        w.parse("selec oops");
+        w.send(b'H', b"");
+        seen.push(w.take(1));
+        w.execute();
+        seen.push(sync(w));
+        seen.push(query(w, "ROLLBACK"));
+        seen
+    };
+    let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
+    // Through pgstash the reads are answered from the cache (warmed, then changed behind
+    // pgstash's back: they still show what Postgres showed above).
+    warm(&proxy, &db);
+    shared_pg().psql_db(&db, "UPDATE t SET v = 'changed' WHERE id = 7");
+    let through_pgstash = run(&mut Wire::connect(&proxy, &db));
+    assert_eq!(
+        postgres,
+        [
+            "C[BEGIN] Z",
+            "12TDCZ",
+            "E[42601] Z",
+            "E[25P02] Z",
+            "E[25P02] Z",
+            "C[ROLLBACK] Z",
+            "C[BEGIN] Z",
+            "12TDCZ",
+            "E[42601]",
+            "Z",
+            "C[ROLLBACK] Z",
         ],
         "what Postgres does changed: this test's premise is wrong"
     );
