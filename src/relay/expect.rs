@@ -45,8 +45,14 @@ impl Expect {
 
 #[derive(Debug)]
 enum Entry {
-    Server { expect: Expect, swallow: bool },
+    Server {
+        expect: Expect,
+        swallow: bool,
+    },
     Synthetic(Bytes),
+    /// Where the client's CopyDone or CopyFail went out: no answer of its own, but Syncs
+    /// after it are real ones (see [`Expectations::drop_queued_syncs`]).
+    CopyEnd,
 }
 
 /// A Parse that never took effect on the server (it failed, or was skipped after an error).
@@ -97,17 +103,42 @@ impl Expectations {
         }
     }
 
-    /// In extended-protocol COPY FROM STDIN the server ignores Syncs sent before CopyDone.
+    /// The client ended COPY FROM STDIN (CopyDone or CopyFail) here.
+    pub fn push_copy_end(&mut self, out: &mut BytesMut) {
+        self.queue.push_back(Entry::CopyEnd);
+        self.flush_synthetic(out);
+    }
+
+    /// In extended-protocol COPY FROM STDIN the server ignores Syncs sent before CopyDone
+    /// (or CopyFail); the ones after it count.
     pub fn drop_queued_syncs(&mut self) {
-        self.queue.retain(|e| {
-            !matches!(
+        let mut in_copy = true;
+        self.queue.retain(|e| match e {
+            Entry::CopyEnd => {
+                in_copy = false;
+                true
+            }
+            Entry::Server {
+                expect: Expect::Sync,
+                ..
+            } => !in_copy,
+            _ => true,
+        });
+    }
+
+    /// Whether every answer still due is a Sync's (or pgstash's own): Syncs that cannot
+    /// change the transaction's state, which the last ReadyForQuery then still tells.
+    pub fn only_syncs_pending(&self) -> bool {
+        self.queue.iter().all(|e| {
+            matches!(
                 e,
                 Entry::Server {
                     expect: Expect::Sync,
                     ..
-                }
+                } | Entry::Synthetic(_)
+                    | Entry::CopyEnd
             )
-        });
+        })
     }
 
     /// Route one server message: append what the client must see to `out`, and report Parses
@@ -124,6 +155,9 @@ impl Expectations {
             out.extend_from_slice(raw);
             return None;
         }
+        // A copy end the client sent with nothing before it (outside COPY: Postgres
+        // ignores it) must not stand in the way.
+        self.flush_synthetic(out);
         let Some(Entry::Server { expect, swallow }) = self.queue.front() else {
             // Nothing asked for: a FATAL at server shutdown, say. The client should see it.
             out.extend_from_slice(raw);
@@ -186,8 +220,9 @@ impl Expectations {
         }
     }
 
+    /// Send pgstash's own answers that are next, and step over copy ends (which get none).
     fn flush_synthetic(&mut self, out: &mut BytesMut) {
-        while let Some(Entry::Synthetic(_)) = self.queue.front() {
+        while let Some(Entry::Synthetic(_) | Entry::CopyEnd) = self.queue.front() {
             if let Some(Entry::Synthetic(m)) = self.queue.pop_front() {
                 out.extend_from_slice(&m);
             }
@@ -270,6 +305,28 @@ mod tests {
         e.on_server_message(b'E', &msg(b'E'), &mut out, &mut failed);
         assert!(!e.take_server_skipping());
         assert_eq!(e.head(), Some(&Expect::Sync));
+    }
+
+    #[test]
+    fn syncs_sent_during_copy_in_are_dropped_and_those_after_its_end_kept() {
+        let mut e = Expectations::default();
+        let mut out = BytesMut::new();
+        let mut failed = vec![];
+        e.push(Expect::Execute, false);
+        e.push(Expect::Sync, false);
+        e.push_copy_end(&mut out);
+        e.push(Expect::Sync, false);
+        // CopyInResponse: the first Sync is ignored by the server, the second is not.
+        e.drop_queued_syncs();
+        e.on_server_message(b'E', &msg(b'E'), &mut out, &mut failed);
+        assert!(
+            !e.take_server_skipping(),
+            "the Sync after the copy ends the skip"
+        );
+        assert_eq!(e.head(), Some(&Expect::Sync));
+        e.on_server_message(b'Z', &msg(b'Z'), &mut out, &mut failed);
+        assert!(e.is_empty());
+        assert!(e.only_syncs_pending());
     }
 
     #[test]

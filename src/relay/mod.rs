@@ -439,6 +439,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             b'c' | b'f' => {
                 self.copy_in = false;
                 self.to_server.extend_from_slice(msg.raw());
+                self.expect.push_copy_end(&mut self.to_client);
             }
             other => {
                 return Err(RelayError::Client(ProtocolError::UnexpectedMessage(other)));
@@ -691,13 +692,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     /// Answer an Execute or Describe of the unnamed portal for the finished portal of a
     /// cached batch, as Postgres would; false when pgstash cannot say what Postgres would
-    /// answer, and the message goes to the server. Only with nothing in flight, so that the
-    /// last ReadyForQuery tells the transaction's state for sure (a message queued behind
-    /// an error would be skipped): healthy, the portal runs again to no rows, or describes
-    /// itself (if the batch described it); aborted, any use of it fails with 25P02, and
-    /// Postgres then skips to the next Sync. Nothing goes to the server, which stays idle.
+    /// answer, and the message goes to the server. Only with nothing but Syncs in flight, so
+    /// that the last ReadyForQuery tells the transaction's state for sure (a message queued
+    /// behind an error would be skipped): healthy, the portal runs again to no rows, or
+    /// describes itself (if the batch described it); aborted, any use of it fails with
+    /// 25P02, and Postgres then skips to the next Sync. Nothing goes to the server.
     fn answer_gap_portal(&mut self, msg: GapMessage) -> bool {
-        if !self.server_idle() {
+        // Syncs in flight (after answers of this kind) leave the state as it was.
+        if self.batch_open || self.copy_in || !self.expect.only_syncs_pending() {
             return false;
         }
         let PortalGap::Finished { done, description } = &self.portal_gap else {

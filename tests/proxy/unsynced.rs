@@ -582,3 +582,100 @@ async fn the_finished_portal_of_a_cached_batch_is_not_answered_in_an_aborted_tra
     );
     assert_eq!(through_pgstash, postgres);
 }
+
+/// COPY FROM STDIN through the extended protocol, with everything pipelined: Syncs sent
+/// during the copy are ignored by Postgres, the one after CopyDone or CopyFail is not, and
+/// the answers after it (a Query's included) all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_after_a_pipelined_copy_end_count_and_nothing_after_them_is_lost() {
+    let (proxy, db) = setup();
+    let run = |w: &mut Wire| {
+        let mut seen = Vec::new();
+        let copy = |w: &mut Wire| {
+            w.parse("COPY w FROM STDIN");
+            w.bind(&[]);
+            w.execute();
+        };
+        // Failed with CopyFail after a Flush, then a Query.
+        copy(w);
+        w.send(b'H', b"");
+        w.send(b'f', b"no thanks\0");
+        w.send(b'S', b"");
+        w.send(b'Q', b"SELECT 'a'\0");
+        seen.push(w.transcript());
+        seen.push(w.transcript());
+        // Done after a Flush, then a Query that writes.
+        copy(w);
+        w.send(b'H', b"");
+        w.send(b'd', b"5\n");
+        w.send(b'c', b"");
+        w.send(b'S', b"");
+        w.send(b'Q', b"INSERT INTO w VALUES (6)\0");
+        seen.push(w.transcript());
+        seen.push(w.transcript());
+        // A Sync during the copy is ignored; the one after CopyDone answers.
+        copy(w);
+        w.send(b'S', b"");
+        w.send(b'd', b"7\n");
+        w.send(b'c', b"");
+        w.send(b'S', b"");
+        w.send(b'Q', b"SELECT count(*) FROM w\0");
+        seen.push(w.transcript());
+        seen.push(w.transcript());
+        w.send(b'Q', b"DELETE FROM w\0");
+        seen.push(w.transcript());
+        seen
+    };
+    let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
+    assert_eq!(
+        postgres,
+        [
+            "1 2 G E[57014] Z",
+            "T D[a] C[SELECT 1] Z",
+            "1 2 G C[COPY 1] Z",
+            "C[INSERT 0 1] Z",
+            "1 2 G C[COPY 1] Z",
+            "T D[3] C[SELECT 1] Z",
+            "C[DELETE 3] Z",
+        ],
+        "what Postgres does changed: this test's premise is wrong"
+    );
+    assert_eq!(run(&mut Wire::connect(&proxy, &db)), postgres);
+}
+
+/// Two Executes of the finished portal of a cached batch, each with its Sync, pipelined:
+/// the Sync in flight between them changes nothing, and both give no rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_finished_portal_answers_every_pipelined_execute() {
+    let (proxy, db) = setup();
+    let run = |w: &mut Wire| {
+        let mut seen = Vec::new();
+        w.send(b'Q', b"BEGIN\0");
+        seen.push(w.transcript());
+        seen.push(String::from_utf8_lossy(&w.cached_read()).into_owned());
+        for _ in 0..2 {
+            w.execute();
+            w.send(b'S', b"");
+        }
+        seen.push(w.transcript());
+        seen.push(w.transcript());
+        w.send(b'Q', b"ROLLBACK\0");
+        seen.push(w.transcript());
+        seen
+    };
+    let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
+    warm(&proxy, &db);
+    shared_pg().psql_db(&db, "UPDATE t SET v = 'changed' WHERE id = 7");
+    assert_eq!(
+        postgres,
+        [
+            "C[BEGIN] Z",
+            "12TDCZ",
+            "C[SELECT 0] Z",
+            "C[SELECT 0] Z",
+            "C[ROLLBACK] Z"
+        ],
+        "what Postgres does changed: this test's premise is wrong"
+    );
+    assert_eq!(run(&mut Wire::connect(&proxy, &db)), postgres);
+}
