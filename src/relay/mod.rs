@@ -726,11 +726,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     /// Before a message about the unnamed portal reaches the server after a cache answer
-    /// in this transaction (one not answered here, see `PortalGap`): close the server's
+    /// in this transaction (one `answer_gap_portal` could not answer): close the server's
     /// unnamed portal, an older one Postgres would no longer have. Where Postgres would
-    /// still have the answered one but its answer is not known here (a Describe of it
-    /// after a batch that did not describe it), the server gives 34000 instead: an error,
-    /// never another query's rows.
+    /// still have the answered one (a Describe of it after a batch that did not describe
+    /// it, or messages to the server in flight before it), the server gives 34000 instead:
+    /// an error, never another query's columns or rows.
     fn close_gap_portal(&mut self) {
         if std::mem::take(&mut self.portal_gap) != PortalGap::None {
             self.to_server
@@ -1014,7 +1014,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let key = caching::query_key(seed, sql);
         let started = std::time::Instant::now();
         if let Some(entry) = self.known_hit(&cache, &catalog, key) {
-            self.answer_hit(entry.response.clone(), caching::Tier::L1, started, None);
+            self.answer_hit(
+                entry.response.clone(),
+                caching::Tier::L1,
+                started,
+                HitOf::Query,
+            );
             return Ok(true);
         }
         let analyzed = cache.analyze(&self.database, sql, &catalog);
@@ -1026,7 +1031,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         let answered = self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, started, None)
+            .serve_plan(&cache, &catalog, &plan, &analyzed, started, HitOf::Query)
             .await?;
         if !answered {
             self.query_analyzed = Some(analyzed);
@@ -1078,23 +1083,24 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     /// Answer from the cache: the stored response, then ReadyForQuery; counted as a hit of
-    /// `tier` (L2 hits are counted where they are found), timed from `started`. `batch`:
-    /// `None` for a Query, else whether the batch described its portal.
+    /// `tier` (L2 hits are counted where they are found), timed from `started`.
     fn answer_hit(
         &mut self,
         response: Bytes,
         tier: caching::Tier,
         started: std::time::Instant,
-        batch: Option<bool>,
+        of: HitOf,
     ) {
-        if batch.is_some() {
+        if let HitOf::Batch { .. } = of {
             // The answered Bind replaced the unnamed portal; a cached read has no effects.
             self.portal_effects.remove(&b""[..]);
         }
         if self.tx_status == b'T' {
-            self.portal_gap = match batch {
-                None => PortalGap::Gone,
-                Some(described_portal) => PortalGap::finished(&response, described_portal),
+            self.portal_gap = match of {
+                HitOf::Query => PortalGap::Gone,
+                HitOf::Batch { described_portal } => {
+                    PortalGap::finished(&response, described_portal)
+                }
             };
         }
         self.expect.push_synthetic(response, &mut self.to_client);
@@ -1116,7 +1122,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         plan: &caching::ReadPlan,
         analyzed: &caching::Analyzed,
         started: std::time::Instant,
-        batch: Option<bool>,
+        of: HitOf,
     ) -> Result<bool, RelayError> {
         let m = metrics();
         let ttl = match analyzed.policy {
@@ -1163,7 +1169,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 if let Some(s) = &stats {
                     s.hit();
                 }
-                self.answer_hit(bytes, tier, started, batch);
+                self.answer_hit(bytes, tier, started, of);
                 Ok(true)
             }
             ReadOutcome::Fill(pending) => {
@@ -1245,10 +1251,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             params.tail,
             [parse.is_some() as u8, shape.describe.key_byte()],
         );
-        let batch = Some(shape.describe == Described::Portal);
+        let of = HitOf::Batch {
+            described_portal: shape.describe == Described::Portal,
+        };
         let started = std::time::Instant::now();
         if let Some(entry) = self.known_hit(&cache, &catalog, key) {
-            self.answer_hit(entry.response.clone(), caching::Tier::L1, started, batch);
+            self.answer_hit(entry.response.clone(), caching::Tier::L1, started, of);
             self.adopt_parse(parse);
             self.batch.clear();
             return Ok(true);
@@ -1262,7 +1270,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(false);
         };
         if self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, started, batch)
+            .serve_plan(&cache, &catalog, &plan, &analyzed, started, of)
             .await?
         {
             self.adopt_parse(parse);
@@ -1715,6 +1723,14 @@ struct BatchShape {
     parse: Option<usize>,
     bind: usize,
     describe: Described,
+}
+
+/// What a cache answer stood in for: a simple Query, or an extended-protocol batch (which
+/// leaves its portal behind, described or not; see `PortalGap`).
+#[derive(Clone, Copy)]
+enum HitOf {
+    Query,
+    Batch { described_portal: bool },
 }
 
 /// The messages about the unnamed portal that pgstash may answer itself after a cached
