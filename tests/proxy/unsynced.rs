@@ -144,6 +144,24 @@ impl Wire {
         }
     }
 
+    /// Sync, and the transcript of everything up to its ReadyForQuery.
+    fn sync(&mut self) -> String {
+        self.send(b'S', b"");
+        self.transcript()
+    }
+
+    /// A simple Query, and its transcript.
+    fn query(&mut self, sql: &str) -> String {
+        self.send(b'Q', format!("{sql}\0").as_bytes());
+        self.transcript()
+    }
+
+    /// Flush, and the next `n` messages.
+    fn flush(&mut self, n: usize) -> String {
+        self.send(b'H', b"");
+        self.take(n)
+    }
+
     /// Bind of statement `stmt` to the unnamed portal, no parameters.
     fn bind_statement(&mut self, stmt: &str) {
         self.send(b'B', format!("\0{stmt}\0\0\0\0\0\0\0").as_bytes());
@@ -321,47 +339,39 @@ async fn after_a_cached_answer_in_a_transaction_the_unnamed_portal_is_the_one_po
     let (proxy, db) = setup();
     let run = |w: &mut Wire| {
         let mut seen = Vec::new();
-        let sync = |w: &mut Wire| {
-            w.send(b'S', b"");
-            w.transcript()
-        };
-        let query = |w: &mut Wire, sql: &str| {
-            w.send(b'Q', format!("{sql}\0").as_bytes());
-            w.transcript()
-        };
-        seen.push(query(w, "BEGIN"));
+        seen.push(w.query("BEGIN"));
         // An unnamed portal of this transaction, on the server, not executed yet.
         w.parse("SELECT 77");
         w.bind(&[]);
-        seen.push(sync(w));
+        seen.push(w.sync());
         // Answered from the cache: in Postgres this Bind replaced that portal, and the
         // portal ran to completion.
         w.parse("SELECT v FROM t WHERE id = $1");
         w.bind(&["7"]);
         w.describe_portal();
         w.execute();
-        seen.push(sync(w));
+        seen.push(w.sync());
         // Executed again (with or without a row limit) it gives no rows; described, the
         // same columns. Never 77.
         w.execute();
-        seen.push(sync(w));
+        seen.push(w.sync());
         w.send(b'E', b"\0\0\0\0\x01");
         w.describe_portal();
-        seen.push(sync(w));
+        seen.push(w.sync());
         // Closed, it is gone (an error, which ends the transaction).
         w.send(b'C', b"P\0");
         w.execute();
-        seen.push(sync(w));
-        seen.push(query(w, "ROLLBACK"));
+        seen.push(w.sync());
+        seen.push(w.query("ROLLBACK"));
         // A simple Query answered from the cache destroys the unnamed portal.
-        seen.push(query(w, "BEGIN"));
+        seen.push(w.query("BEGIN"));
         w.parse("SELECT 78");
         w.bind(&[]);
-        seen.push(sync(w));
-        seen.push(query(w, "SELECT v FROM t WHERE id = 3"));
+        seen.push(w.sync());
+        seen.push(w.query("SELECT v FROM t WHERE id = 3"));
         w.execute();
-        seen.push(sync(w));
-        seen.push(query(w, "ROLLBACK"));
+        seen.push(w.sync());
+        seen.push(w.query("ROLLBACK"));
         seen
     };
     let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
@@ -405,35 +415,31 @@ async fn a_parse_of_the_unnamed_statement_that_fails_or_is_skipped_leaves_it_as_
     let (proxy, db) = setup();
     let run = |w: &mut Wire| {
         let mut seen = Vec::new();
-        let step = |w: &mut Wire, seen: &mut Vec<String>| {
-            w.send(b'S', b"");
-            seen.push(w.transcript());
-        };
         // A Parse that fails: the statement before it is gone too.
         w.parse("SELECT v FROM t WHERE id = 7");
-        step(w, &mut seen);
+        seen.push(w.sync());
         w.parse("SELECT v FROM no_such_table");
-        step(w, &mut seen);
+        seen.push(w.sync());
         w.bind(&[]);
         w.execute();
-        step(w, &mut seen);
+        seen.push(w.sync());
         // A Parse skipped after a failed Bind (of a statement that does not exist): the
         // statement before it stands.
         w.parse("SELECT v FROM t WHERE id = 8");
-        step(w, &mut seen);
+        seen.push(w.sync());
         w.send(b'B', b"\0nope\0\0\0\0\0\0\0");
         w.parse("SELECT v FROM t WHERE id = 9");
-        step(w, &mut seen);
+        seen.push(w.sync());
         w.bind(&[]);
         w.execute();
-        step(w, &mut seen);
+        seen.push(w.sync());
         // Both in one batch: the first fails, the second is skipped; none is left.
         w.parse("SELECT v FROM no_such_table");
         w.parse("SELECT v FROM t WHERE id = 9");
-        step(w, &mut seen);
+        seen.push(w.sync());
         w.bind(&[]);
         w.execute();
-        step(w, &mut seen);
+        seen.push(w.sync());
         seen
     };
     let through_pgstash = run(&mut Wire::connect(&proxy, &db));
@@ -466,38 +472,30 @@ async fn after_an_error_delivered_by_a_flush_pgstash_ignores_what_postgres_ignor
     let q = "SELECT v FROM t WHERE id = 4";
     let run = |w: &mut Wire| {
         let mut seen = Vec::new();
-        let sync = |w: &mut Wire| {
-            w.send(b'S', b"");
-            w.transcript()
-        };
-        let flush = |w: &mut Wire, n| {
-            w.send(b'H', b"");
-            w.take(n)
-        };
         // A named Parse of a text the server already has, while Postgres skips it.
         w.send(b'P', format!("s1\0{q}\0\0\0").as_bytes());
-        seen.push(sync(w));
+        seen.push(w.sync());
         w.bind_statement("nosuch");
-        seen.push(flush(w, 1));
+        seen.push(w.flush(1));
         w.send(b'P', format!("s2\0{q}\0\0\0").as_bytes());
-        seen.push(sync(w));
+        seen.push(w.sync());
         w.bind_statement("s2");
         w.execute();
-        seen.push(sync(w));
+        seen.push(w.sync());
         // The unnamed statement, which pgstash knows is absent, while Postgres skips: then
         // a Sync, another, and a Query, each answered.
         w.bind_statement("nosuch");
-        seen.push(flush(w, 1));
+        seen.push(w.flush(1));
         w.bind_statement("");
-        seen.push(sync(w));
-        seen.push(sync(w));
+        seen.push(w.sync());
+        seen.push(w.sync());
         w.send(b'Q', b"SELECT 1\0");
         seen.push(w.transcript());
         // A Query sent while Postgres skips is ignored too.
         w.bind_statement("nosuch");
-        seen.push(flush(w, 1));
+        seen.push(w.flush(1));
         w.send(b'Q', b"SELECT 2\0");
-        seen.push(sync(w));
+        seen.push(w.sync());
         seen
     };
     let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
@@ -528,33 +526,25 @@ async fn the_finished_portal_of_a_cached_batch_is_not_answered_in_an_aborted_tra
     let (proxy, db) = setup();
     let run = |w: &mut Wire| {
         let mut seen = Vec::new();
-        let sync = |w: &mut Wire| {
-            w.send(b'S', b"");
-            w.transcript()
-        };
-        let query = |w: &mut Wire, sql: &str| {
-            w.send(b'Q', format!("{sql}\0").as_bytes());
-            w.transcript()
-        };
-        seen.push(query(w, "BEGIN"));
+        seen.push(w.query("BEGIN"));
         seen.push(String::from_utf8_lossy(&w.cached_read()).into_owned());
         // An error aborts the transaction.
         w.parse("selec oops");
-        seen.push(sync(w));
+        seen.push(w.sync());
         w.execute();
-        seen.push(sync(w));
+        seen.push(w.sync());
         w.describe_portal();
-        seen.push(sync(w));
-        seen.push(query(w, "ROLLBACK"));
+        seen.push(w.sync());
+        seen.push(w.query("ROLLBACK"));
         // An error after a Flush: the Execute after it is skipped.
-        seen.push(query(w, "BEGIN"));
+        seen.push(w.query("BEGIN"));
         seen.push(String::from_utf8_lossy(&w.cached_read()).into_owned());
         w.parse("selec oops");
         w.send(b'H', b"");
         seen.push(w.take(1));
         w.execute();
-        seen.push(sync(w));
-        seen.push(query(w, "ROLLBACK"));
+        seen.push(w.sync());
+        seen.push(w.query("ROLLBACK"));
         seen
     };
     let postgres = run(&mut Wire::connect_postgres(shared_pg(), &db));
