@@ -213,6 +213,9 @@ async fn start_change_source(
         t.database = db.clone();
         let conninfo = crate::relay::caching::control_url(&t);
         sink.set_healthy(&db, false, "change source starting");
+        // Only the instance that reads the source (with Redis, the elected one) hears
+        // echoes; the clients of the others wait max_lag after a hidden write instead.
+        let catch_up = cache.watched_by_source(&db, config.invalidation.max_lag);
         match source {
             InvalidationSource::Notify => {
                 notify::ensure_installed_at(&conninfo, &db, config.upstream.connect_timeout)
@@ -224,6 +227,7 @@ async fn start_change_source(
                 let timeout = config.upstream.connect_timeout;
                 let start: StartSource = Arc::new(move |sink, cancel| {
                     let (conninfo, db) = (conninfo.clone(), listen_db.clone());
+                    let catch_up = Arc::clone(&catch_up);
                     let roles = roles::watch(
                         conninfo.clone(),
                         db.clone(),
@@ -232,7 +236,10 @@ async fn start_change_source(
                         cancel.clone(),
                     );
                     Box::pin(async move {
-                        let cfg = notify::ListenerConfig::default();
+                        let cfg = notify::ListenerConfig {
+                            catch_up: Some(catch_up),
+                            ..notify::ListenerConfig::default()
+                        };
                         let listen = async {
                             if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
                                 tracing::error!(error = %e, "NOTIFY listener cannot start");
@@ -263,6 +270,7 @@ async fn start_change_source(
                 };
                 cfg.publication = config.invalidation.publication.clone();
                 cfg.max_lag = config.invalidation.max_lag;
+                cfg.catch_up = Some(catch_up);
                 cfg.validate().map_err(|e| {
                     std::io::Error::other(format!("invalidation.slot / publication: {e}"))
                 })?;

@@ -5,6 +5,7 @@
 //! them to a [`ChangeSink`], which maps them onto the cache's generations.
 
 pub mod apply;
+pub mod catch_up;
 mod changes;
 pub mod installed;
 mod lag;

@@ -14,6 +14,7 @@
 //! The connection is plain TCP or Unix socket (no TLS yet), with `application_name`
 //! [`ListenerConfig::application_name`] so operators can tell it apart.
 
+use super::catch_up::{CatchUp, ECHO_SPACING};
 use super::installed::{self, Missing, Source};
 use super::payload::{self, Meaning, Payload};
 use super::{Change, ChangeSink};
@@ -55,6 +56,9 @@ pub struct ListenerConfig {
     pub backoff_max: Duration,
     /// How often the connection is probed and the triggers checked.
     pub check_interval: Duration,
+    /// Clients waiting for their hidden writes to be heard: each ticket they take is
+    /// echoed on the channel, behind every notification committed before it.
+    pub catch_up: Option<Arc<CatchUp>>,
 }
 
 impl Default for ListenerConfig {
@@ -65,6 +69,7 @@ impl Default for ListenerConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             check_interval: Duration::from_secs(10),
+            catch_up: None,
         }
     }
 }
@@ -245,8 +250,23 @@ impl Listener {
             reason,
             was_listening: true,
         };
+        let catch_up = self.config.catch_up.as_deref();
+        // Tickets not yet answered may have lost their echo with the last session.
+        let mut echoed = catch_up.map_or(0, CatchUp::heard_through);
+        let mut next_echo = tokio::time::Instant::now();
         loop {
             tokio::select! {
+                newest = wanted(catch_up, echoed, next_echo) => {
+                    echoed = newest;
+                    let echo_of = catch_up.map(|c| c.echo_payload(newest)).unwrap_or_default();
+                    let echo = format!("NOTIFY {CHANNEL}, '{echo_of}'");
+                    match tokio::time::timeout(limit, client.batch_execute(&echo)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return lost(format!("echo failed: {}", describe(&e))),
+                        Err(_) => return lost(format!("echo got no answer within {limit:?}")),
+                    }
+                    next_echo = tokio::time::Instant::now() + ECHO_SPACING;
+                }
                 event = events.recv() => {
                     let Some(Event::Notification(first)) = event else {
                         let reason = match event {
@@ -334,6 +354,22 @@ impl Listener {
             if n.channel() != CHANNEL {
                 continue;
             }
+            if n.payload().starts_with("echo ") {
+                // Ours: everything committed before it is in the batch before it, so apply
+                // that first. Another instance's: nothing to apply.
+                let own = self.config.catch_up.as_deref().and_then(|c| {
+                    let ticket = c.own_echo(n.payload())?;
+                    Some((c, ticket))
+                });
+                if let Some((catch_up, ticket)) = own {
+                    self.apply(&group, group_at);
+                    group.clear();
+                    group_at = None;
+                    group_of = None;
+                    catch_up.heard(ticket);
+                }
+                continue;
+            }
             let p = match payload::parse(n.payload()) {
                 Ok(p) => p,
                 Err(e) => {
@@ -383,6 +419,18 @@ impl Listener {
         if !changes.is_empty() {
             self.sink.apply(&self.db, at, changes);
         }
+    }
+}
+
+/// The newest ticket of `catch_up` above `echoed`, once one is taken and `not_before` has
+/// come; never without `catch_up`.
+async fn wanted(catch_up: Option<&CatchUp>, echoed: u64, not_before: tokio::time::Instant) -> u64 {
+    match catch_up {
+        Some(c) => {
+            tokio::time::sleep_until(not_before).await;
+            c.wanted(echoed).await
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -11,6 +11,7 @@ use crate::cache::{
 };
 use crate::catalog::Catalog;
 use crate::config::{CacheConfig, CacheRule, UpstreamTarget};
+use crate::invalidation::catch_up::CatchUp;
 use crate::metrics::metrics;
 use crate::redis_tier::{L2Lookup, RedisSnapshot, RedisTier};
 use crate::relay::bind::{BindParams, canonical_int};
@@ -31,6 +32,9 @@ pub struct CacheShared {
     rules: Vec<Rule>,
     /// Databases a change source cannot vouch for right now (see `invalidation`).
     unhealthy: SourceHealth,
+    /// Databases a change source watches, and how their clients wait for it to hear
+    /// their hidden writes (see [`CatchUp`]).
+    catch_ups: std::sync::RwLock<HashMap<String, Arc<CatchUp>>>,
     upstream: UpstreamTarget,
     connect_timeout: Duration,
     catalogs: Mutex<HashMap<String, CatalogCell, BuildMix>>,
@@ -210,6 +214,7 @@ impl CacheShared {
             bypass,
             tier,
             unhealthy: SourceHealth::default(),
+            catch_ups: Default::default(),
             config,
             upstream,
             connect_timeout,
@@ -428,6 +433,22 @@ impl CacheShared {
     /// Apply a committed write locally (the relay publishes it to other instances).
     pub fn invalidate(&self, inv: &Invalidation) {
         self.gens.invalidate(inv);
+    }
+
+    /// A change source is to watch `db`: how its clients will wait for it to hear their
+    /// hidden writes, for at most `max_wait` each.
+    pub fn watched_by_source(&self, db: &str, max_wait: Duration) -> Arc<CatchUp> {
+        let mut map = self.catch_ups.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(db.to_string())
+            .or_insert_with(|| Arc::new(CatchUp::new(max_wait)))
+            .clone()
+    }
+
+    /// How clients of `db` wait for its change source; `None` when no source watches it
+    /// (then writes no statement names are never heard at all: README, "Known gaps").
+    pub fn catch_up(&self, db: &str) -> Option<Arc<CatchUp>> {
+        let map = self.catch_ups.read().unwrap_or_else(|p| p.into_inner());
+        map.get(db).cloned()
     }
 
     /// Whether a change source vouches for `db` (always, when no source reported trouble).

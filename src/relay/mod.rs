@@ -17,6 +17,7 @@ use crate::analysis::Analysis;
 use crate::cancel::CancelSlot;
 use crate::catalog::HiddenChange;
 use crate::config::PoolMode;
+use crate::invalidation::catch_up::{CatchUp, Ticket};
 use crate::metrics::{BypassReason, InvalidationOrigin, metrics};
 use crate::protocol::{self, Message, MessageReader, ProtocolError, Severity, cstr_at};
 use crate::session::{Effect, Settings};
@@ -116,6 +117,12 @@ pub struct Relay<R, W> {
     tx_written: HashSet<String>,
     /// The open transaction is REPEATABLE READ or SERIALIZABLE: its reads bypass the cache.
     strict_tx: bool,
+    /// The open transaction may have written tables no statement names (a trigger's, a
+    /// function's): only the change source will tell which.
+    tx_hidden_writes: bool,
+    /// Such writes committed, and the change source may not have applied them yet: this
+    /// client reads through Postgres until it has (see [`CatchUp`]).
+    unheard_writes: Option<(Arc<CatchUp>, Ticket)>,
     /// Set while the held server connection lacks startup values a RESET took away.
     settings_restore: Option<String>,
     /// The transaction changed role or database defaults (`ALTER ROLE ... SET`).
@@ -181,6 +188,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             to_publish: Vec::new(),
             tx_written: HashSet::new(),
             strict_tx: false,
+            tx_hidden_writes: false,
+            unheard_writes: None,
             settings_restore: None,
             defaults_changed: false,
             schema_dirty: false,
@@ -995,6 +1004,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
     }
 
+    /// Whether this client committed writes no statement named that the change source has
+    /// not applied yet: the cache may still hold what they changed.
+    fn own_writes_unheard(&self) -> bool {
+        self.unheard_writes
+            .as_ref()
+            .is_some_and(|(catch_up, ticket)| !catch_up.passed(ticket))
+    }
+
     /// A simple Query: answer it from the cache if possible. Returns true when answered.
     async fn serve_query(&mut self, msg: &Message) -> Result<bool, RelayError> {
         let Some(cache) = self.cache.clone() else {
@@ -1075,6 +1092,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             || catalog.epoch == 0
             || !self.cache_allowed_now()
             || !cache.source_healthy(&self.database)
+            || self.own_writes_unheard()
         {
             return None;
         }
@@ -1148,6 +1166,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             m.bypass(BypassReason::SourceUnhealthy);
             return Ok(false);
         }
+        if self.own_writes_unheard() {
+            m.bypass(BypassReason::ReadYourWrites);
+            return Ok(false);
+        }
+        self.unheard_writes = None;
         let stats = match &cache.bypass {
             Some(b) => {
                 let stats = b.stats(analyzed.fingerprint);
@@ -1393,6 +1416,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // the rest of its transaction: the cache cannot say which reads it changed.
         if caching::writes_unnamed_tables(&analyzed.analysis, &catalog) {
             self.strict_tx = true;
+            self.tx_hidden_writes = true;
         }
         let (inv, tables) = caching::invalidations(&analyzed.analysis, &catalog, params);
         self.pending_inv.extend(inv);
@@ -1473,6 +1497,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         self.pending_inv.clear();
         self.tx_written.clear();
         self.strict_tx = false;
+        self.tx_hidden_writes = false;
         self.schema_dirty = false;
         self.defaults_changed = false;
     }
@@ -1505,6 +1530,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         if std::mem::take(&mut self.defaults_changed) {
             self.pool.retire_all();
+        }
+        // Taken now that the commit is done: the echo is sent after it.
+        if std::mem::take(&mut self.tx_hidden_writes)
+            && let Some(catch_up) = cache.catch_up(&self.database)
+        {
+            let ticket = catch_up.take();
+            self.unheard_writes = Some((catch_up, ticket));
         }
         self.pending_inv.clear();
         self.tx_written.clear();
