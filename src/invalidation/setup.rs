@@ -70,6 +70,45 @@ pub async fn ensure_publication(
     }
 }
 
+/// Tables the publication covers whose UPDATE and DELETE Postgres refuses (55000, "does not
+/// have a replica identity and publishes updates"): no primary key and the default replica
+/// identity, or REPLICA IDENTITY NOTHING. Writes through pgstash or not, the application
+/// breaks on them as soon as a publication of all tables exists, so they are named in the
+/// log; how to mend each (a primary key, or `REPLICA IDENTITY FULL`) is the user's call.
+pub async fn tables_refusing_updates(
+    conn: &mut ServerConn,
+    publication: &str,
+) -> Result<Vec<String>, WalError> {
+    let rows = simple_query(
+        conn,
+        &format!(
+            "SELECT c.oid::regclass::text
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_publication p ON p.pubname = '{publication}'
+              WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+                AND c.relnamespace NOT IN ('pg_catalog'::regnamespace,
+                                           'information_schema'::regnamespace)
+                AND c.relnamespace::regnamespace::text NOT LIKE 'pg_toast%'
+                AND (p.pubupdate OR p.pubdelete)
+                AND (p.puballtables OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t
+                                                WHERE t.pubname = p.pubname
+                                                  AND t.schemaname = c.relnamespace::regnamespace::text
+                                                  AND t.tablename = c.relname))
+                AND (c.relreplident = 'n'
+                     OR (c.relreplident = 'd'
+                         AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                                          WHERE i.indrelid = c.oid AND i.indisprimary)))
+              ORDER BY 1
+              LIMIT 50"
+        ),
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| row.into_iter().next().flatten())
+        .collect())
+}
+
 /// What `pg_replication_slots` says about a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotInfo {

@@ -193,6 +193,13 @@ pub async fn ensure_installed(cfg: &WalConfig) -> Result<(), WalError> {
     Ok(())
 }
 
+/// The tables on which Postgres refuses UPDATE and DELETE because `cfg`'s publication
+/// publishes them and they have no replica identity (see the start-up warning of [`run`]).
+pub async fn tables_refusing_updates(cfg: &WalConfig) -> Result<Vec<String>, WalError> {
+    let mut conn = connect_with(&cfg.conn, &[("application_name", APPLICATION_NAME)]).await?;
+    setup::tables_refusing_updates(&mut conn, &cfg.publication).await
+}
+
 /// Drop `cfg`'s replication slot if it exists (stop [`run`] first). Returns whether it did.
 /// A walsender that is still winding down after [`run`] stopped keeps the slot busy for a
 /// moment: that is waited out for up to `DROP_SLOT_PATIENCE`.
@@ -299,6 +306,17 @@ impl Source {
     async fn prepare_slot(&mut self, sql: &mut ServerConn) -> Result<Lsn, WalError> {
         let cfg = &self.cfg;
         let publication_existed = setup::ensure_publication(sql, &cfg.publication).await?;
+        let refusing = setup::tables_refusing_updates(sql, &cfg.publication).await?;
+        if !refusing.is_empty() {
+            tracing::warn!(
+                db = %cfg.db(),
+                publication = %cfg.publication,
+                tables = %refusing.join(", "),
+                "Postgres refuses UPDATE and DELETE (SQLSTATE 55000) on these tables while the \
+                 publication publishes them: they have neither a primary key nor a replica \
+                 identity; give each a primary key or REPLICA IDENTITY FULL"
+            );
+        }
         if let Some(slot) = setup::find_slot(sql, &cfg.slot).await? {
             if slot.plugin.as_deref() != Some("pgoutput")
                 || slot.database.as_deref() != Some(cfg.db())

@@ -493,7 +493,11 @@ async fn tables_without_a_single_column_primary_key_report_unknown_rows() {
          CREATE TABLE pair (a int, b int, PRIMARY KEY (a, b));
          CREATE TABLE full_id (id int PRIMARY KEY, v int);
          ALTER TABLE full_id REPLICA IDENTITY FULL;
-         INSERT INTO full_id VALUES (1, 1);",
+         INSERT INTO full_id VALUES (1, 1);
+         CREATE TABLE uniq (v int UNIQUE NOT NULL);
+         CREATE TABLE no_id (id int PRIMARY KEY); ALTER TABLE no_id REPLICA IDENTITY NOTHING;
+         CREATE TABLE whole (v int); ALTER TABLE whole REPLICA IDENTITY FULL;
+         CREATE UNLOGGED TABLE scratch (v int);",
     )
     .await;
     w.sql("INSERT INTO logs VALUES ('hello')").await;
@@ -525,6 +529,21 @@ async fn tables_without_a_single_column_primary_key_report_unknown_rows() {
             || format!("{err:?}").contains("replica identity"),
         "{err:?}"
     );
+    // The source names such tables in its log at start: exactly those Postgres refuses.
+    assert_eq!(
+        wal::tables_refusing_updates(&w.cfg)
+            .await
+            .expect("list refusing tables"),
+        ["logs", "no_id", "uniq"]
+    );
+    for refused in ["no_id", "uniq"] {
+        let update = format!("DELETE FROM {refused}");
+        let err = w.client().await.batch_execute(&update).await;
+        assert!(err.is_err(), "{update} is refused");
+    }
+    for accepted in ["pair", "whole", "scratch"] {
+        w.sql(&format!("DELETE FROM {accepted}")).await;
+    }
     stop_and_drop_slot(&mut w).await;
 }
 
