@@ -148,6 +148,10 @@ pub fn terminate() -> Bytes {
     Bytes::from_static(b"X\0\0\0\x04")
 }
 
+pub fn flush() -> Bytes {
+    Bytes::from_static(b"H\0\0\0\x04")
+}
+
 /// A Parse message for `name` with the given query text and parameter type OIDs.
 pub fn parse(name: &str, sql: &[u8], param_types: &[u8]) -> Bytes {
     let mut b = begin(b'P', name.len() + sql.len() + param_types.len() + 4);

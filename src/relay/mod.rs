@@ -131,6 +131,9 @@ pub struct Relay<R, W> {
     schema_dirty: bool,
     /// The last CommandComplete was ROLLBACK.
     last_tag_rollback: bool,
+    /// The client sent Terminate behind requests still being answered: like Postgres, they
+    /// are answered first, then the connection closes.
+    terminating: bool,
 }
 
 /// Extended-protocol messages held back at most, before they are forwarded anyway.
@@ -194,6 +197,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             defaults_changed: false,
             schema_dirty: false,
             last_tag_rollback: false,
+            terminating: false,
         }
     }
 
@@ -214,9 +218,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     async fn event_loop(&mut self) -> Result<(), RelayError> {
         loop {
             self.maybe_release().await;
+            if self.terminating && self.answered_all() {
+                return Ok(());
+            }
             let event = {
                 let has_server = self.server.is_some();
-                let read_client = self.to_server.len() < HIGH_WATER;
+                let read_client = self.to_server.len() < HIGH_WATER && !self.terminating;
                 // A response captured for the cache is held back until it is complete, so
                 // it must be read up to the size it may be stored at (past that, the fill
                 // is dropped and the buffer flows again); else neither side would move.
@@ -280,16 +287,43 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                         return Ok(());
                     };
                     if !self.on_client(msg).await? {
-                        return Ok(());
+                        self.terminate();
+                        continue;
                     }
                     while let Some(m) = self.client.next_buffered().map_err(RelayError::Client)? {
                         if !self.on_client(m).await? {
-                            return Ok(());
+                            self.terminate();
+                            break;
                         }
                     }
                 }
             }
         }
+    }
+
+    /// The client said goodbye (Terminate): what it sent before is still answered, as
+    /// Postgres answers it, and then the connection closes (see the event loop).
+    fn terminate(&mut self) {
+        self.terminating = true;
+        // Postgres answers messages after the last Sync only as far as the client flushed
+        // them: a batch pgstash holds back is dropped with the connection, as it would be.
+        self.batch.clear();
+        if self.copy_in {
+            // A COPY the client abandons fails on the server; nothing more is owed.
+            self.expect = Expectations::default();
+            self.to_client.clear();
+            return;
+        }
+        if !self.answered_all() && self.server.is_some() {
+            // Answers to messages forwarded with no Sync or Flush behind them would stay in
+            // the server's buffer: ask for them.
+            self.to_server.extend_from_slice(&protocol::flush());
+        }
+    }
+
+    /// Nothing is owed to the client: no answer expected, none waiting to be written.
+    fn answered_all(&self) -> bool {
+        self.expect.is_empty() && self.to_client.is_empty() && self.fill.is_none()
     }
 
     /// Handle one client message. Returns false when the client said goodbye.

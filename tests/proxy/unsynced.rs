@@ -79,12 +79,17 @@ impl Wire {
 
     /// The next message: tag and body.
     fn next(&mut self) -> (u8, Vec<u8>) {
+        self.next_or_end().expect("connection closed")
+    }
+
+    /// The next message, or `None` once the other side closed the connection.
+    fn next_or_end(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
             if self.buf.len() >= 5 {
                 let len = i32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
                 if self.buf.len() > len {
                     let msg: Vec<u8> = self.buf.drain(..len + 1).collect();
-                    return (msg[0], msg[5..].to_vec());
+                    return Some((msg[0], msg[5..].to_vec()));
                 }
             }
             let mut chunk = [0u8; 4096];
@@ -92,9 +97,22 @@ impl Wire {
                 .s
                 .read(&mut chunk)
                 .expect("an answer within 10 s (none: the server is still waiting for a Sync)");
-            assert!(n > 0, "connection closed");
+            if n == 0 {
+                assert!(self.buf.is_empty(), "connection closed mid-message");
+                return None;
+            }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// Terminate, and the transcript of everything sent before the connection closed.
+    fn terminate(&mut self) -> String {
+        self.send(b'X', b"");
+        let mut out = Vec::new();
+        while let Some((tag, body)) = self.next_or_end() {
+            out.push(short(tag, &body));
+        }
+        out.join(" ")
     }
 
     /// Tags up to and including the next ReadyForQuery.
@@ -126,18 +144,7 @@ impl Wire {
         let mut out = Vec::new();
         loop {
             let (tag, body) = self.next();
-            out.push(match tag {
-                b'E' => {
-                    let code = body
-                        .split(|b| *b == 0)
-                        .find_map(|f| f.strip_prefix(b"C"))
-                        .unwrap_or(b"?");
-                    format!("E[{}]", String::from_utf8_lossy(code))
-                }
-                b'D' => format!("D[{}]", String::from_utf8_lossy(&body[6..])),
-                b'C' => format!("C[{}]", String::from_utf8_lossy(&body[..body.len() - 1])),
-                other => char::from(other).to_string(),
-            });
+            out.push(short(tag, &body));
             if done(out.len(), tag) {
                 return out.join(" ");
             }
@@ -214,6 +221,23 @@ impl Wire {
         self.execute();
         self.send(b'S', b"");
         self.until_ready()
+    }
+}
+
+/// A message in a transcript: its tag, with the SQLSTATE of an error (`E[26000]`), the
+/// first column of a row (`D[v7]`), the tag of a CommandComplete (`C[SELECT 1]`).
+fn short(tag: u8, body: &[u8]) -> String {
+    match tag {
+        b'E' => {
+            let code = body
+                .split(|b| *b == 0)
+                .find_map(|f| f.strip_prefix(b"C"))
+                .unwrap_or(b"?");
+            format!("E[{}]", String::from_utf8_lossy(code))
+        }
+        b'D' => format!("D[{}]", String::from_utf8_lossy(&body[6..])),
+        b'C' => format!("C[{}]", String::from_utf8_lossy(&body[..body.len() - 1])),
+        other => char::from(other).to_string(),
     }
 }
 
@@ -668,4 +692,66 @@ async fn the_finished_portal_answers_every_pipelined_execute() {
         "what Postgres does changed: this test's premise is wrong"
     );
     assert_eq!(run(&mut Wire::connect(&proxy, &db)), postgres);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_right_behind_requests_gets_their_answers_first_like_postgres() {
+    let (proxy, db) = setup();
+    warm(&proxy, &db);
+    let pg = shared_pg();
+    let written = || pg.psql_db(&db, "SELECT count(*) FROM w").trim().to_string();
+    let mut transcripts = Vec::new();
+    for (i, to_postgres) in [false, true].into_iter().enumerate() {
+        let open = || match to_postgres {
+            true => Wire::connect_postgres(pg, &db),
+            false => Wire::connect(&proxy, &db),
+        };
+        let mut got = Vec::new();
+        // A multi-statement Query still running when Terminate arrives: answered in full,
+        // its write committed.
+        let mut w = open();
+        w.send(
+            b'Q',
+            b"SELECT pg_sleep(0.2); INSERT INTO w VALUES (1); SELECT v FROM t WHERE id = 7\0",
+        );
+        got.push(w.terminate());
+        assert_eq!(
+            written(),
+            (i + 1).to_string(),
+            "the Query's write committed"
+        );
+        // A cached batch, then one that waits on the server, then Terminate.
+        let mut w = open();
+        w.parse("SELECT v FROM t WHERE id = $1");
+        w.bind(&["7"]);
+        w.describe_portal();
+        w.execute();
+        w.send(b'S', b"");
+        w.parse("SELECT pg_sleep(0.2)");
+        w.bind(&[]);
+        w.execute();
+        w.send(b'S', b"");
+        got.push(w.terminate());
+        // A write delivered by a Flush, no Sync: its answers, and nothing committed.
+        let mut w = open();
+        w.unsynced("INSERT INTO w VALUES (2)");
+        got.push(w.terminate());
+        // The same without the Flush: the server owes nothing.
+        let mut w = open();
+        w.parse("INSERT INTO w VALUES (3)");
+        w.bind(&[]);
+        w.execute();
+        got.push(w.terminate());
+        assert_eq!(
+            written(),
+            (i + 1).to_string(),
+            "unsynced writes never commit"
+        );
+        transcripts.push(got);
+    }
+    assert_eq!(transcripts[0], transcripts[1], "pgstash, then Postgres");
+    assert_eq!(
+        transcripts[0][0],
+        "T D[] C[SELECT 1] C[INSERT 0 1] T D[v7] C[SELECT 1] Z"
+    );
 }
