@@ -1,30 +1,29 @@
-//! Read-your-own-writes for writes only a change source sees: what a trigger, a function or
-//! a procedure wrote. The proxy invalidates the tables a statement names before its client
+//! Read-after-write for writes only a change source sees: what a trigger, a function or a
+//! procedure wrote. The proxy invalidates the tables a statement names before its client
 //! hears of the commit; the rest reaches the cache through the source a few milliseconds
-//! later, so a client reading right after its own such write could be served the old rows.
+//! later, so a read right after such a commit could be served the old rows.
 //!
 //! So a client whose committed transaction wrote where no statement shows takes a
-//! [`Ticket`], and reads through Postgres until the source has heard an *echo* sent after
-//! that commit: a marker that travels the source's own stream (a NOTIFY on the listener's
-//! channel, a heartbeat transaction in the WAL), which delivers commits in commit order.
-//! Once the echo is back, every change committed before it has been applied to the cache.
+//! [`Ticket`] and waits for an *echo* sent after that commit: a marker that travels the
+//! source's own stream (a NOTIFY on the listener's channel, a heartbeat transaction in the
+//! WAL), which delivers commits in commit order. Once the echo is back, every change
+//! committed before it has been applied to the cache. Where the source runs in this
+//! instance, the relay holds the commit's answer until then, so that no client of the
+//! instance reads old rows after the commit was answered; and the writing client reads
+//! through Postgres until then in any case.
 //!
 //! One echo answers every ticket taken before it was sent: tickets are numbered, and the
-//! source sends the highest number asked for when it gets round to it.
+//! source sends the highest number asked for when it gets round to it (one echo in flight
+//! at a time, so a burst of commits shares echoes).
 //!
 //! An instance that does not run the source (a follower of another instance over Redis)
 //! never hears an echo; nor does a client whose echo was lost with the source's connection.
 //! A ticket also passes once `max_wait` (the source's `max_lag`, the staleness the source
 //! is trusted to) has gone by since it was taken.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-
-/// The least time between two echoes of a source: each is a transaction (with a
-/// transaction id), and clients read through Postgres while they wait, so a burst of
-/// tickets is better answered by one echo a little later than by one each.
-pub const ECHO_SPACING: Duration = Duration::from_millis(5);
 
 /// Shared by a database's change source and the clients of that database.
 #[derive(Debug)]
@@ -34,6 +33,10 @@ pub struct CatchUp {
     /// The highest ticket number whose echo the source heard back.
     heard: AtomicU64,
     wake: Notify,
+    /// Told whenever an echo comes back.
+    echoed: Notify,
+    /// Whether this instance runs the source right now (with Redis, only the elected one).
+    source_here: AtomicBool,
     /// Tells this instance's echoes from another's on a shared channel.
     nonce: u64,
     max_wait: Duration,
@@ -52,6 +55,8 @@ impl CatchUp {
             requested: AtomicU64::new(0),
             heard: AtomicU64::new(0),
             wake: Notify::new(),
+            echoed: Notify::new(),
+            source_here: AtomicBool::new(false),
             nonce: rand::random(),
             max_wait,
         }
@@ -72,6 +77,30 @@ impl CatchUp {
     pub fn passed(&self, ticket: &Ticket) -> bool {
         self.heard.load(Ordering::Acquire) >= ticket.number
             || ticket.taken.elapsed() >= self.max_wait
+    }
+
+    /// Until `ticket` has [`passed`](CatchUp::passed).
+    pub async fn until_passed(&self, ticket: Ticket) {
+        loop {
+            let echoed = self.echoed.notified();
+            tokio::pin!(echoed);
+            echoed.as_mut().enable();
+            if self.passed(&ticket) {
+                return;
+            }
+            let left = self.max_wait.saturating_sub(ticket.taken.elapsed());
+            let _ = tokio::time::timeout(left, echoed).await;
+        }
+    }
+
+    /// Whether this instance runs the change source now, and so hears its echoes.
+    pub fn source_here(&self) -> bool {
+        self.source_here.load(Ordering::Acquire)
+    }
+
+    /// For the source: it runs here from now on (`true`), or no longer (`false`).
+    pub fn set_source_here(&self, here: bool) {
+        self.source_here.store(here, Ordering::Release);
     }
 
     /// For the source: waits until a ticket newer than `sent` is taken, and returns the
@@ -97,6 +126,7 @@ impl CatchUp {
     /// before it.
     pub fn heard(&self, number: u64) {
         self.heard.fetch_max(number, Ordering::AcqRel);
+        self.echoed.notify_waiters();
     }
 
     /// The echo's text on a NOTIFY channel: `echo <nonce> <number>`.
@@ -155,6 +185,28 @@ mod tests {
         assert_eq!(theirs.own_echo(&payload), None);
         assert_eq!(ours.own_echo("echo"), None);
         assert_eq!(ours.own_echo("2 U 1.5 public.t"), None);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_released_by_the_echo_or_else_by_max_wait() {
+        let c = std::sync::Arc::new(CatchUp::new(Duration::from_secs(600)));
+        let t = c.take();
+        let waiter = tokio::spawn({
+            let c = c.clone();
+            async move { c.until_passed(t).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        c.heard(1);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("released by the echo")
+            .expect("task");
+        let short = CatchUp::new(Duration::from_millis(20));
+        let t = short.take();
+        tokio::time::timeout(Duration::from_secs(5), short.until_passed(t))
+            .await
+            .expect("released after max_wait without an echo");
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@
 //! The connection is plain TCP or Unix socket (no TLS yet), with `application_name`
 //! [`ListenerConfig::application_name`] so operators can tell it apart.
 
-use super::catch_up::{CatchUp, ECHO_SPACING};
+use super::catch_up::CatchUp;
 use super::installed::{self, Missing, Source};
 use super::payload::{self, Meaning, Payload};
 use super::{Change, ChangeSink};
@@ -253,10 +253,10 @@ impl Listener {
         let catch_up = self.config.catch_up.as_deref();
         // Tickets not yet answered may have lost their echo with the last session.
         let mut echoed = catch_up.map_or(0, CatchUp::heard_through);
-        let mut next_echo = tokio::time::Instant::now();
+        let _here = catch_up.map(SourceHere::new);
         loop {
             tokio::select! {
-                newest = wanted(catch_up, echoed, next_echo) => {
+                newest = wanted(catch_up, echoed) => {
                     echoed = newest;
                     let echo_of = catch_up.map(|c| c.echo_payload(newest)).unwrap_or_default();
                     let echo = format!("NOTIFY {CHANNEL}, '{echo_of}'");
@@ -265,7 +265,6 @@ impl Listener {
                         Ok(Err(e)) => return lost(format!("echo failed: {}", describe(&e))),
                         Err(_) => return lost(format!("echo got no answer within {limit:?}")),
                     }
-                    next_echo = tokio::time::Instant::now() + ECHO_SPACING;
                 }
                 event = events.recv() => {
                     let Some(Event::Notification(first)) = event else {
@@ -422,14 +421,27 @@ impl Listener {
     }
 }
 
-/// The newest ticket of `catch_up` above `echoed`, once one is taken and `not_before` has
-/// come; never without `catch_up`.
-async fn wanted(catch_up: Option<&CatchUp>, echoed: u64, not_before: tokio::time::Instant) -> u64 {
+/// Says that the source runs here for as long as it lives (a listening session).
+struct SourceHere<'a>(&'a CatchUp);
+
+impl<'a> SourceHere<'a> {
+    fn new(catch_up: &'a CatchUp) -> SourceHere<'a> {
+        catch_up.set_source_here(true);
+        SourceHere(catch_up)
+    }
+}
+
+impl Drop for SourceHere<'_> {
+    fn drop(&mut self) {
+        self.0.set_source_here(false);
+    }
+}
+
+/// The newest ticket of `catch_up` above `echoed`, once one is taken; never without
+/// `catch_up`.
+async fn wanted(catch_up: Option<&CatchUp>, echoed: u64) -> u64 {
     match catch_up {
-        Some(c) => {
-            tokio::time::sleep_until(not_before).await;
-            c.wanted(echoed).await
-        }
+        Some(c) => c.wanted(echoed).await,
         None => std::future::pending().await,
     }
 }

@@ -18,7 +18,7 @@
 //! event trigger reports nothing); when it is missing, or a transaction reverts it, the
 //! session ends and the database is unhealthy until it is back.
 
-use super::catch_up::{CatchUp, ECHO_SPACING};
+use super::catch_up::CatchUp;
 use super::changes::Collector;
 use super::installed::Missing;
 use super::lag::{Lag, LagState};
@@ -134,6 +134,9 @@ pub async fn run(cfg: WalConfig, sink: Arc<dyn ChangeSink>, cancel: Cancellation
             r = src.session(&cancel) => r,
             _ = cancel.cancelled() => Ok(()),
         };
+        if let Some(c) = &src.cfg.catch_up {
+            c.set_source_here(false);
+        }
         if cancel.is_cancelled() {
             break;
         }
@@ -288,6 +291,9 @@ impl Source {
             format!("WAL change source catching up from {start}")
         });
         let mut lag = Lag::new(start);
+        if let Some(c) = &cfg.catch_up {
+            c.set_source_here(true);
+        }
         let r = self
             .stream(stream, &mut sql, &mut lag, server_utf8, cancel)
             .await;
@@ -578,9 +584,6 @@ async fn probe_wal_end(
         };
         if out.send(Probe { lsn, asked, echo }).await.is_err() {
             return WalError::Protocol("WAL heartbeat receiver gone".into());
-        }
-        if echo.is_some() {
-            tokio::time::sleep(ECHO_SPACING).await;
         }
         echo = match catch_up {
             Some(c) => tokio::select! {

@@ -52,6 +52,8 @@ enum Event {
     Server(Result<Option<Message>, ProtocolError>),
     WroteClient(std::io::Result<usize>),
     WroteServer(std::io::Result<usize>),
+    /// The change source applied the writes whose commit answer is held back.
+    SourceHeard,
 }
 
 pub struct Relay<R, W> {
@@ -123,6 +125,10 @@ pub struct Relay<R, W> {
     /// Such writes committed, and the change source may not have applied them yet: this
     /// client reads through Postgres until it has (see [`CatchUp`]).
     unheard_writes: Option<(Arc<CatchUp>, Ticket)>,
+    /// ...and, where the source runs in this instance, nothing more reaches the client
+    /// until then either: the commit's answer included, so that once it has it, every
+    /// client of this instance reads what the commit wrote.
+    held_for_source: Option<(Arc<CatchUp>, Ticket)>,
     /// Set while the held server connection lacks startup values a RESET took away.
     settings_restore: Option<String>,
     /// The transaction changed role or database defaults (`ALTER ROLE ... SET`).
@@ -193,6 +199,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             strict_tx: false,
             tx_hidden_writes: false,
             unheard_writes: None,
+            held_for_source: None,
             settings_restore: None,
             defaults_changed: false,
             schema_dirty: false,
@@ -239,7 +246,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     None => (None, None),
                 };
                 // While a response is being captured for the cache it stays in the buffer.
-                let write_client = !self.to_client.is_empty() && self.fill.is_none();
+                let write_client = !self.to_client.is_empty()
+                    && self.fill.is_none()
+                    && self.held_for_source.is_none();
+                let held = self.held_for_source.clone();
                 let (to_client, to_server) = (&self.to_client, &self.to_server);
                 let (client, client_w) = (&mut self.client, &mut self.client_w);
                 tokio::select! {
@@ -248,9 +258,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     r = write_some(sw, to_server), if has_server && !to_server.is_empty() => Event::WroteServer(r),
                     r = read_some(sr), if has_server && read_server => Event::Server(r),
                     r = client.read_message(), if read_client => Event::Client(r),
+                    () = until_passed(held), if self.held_for_source.is_some() => Event::SourceHeard,
                 }
             };
             match event {
+                Event::SourceHeard => self.held_for_source = None,
                 Event::WroteClient(r) => {
                     let n = r.map_err(RelayError::ClientWrite)?;
                     self.to_client.advance(n);
@@ -1570,6 +1582,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             && let Some(catch_up) = cache.catch_up(&self.database)
         {
             let ticket = catch_up.take();
+            // An instance that does not run the source (a follower over Redis) hears no
+            // echo, and a source that cannot vouch for the database keeps the cache off.
+            if catch_up.source_here() && cache.source_healthy(&self.database) {
+                self.held_for_source = Some((catch_up.clone(), ticket));
+            }
             self.unheard_writes = Some((catch_up, ticket));
         }
         self.pending_inv.clear();
@@ -1706,6 +1723,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         conn.broken = true;
         drop(deadpool::managed::Object::take(conn));
+    }
+}
+
+/// Until the held answers may go to the client (see `Relay::held_for_source`).
+async fn until_passed(held: Option<(Arc<CatchUp>, Ticket)>) {
+    if let Some((catch_up, ticket)) = held {
+        catch_up.until_passed(ticket).await;
     }
 }
 

@@ -364,6 +364,92 @@ async fn own_hidden_writes_are_read_at_once(src: Src) {
     wait_until_caching(&c, &direct, src).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_commit_is_answered_every_client_reads_what_its_triggers_wrote_through_notify() {
+    hidden_writes_are_read_by_others_once_committed(Src::Notify, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_commit_is_answered_every_client_reads_what_its_triggers_wrote_through_the_wal() {
+    hidden_writes_are_read_by_others_once_committed(Src::Wal, false).await;
+}
+
+/// With Redis the shared tier holds results too: the commit's answer also waits until
+/// Redis has the source's invalidations, or a reader could copy an old L2 value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_commit_is_answered_no_client_reads_an_old_shared_value_of_what_its_triggers_wrote()
+{
+    hidden_writes_are_read_by_others_once_committed(Src::Notify, true).await;
+}
+
+/// An application writes on one pooled connection and reads on another: as with Postgres,
+/// once the commit is answered the other connection must read what the commit's triggers
+/// and functions wrote, although only the source tells pgstash which tables those are.
+async fn hidden_writes_are_read_by_others_once_committed(src: Src, shared: bool) {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "otherhidden");
+    let prefix = format!("{db}:");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE tw (id int PRIMARY KEY, v int); INSERT INTO tw VALUES (1, 0);
+         CREATE TABLE tl (id int PRIMARY KEY, n int); INSERT INTO tl VALUES (1, 0);
+         CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN UPDATE tl SET n = n + 1 WHERE id = 1; RETURN NULL; END $$;
+         CREATE TRIGGER t AFTER UPDATE ON tw FOR EACH ROW EXECUTE FUNCTION log_write();
+         CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS
+           $$ UPDATE tl SET n = n + 1 WHERE id = 1 RETURNING n $$;",
+    );
+    let (w, writer, direct) = watched_with(pg, &db, src, |cfg| {
+        cfg.invalidation.max_lag = Duration::from_secs(600);
+        if shared {
+            cfg.redis.url = Some(crate::support::shared_redis().url());
+            cfg.redis.prefix = prefix;
+        }
+    })
+    .await;
+    let proxy = w.proxy.as_ref().expect("running");
+    let reader = proxy.connect("postgres", "", &db).await;
+    // Each round's first read is a miss that fills both tiers; with Redis, a second client
+    // reads that value from Redis while L1 copies are invalidated.
+    let l2_reader = proxy.connect("postgres", "", &db).await;
+    wait_until_caching(&reader, &direct, src).await;
+    let read = "SELECT n FROM tl WHERE id = 1";
+    for round in 0..30 {
+        let n = 2 * round;
+        assert_eq!(one(&reader, read).await, n.to_string(), "round {round}");
+        assert_eq!(one(&reader, read).await, n.to_string(), "round {round}");
+        writer
+            .batch_execute("BEGIN; UPDATE tw SET v = v + 1 WHERE id = 1; COMMIT")
+            .await
+            .expect("write firing the trigger");
+        assert_eq!(
+            one(&reader, read).await,
+            (n + 1).to_string(),
+            "round {round}: another client, right after a commit whose trigger wrote tl"
+        );
+        assert_eq!(
+            one(&l2_reader, read).await,
+            (n + 1).to_string(),
+            "round {round}"
+        );
+        assert_eq!(
+            one(&reader, read).await,
+            (n + 1).to_string(),
+            "round {round}"
+        );
+        writer
+            .batch_execute("SELECT bump()")
+            .await
+            .expect("function");
+        assert_eq!(
+            one(&reader, read).await,
+            (n + 2).to_string(),
+            "round {round}: another client, right after a function's write"
+        );
+    }
+    wait_until_caching(&reader, &direct, src).await;
+}
+
 /// A write of `probe` the source cannot see: replica role skips ordinary triggers (notify);
 /// probe is unlogged (wal).
 fn hidden(v: i32, src: Src) -> String {
