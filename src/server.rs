@@ -204,10 +204,7 @@ async fn start_change_source(
         InvalidationSource::Notify => InvalidationOrigin::Notify,
         _ => InvalidationOrigin::Wal,
     };
-    let sink: Arc<dyn ChangeSink> = Arc::new(CacheSink {
-        cache: Arc::clone(cache),
-        origin,
-    });
+    let sink: Arc<dyn ChangeSink> = Arc::new(CacheSink::new(Arc::clone(cache), origin));
     for (index, db) in dbs.into_iter().enumerate() {
         let mut t = target.clone();
         t.database = db.clone();

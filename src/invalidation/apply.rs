@@ -3,6 +3,7 @@
 //! keys invalidate row by row), publishes them to other instances, measures staleness, and
 //! stops the cache for a database while its source cannot vouch for it.
 
+use super::catch_up::CatchUp;
 use super::{Change, ChangeSink};
 use crate::cache::Invalidation;
 use crate::metrics::{InvalidationOrigin, metrics};
@@ -12,11 +13,23 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub struct CacheSink {
-    pub cache: Arc<CacheShared>,
-    pub origin: InvalidationOrigin,
+    cache: Arc<CacheShared>,
+    origin: InvalidationOrigin,
+    /// Held (shared) by each publication to Redis while it runs; an echo takes it
+    /// exclusively, so that it is told only once the publications before it are done (the
+    /// lock is fair: later publications wait behind the echo).
+    publishing: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl CacheSink {
+    pub fn new(cache: Arc<CacheShared>, origin: InvalidationOrigin) -> CacheSink {
+        CacheSink {
+            cache,
+            origin,
+            publishing: Arc::default(),
+        }
+    }
+
     fn invalidations(&self, db: &str, changes: &[Change]) -> Vec<Invalidation> {
         // Without the catalog the family and key of a table are unknown: everything.
         let Some(catalog) = self.cache.loaded_catalog(db) else {
@@ -93,13 +106,34 @@ impl ChangeSink for CacheSink {
         }
         if let Some(tier) = self.cache.tier.clone() {
             let cache = Arc::clone(&self.cache);
+            // Taken now, in the order the source heard the changes (see `publishing`).
+            let held = Arc::clone(&self.publishing).try_read_owned().ok();
+            let publishing = Arc::clone(&self.publishing);
             tokio::spawn(async move {
+                let _held = match held {
+                    Some(guard) => guard,
+                    None => publishing.read_owned().await,
+                };
                 tier.publish(&invs).await;
                 for inv in &invs {
                     cache.invalidate(inv);
                 }
             });
         }
+    }
+
+    /// With Redis, the changes heard before the echo are in effect once Redis has them
+    /// too: until then another client could copy an old value from the shared tier.
+    fn echo_heard(&self, _db: &str, catch_up: &Arc<CatchUp>, ticket: u64) {
+        if self.cache.tier.is_none() {
+            catch_up.heard(ticket);
+            return;
+        }
+        let (publishing, catch_up) = (Arc::clone(&self.publishing), Arc::clone(catch_up));
+        tokio::spawn(async move {
+            drop(publishing.write().await);
+            catch_up.heard(ticket);
+        });
     }
 
     fn set_healthy(&self, db: &str, healthy: bool, reason: &str) {

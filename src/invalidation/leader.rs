@@ -139,6 +139,10 @@ impl ChangeSink for Mirror {
         self.inner.apply(db, committed_at, changes);
     }
 
+    fn echo_heard(&self, db: &str, catch_up: &Arc<super::catch_up::CatchUp>, ticket: u64) {
+        self.inner.echo_heard(db, catch_up, ticket);
+    }
+
     fn set_healthy(&self, db: &str, healthy: bool, reason: &str) {
         let was = {
             let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -19,6 +19,7 @@ pub mod roles;
 mod setup;
 pub mod wal;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// A table as Postgres names it.
@@ -58,4 +59,11 @@ pub trait ChangeSink: Send + Sync + 'static {
     /// (`true`), or disconnected / lagging / slot lost (`false`, with the reason). While it
     /// does not, the cache must not serve entries that depend on what the source covers.
     fn set_healthy(&self, db: &str, healthy: bool, reason: &str);
+
+    /// The source heard back the echo of `ticket` (see [`catch_up`]): every change it
+    /// heard before has been handed to [`ChangeSink::apply`]. Tells `catch_up` once those
+    /// changes are in effect.
+    fn echo_heard(&self, _db: &str, catch_up: &Arc<catch_up::CatchUp>, ticket: u64) {
+        catch_up.heard(ticket);
+    }
 }

@@ -356,7 +356,7 @@ impl Listener {
             if n.payload().starts_with("echo ") {
                 // Ours: everything committed before it is in the batch before it, so apply
                 // that first. Another instance's: nothing to apply.
-                let own = self.config.catch_up.as_deref().and_then(|c| {
+                let own = self.config.catch_up.as_ref().and_then(|c| {
                     let ticket = c.own_echo(n.payload())?;
                     Some((c, ticket))
                 });
@@ -365,7 +365,7 @@ impl Listener {
                     group.clear();
                     group_at = None;
                     group_of = None;
-                    catch_up.heard(ticket);
+                    self.sink.echo_heard(&self.db, catch_up, ticket);
                 }
                 continue;
             }

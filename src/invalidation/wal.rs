@@ -492,7 +492,7 @@ impl Source {
                 while let Some(&(lsn, ticket)) = echoes.front()
                     && lsn <= lag.applied()
                 {
-                    catch_up.heard(ticket);
+                    self.sink.echo_heard(db, catch_up, ticket);
                     echoes.pop_front();
                 }
             }
