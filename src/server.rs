@@ -70,9 +70,15 @@ pub async fn run(
         && let Some(tier) = &cache.tier
     {
         let reload = Arc::clone(cache);
+        let echoes = Arc::clone(cache);
         background.push(tokio::spawn(tier.clone().subscribe_forever(
             cache.gens.clone(),
             Arc::new(move || reload.schema_changed_everywhere()),
+            Arc::new(move |db, echo| {
+                if let Some(catch_up) = echoes.catch_up(db) {
+                    catch_up.echo_back(echo);
+                }
+            }),
         )));
     }
     let sources = tokio_util::sync::CancellationToken::new();
@@ -210,9 +216,20 @@ async fn start_change_source(
         t.database = db.clone();
         let conninfo = crate::relay::caching::control_url(&t);
         sink.set_healthy(&db, false, "change source starting");
-        // Only the instance that reads the source (with Redis, the elected one) hears
-        // echoes; the clients of the others wait max_lag after a hidden write instead.
+        // Every instance sends its echoes through the source's stream; the one reading it
+        // (with Redis, the elected one) hears them and passes the others' on.
         let catch_up = cache.watched_by_source(&db, config.invalidation.max_lag);
+        let via = match source {
+            InvalidationSource::Notify => crate::invalidation::catch_up::EchoVia::Notify,
+            _ => crate::invalidation::catch_up::EchoVia::Wal,
+        };
+        tokio::spawn(crate::invalidation::catch_up::send_echoes(
+            conninfo.clone(),
+            Arc::clone(&catch_up),
+            via,
+            config.upstream.connect_timeout,
+            cancel.clone(),
+        ));
         match source {
             InvalidationSource::Notify => {
                 notify::ensure_installed_at(&conninfo, &db, config.upstream.connect_timeout)
@@ -224,7 +241,6 @@ async fn start_change_source(
                 let timeout = config.upstream.connect_timeout;
                 let start: StartSource = Arc::new(move |sink, cancel| {
                     let (conninfo, db) = (conninfo.clone(), listen_db.clone());
-                    let catch_up = Arc::clone(&catch_up);
                     let roles = roles::watch(
                         conninfo.clone(),
                         db.clone(),
@@ -233,10 +249,7 @@ async fn start_change_source(
                         cancel.clone(),
                     );
                     Box::pin(async move {
-                        let cfg = notify::ListenerConfig {
-                            catch_up: Some(catch_up),
-                            ..notify::ListenerConfig::default()
-                        };
+                        let cfg = notify::ListenerConfig::default();
                         let listen = async {
                             if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
                                 tracing::error!(error = %e, "NOTIFY listener cannot start");
@@ -267,7 +280,6 @@ async fn start_change_source(
                 };
                 cfg.publication = config.invalidation.publication.clone();
                 cfg.max_lag = config.invalidation.max_lag;
-                cfg.catch_up = Some(catch_up);
                 cfg.validate().map_err(|e| {
                     std::io::Error::other(format!("invalidation.slot / publication: {e}"))
                 })?;

@@ -3,7 +3,6 @@
 //! keys invalidate row by row), publishes them to other instances, measures staleness, and
 //! stops the cache for a database while its source cannot vouch for it.
 
-use super::catch_up::CatchUp;
 use super::{Change, ChangeSink};
 use crate::cache::Invalidation;
 use crate::metrics::{InvalidationOrigin, metrics};
@@ -123,16 +122,25 @@ impl ChangeSink for CacheSink {
     }
 
     /// With Redis, the changes heard before the echo are in effect once Redis has them
-    /// too: until then another client could copy an old value from the shared tier.
-    fn echo_heard(&self, _db: &str, catch_up: &Arc<CatchUp>, ticket: u64) {
-        if self.cache.tier.is_none() {
-            catch_up.heard(ticket);
+    /// too: until then another client could copy an old value from the shared tier. Then
+    /// this instance's own echo is heard here, another's is passed on through Redis.
+    fn echo(&self, db: &str, payload: &str) {
+        let Some(tier) = self.cache.tier.clone() else {
+            if let Some(catch_up) = self.cache.catch_up(db) {
+                catch_up.echo_back(payload);
+            }
             return;
-        }
-        let (publishing, catch_up) = (Arc::clone(&self.publishing), Arc::clone(catch_up));
+        };
+        let (publishing, cache) = (Arc::clone(&self.publishing), Arc::clone(&self.cache));
+        let (db, payload) = (db.to_string(), payload.to_string());
         tokio::spawn(async move {
             drop(publishing.write().await);
-            catch_up.heard(ticket);
+            let own = cache
+                .catch_up(&db)
+                .is_some_and(|catch_up| catch_up.echo_back(&payload));
+            if !own {
+                tier.publish_echo(&db, &payload).await;
+            }
         });
     }
 

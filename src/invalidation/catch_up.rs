@@ -5,25 +5,31 @@
 //!
 //! So a client whose committed transaction wrote where no statement shows takes a
 //! [`Ticket`] and waits for an *echo* sent after that commit: a marker that travels the
-//! source's own stream (a NOTIFY on the listener's channel, a heartbeat transaction in the
-//! WAL), which delivers commits in commit order. Once the echo is back, every change
-//! committed before it has been applied to the cache. Where the source runs in this
-//! instance, the relay holds the commit's answer until then, so that no client of the
-//! instance reads old rows after the commit was answered; and the writing client reads
-//! through Postgres until then in any case.
+//! source's own stream (a NOTIFY on the source's channel, a transaction holding a logical
+//! decoding message in the WAL), which delivers commits in commit order. Once the echo is
+//! back, every change committed before it has been applied to the cache. The relay holds
+//! the commit's answer until then, so that no client reads old rows after the commit was
+//! answered, and the writing client reads through Postgres until then in any case.
+//!
+//! Every instance sends its own echoes ([`send_echoes`], a connection of its own); the
+//! instance reading the source hears them all, and with Redis passes the others' back over
+//! Redis once the invalidations heard before them are in Redis too (`apply::CacheSink`).
 //!
 //! One echo answers every ticket taken before it was sent: tickets are numbered, and the
-//! source sends the highest number asked for when it gets round to it (one echo in flight
+//! sender sends the highest number asked for when it gets round to it (one echo in flight
 //! at a time, so a burst of commits shares echoes).
 //!
-//! An instance that does not run the source (a follower of another instance over Redis)
-//! never hears an echo; nor does a client whose echo was lost with the source's connection.
-//! A ticket also passes once `max_wait` (the source's `max_lag`, the staleness the source
-//! is trusted to) has gone by since it was taken.
+//! An echo lost with a connection is never heard: a ticket also passes once `max_wait`
+//! (the source's `max_lag`, the staleness the source is trusted to) has gone by since it
+//! was taken.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::pg_error::describe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 
 /// Shared by a database's change source and the clients of that database.
 #[derive(Debug)]
@@ -35,8 +41,6 @@ pub struct CatchUp {
     wake: Notify,
     /// Told whenever an echo comes back.
     echoed: Notify,
-    /// Whether this instance runs the source right now (with Redis, only the elected one).
-    source_here: AtomicBool,
     /// Tells this instance's echoes from another's on a shared channel.
     nonce: u64,
     max_wait: Duration,
@@ -56,7 +60,6 @@ impl CatchUp {
             heard: AtomicU64::new(0),
             wake: Notify::new(),
             echoed: Notify::new(),
-            source_here: AtomicBool::new(false),
             nonce: rand::random(),
             max_wait,
         }
@@ -93,18 +96,8 @@ impl CatchUp {
         }
     }
 
-    /// Whether this instance runs the change source now, and so hears its echoes.
-    pub fn source_here(&self) -> bool {
-        self.source_here.load(Ordering::Acquire)
-    }
-
-    /// For the source: it runs here from now on (`true`), or no longer (`false`).
-    pub fn set_source_here(&self, here: bool) {
-        self.source_here.store(here, Ordering::Release);
-    }
-
-    /// For the source: waits until a ticket newer than `sent` is taken, and returns the
-    /// newest. Send an echo of it, and [`CatchUp::heard`] it when it comes back.
+    /// For the sender: waits until a ticket newer than `sent` is taken, and returns the
+    /// newest. Send an echo of it; it is [`CatchUp::heard`] when it comes back.
     pub async fn wanted(&self, sent: u64) -> u64 {
         loop {
             let notified = self.wake.notified();
@@ -116,7 +109,7 @@ impl CatchUp {
         }
     }
 
-    /// The newest ticket whose echo was heard: a source that (re)connects starts waiting
+    /// The newest ticket whose echo was heard: a sender that (re)connects starts waiting
     /// from here, so that it echoes tickets whose echo was lost with its last connection.
     pub fn heard_through(&self) -> u64 {
         self.heard.load(Ordering::Acquire)
@@ -129,9 +122,27 @@ impl CatchUp {
         self.echoed.notify_waiters();
     }
 
+    /// Every ticket taken so far passes: the source can no longer vouch for the database,
+    /// so its cache is not served until the source is back and has dropped everything.
+    pub fn release_all(&self) {
+        self.heard(self.requested.load(Ordering::Acquire));
+    }
+
     /// The echo's text on a NOTIFY channel: `echo <nonce> <number>`.
     pub fn echo_payload(&self, number: u64) -> String {
         format!("echo {:x} {number}", self.nonce)
+    }
+
+    /// An echo came back: if this instance sent it, its ticket is heard. Returns whether
+    /// it was this instance's.
+    pub fn echo_back(&self, payload: &str) -> bool {
+        match self.own_echo(payload) {
+            Some(ticket) => {
+                self.heard(ticket);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The ticket number of an echo this instance sent, from its payload text.
@@ -142,6 +153,106 @@ impl CatchUp {
             return None;
         }
         number.parse().ok()
+    }
+}
+
+/// The stream an echo travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EchoVia {
+    /// A notification on the NOTIFY source's channel, in commit order with the triggers'.
+    Notify,
+    /// A transaction holding only a logical decoding message (prefix `pgstash_echo`),
+    /// flushed at commit so that the stream gets to it at once.
+    Wal,
+}
+
+impl EchoVia {
+    fn sql(self, payload: &str) -> String {
+        match self {
+            EchoVia::Notify => format!("NOTIFY {}, '{payload}'", super::notify::CHANNEL),
+            EchoVia::Wal => format!(
+                "SELECT pg_catalog.pg_logical_emit_message(true, '{}', '{payload}')",
+                super::changes::ECHO_PREFIX
+            ),
+        }
+    }
+}
+
+/// Sends an echo for every new ticket of `catch_up` into database `conninfo`, on a
+/// connection of its own (every instance does, elected to read the source or not), until
+/// `cancel` fires. Connection problems are retried; meanwhile tickets wait out `max_wait`.
+pub async fn send_echoes(
+    conninfo: String,
+    catch_up: Arc<CatchUp>,
+    via: EchoVia,
+    timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut connected = false;
+        let ended = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = echo_session(&conninfo, &catch_up, via, timeout, &mut connected) => e,
+        };
+        if connected {
+            backoff = Duration::from_millis(100);
+        }
+        tracing::warn!(error = %ended, retry_in = ?backoff,
+            "echo connection lost; clients waiting for the change source wait out max_lag");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One connection's worth of echoes; returns why it ended.
+async fn echo_session(
+    conninfo: &str,
+    catch_up: &CatchUp,
+    via: EchoVia,
+    timeout: Duration,
+    connected: &mut bool,
+) -> String {
+    let mut pg: tokio_postgres::Config = match conninfo.parse() {
+        Ok(pg) => pg,
+        Err(e) => return format!("invalid connection string: {}", describe(&e)),
+    };
+    pg.application_name("pgstash-echo").connect_timeout(timeout);
+    let (client, connection) = match tokio::time::timeout(timeout, pg.connect(NoTls)).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return format!("cannot connect: {}", describe(&e)),
+        Err(_) => return format!("cannot connect: no answer within {timeout:?}"),
+    };
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let _abort = AbortOnDrop(driver);
+    if via == EchoVia::Wal
+        && let Err(e) = client.batch_execute("SET synchronous_commit = local").await
+    {
+        return describe(&e);
+    }
+    *connected = true;
+    let mut sent = catch_up.heard_through();
+    loop {
+        let newest = catch_up.wanted(sent).await;
+        let sql = via.sql(&catch_up.echo_payload(newest));
+        match tokio::time::timeout(timeout, client.batch_execute(&sql)).await {
+            Ok(Ok(())) => sent = newest,
+            Ok(Err(e)) => return format!("echo failed: {}", describe(&e)),
+            Err(_) => return format!("echo got no answer within {timeout:?}"),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -165,6 +276,15 @@ mod tests {
         // An older echo arriving late does not undo a newer one.
         c.heard(1);
         assert!(c.passed(&second));
+    }
+
+    #[test]
+    fn releasing_all_passes_every_ticket_taken_before() {
+        let c = CatchUp::new(Duration::from_secs(60));
+        let (a, b) = (c.take(), c.take());
+        c.release_all();
+        assert!(c.passed(&a) && c.passed(&b));
+        assert!(!c.passed(&c.take()), "a ticket taken after is not released");
     }
 
     #[test]

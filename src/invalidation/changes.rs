@@ -18,6 +18,10 @@ const PG_EPOCH_OFFSET: Duration = Duration::from_secs(946_684_800);
 /// `migrations/0003_wal_source.up.sql`); messages with other prefixes are someone else's.
 pub const MESSAGE_PREFIX: &str = "pgstash";
 
+/// The prefix of an instance's echo (see `catch_up`): a transaction of its own whose only
+/// content is the message; the stream hands it out when it reaches that commit.
+pub const ECHO_PREFIX: &str = "pgstash_echo";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
     #[error("pgoutput stream out of order: {0}")]
@@ -37,6 +41,9 @@ pub struct Committed {
     /// The transaction removed pgstash's DDL hooks from the WAL (reverted migration 0003):
     /// DDL committed after it is not reported.
     pub uninstalled: bool,
+    /// Echoes an instance sent through the WAL (see [`ECHO_PREFIX`]), to be told once
+    /// `changes` are applied.
+    pub echoes: Vec<String>,
 }
 
 /// What we keep of a relation: its name and where its single-column primary key is.
@@ -64,6 +71,7 @@ struct Transaction {
     /// A change no table accounts for: everything in the database.
     database: bool,
     uninstalled: bool,
+    echoes: Vec<String>,
 }
 
 pub struct Collector {
@@ -105,16 +113,18 @@ impl Collector {
                 commit_time,
                 ..
             } => {
-                let tx = self
+                let mut tx = self
                     .tx
                     .take()
                     .ok_or(StreamError::OutOfOrder("Commit outside a transaction"))?;
                 let uninstalled = tx.uninstalled;
+                let echoes = std::mem::take(&mut tx.echoes);
                 return Ok(Some(Committed {
                     end_lsn: Some(end_lsn),
                     committed_at: pg_time(commit_time),
                     changes: tx.into_changes(),
                     uninstalled,
+                    echoes,
                 }));
             }
             PgOutput::Relation(rel) => {
@@ -142,6 +152,33 @@ impl Collector {
                 content,
                 ..
             } if prefix == MESSAGE_PREFIX => return self.message(transactional, &content),
+            PgOutput::Message {
+                transactional,
+                prefix,
+                content,
+                ..
+            } if prefix == ECHO_PREFIX => {
+                let echo = String::from_utf8_lossy(&content).into_owned();
+                match self.tx.as_mut() {
+                    Some(tx) => tx.echoes.push(echo),
+                    // Sent outside a transaction (not by pgstash): it still comes after
+                    // every commit before it, so it can be told at once.
+                    None if !transactional => {
+                        return Ok(Some(Committed {
+                            end_lsn: None,
+                            committed_at: None,
+                            changes: Vec::new(),
+                            uninstalled: false,
+                            echoes: vec![echo],
+                        }));
+                    }
+                    None => {
+                        return Err(StreamError::OutOfOrder(
+                            "transactional message outside a transaction",
+                        ));
+                    }
+                }
+            }
             PgOutput::Origin { .. } | PgOutput::Type { .. } | PgOutput::Message { .. } => {}
         }
         Ok(None)
@@ -185,6 +222,7 @@ impl Collector {
                 committed_at: at,
                 changes: vec![change],
                 uninstalled: false,
+                echoes: Vec::new(),
             })),
         }
     }

@@ -139,8 +139,8 @@ impl ChangeSink for Mirror {
         self.inner.apply(db, committed_at, changes);
     }
 
-    fn echo_heard(&self, db: &str, catch_up: &Arc<super::catch_up::CatchUp>, ticket: u64) {
-        self.inner.echo_heard(db, catch_up, ticket);
+    fn echo(&self, db: &str, payload: &str) {
+        self.inner.echo(db, payload);
     }
 
     fn set_healthy(&self, db: &str, healthy: bool, reason: &str) {

@@ -19,7 +19,6 @@ pub mod roles;
 mod setup;
 pub mod wal;
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 /// A table as Postgres names it.
@@ -60,10 +59,9 @@ pub trait ChangeSink: Send + Sync + 'static {
     /// does not, the cache must not serve entries that depend on what the source covers.
     fn set_healthy(&self, db: &str, healthy: bool, reason: &str);
 
-    /// The source heard back the echo of `ticket` (see [`catch_up`]): every change it
-    /// heard before has been handed to [`ChangeSink::apply`]. Tells `catch_up` once those
-    /// changes are in effect.
-    fn echo_heard(&self, _db: &str, catch_up: &Arc<catch_up::CatchUp>, ticket: u64) {
-        catch_up.heard(ticket);
-    }
+    /// The source heard an echo (see [`catch_up`]), `echo <nonce> <ticket>`, that some
+    /// instance sent: every change it heard before has been handed to
+    /// [`ChangeSink::apply`]. Once those changes are in effect, the instance that sent it
+    /// is to be told.
+    fn echo(&self, _db: &str, _payload: &str) {}
 }

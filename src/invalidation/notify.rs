@@ -14,7 +14,6 @@
 //! The connection is plain TCP or Unix socket (no TLS yet), with `application_name`
 //! [`ListenerConfig::application_name`] so operators can tell it apart.
 
-use super::catch_up::CatchUp;
 use super::installed::{self, Missing, Source};
 use super::payload::{self, Meaning, Payload};
 use super::{Change, ChangeSink};
@@ -56,9 +55,6 @@ pub struct ListenerConfig {
     pub backoff_max: Duration,
     /// How often the connection is probed and the triggers checked.
     pub check_interval: Duration,
-    /// Clients waiting for their hidden writes to be heard: each ticket they take is
-    /// echoed on the channel, behind every notification committed before it.
-    pub catch_up: Option<Arc<CatchUp>>,
 }
 
 impl Default for ListenerConfig {
@@ -69,7 +65,6 @@ impl Default for ListenerConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             check_interval: Duration::from_secs(10),
-            catch_up: None,
         }
     }
 }
@@ -250,22 +245,8 @@ impl Listener {
             reason,
             was_listening: true,
         };
-        let catch_up = self.config.catch_up.as_deref();
-        // Tickets not yet answered may have lost their echo with the last session.
-        let mut echoed = catch_up.map_or(0, CatchUp::heard_through);
-        let _here = catch_up.map(SourceHere::new);
         loop {
             tokio::select! {
-                newest = wanted(catch_up, echoed) => {
-                    echoed = newest;
-                    let echo_of = catch_up.map(|c| c.echo_payload(newest)).unwrap_or_default();
-                    let echo = format!("NOTIFY {CHANNEL}, '{echo_of}'");
-                    match tokio::time::timeout(limit, client.batch_execute(&echo)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return lost(format!("echo failed: {}", describe(&e))),
-                        Err(_) => return lost(format!("echo got no answer within {limit:?}")),
-                    }
-                }
                 event = events.recv() => {
                     let Some(Event::Notification(first)) = event else {
                         let reason = match event {
@@ -354,19 +335,13 @@ impl Listener {
                 continue;
             }
             if n.payload().starts_with("echo ") {
-                // Ours: everything committed before it is in the batch before it, so apply
-                // that first. Another instance's: nothing to apply.
-                let own = self.config.catch_up.as_ref().and_then(|c| {
-                    let ticket = c.own_echo(n.payload())?;
-                    Some((c, ticket))
-                });
-                if let Some((catch_up, ticket)) = own {
-                    self.apply(&group, group_at);
-                    group.clear();
-                    group_at = None;
-                    group_of = None;
-                    self.sink.echo_heard(&self.db, catch_up, ticket);
-                }
+                // An instance's echo: everything committed before it is in the batch before
+                // it, so that is applied first.
+                self.apply(&group, group_at);
+                group.clear();
+                group_at = None;
+                group_of = None;
+                self.sink.echo(&self.db, n.payload());
                 continue;
             }
             let p = match payload::parse(n.payload()) {
@@ -418,31 +393,6 @@ impl Listener {
         if !changes.is_empty() {
             self.sink.apply(&self.db, at, changes);
         }
-    }
-}
-
-/// Says that the source runs here for as long as it lives (a listening session).
-struct SourceHere<'a>(&'a CatchUp);
-
-impl<'a> SourceHere<'a> {
-    fn new(catch_up: &'a CatchUp) -> SourceHere<'a> {
-        catch_up.set_source_here(true);
-        SourceHere(catch_up)
-    }
-}
-
-impl Drop for SourceHere<'_> {
-    fn drop(&mut self) {
-        self.0.set_source_here(false);
-    }
-}
-
-/// The newest ticket of `catch_up` above `echoed`, once one is taken; never without
-/// `catch_up`.
-async fn wanted(catch_up: Option<&CatchUp>, echoed: u64) -> u64 {
-    match catch_up {
-        Some(c) => c.wanted(echoed).await,
-        None => std::future::pending().await,
     }
 }
 

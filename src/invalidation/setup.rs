@@ -208,10 +208,6 @@ pub async fn prepare_heartbeat(conn: &mut ServerConn) -> Result<(), WalError> {
     Ok(())
 }
 
-/// The prefix of the heartbeat's logical decoding message; the stream ignores it (see
-/// `changes::MESSAGE_PREFIX` for the messages it reads).
-const HEARTBEAT_PREFIX: &str = "pgstash_heartbeat";
-
 /// A WAL position every transaction committed before this call ends at or before, and that
 /// the replication stream is sure to reach.
 ///
@@ -228,12 +224,8 @@ const HEARTBEAT_PREFIX: &str = "pgstash_heartbeat";
 /// It also runs [`check_installed`]'s check, in the same round trip: disabling an event
 /// trigger is not itself reported by one, so only asking shows it.
 pub async fn wal_heartbeat(conn: &mut ServerConn) -> Result<(Lsn, Option<Missing>), WalError> {
-    // The message makes the heartbeat's transaction one pgoutput sends (it skips empty
-    // ones): its commit, past the position read, reaches us as soon as it is decoded, and
-    // does not wait for a keepalive. Clients waiting for an echo wait on exactly that.
     let sql = format!(
-        "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.txid_current(), \
-         pg_catalog.pg_logical_emit_message(true, '{HEARTBEAT_PREFIX}', ''), {}",
+        "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.txid_current(), {}",
         installed::WAL_COLUMNS
     );
     let rows = simple_query(conn, &sql).await?;
@@ -246,7 +238,7 @@ pub async fn wal_heartbeat(conn: &mut ServerConn) -> Result<(Lsn, Option<Missing
     let lsn = text
         .parse()
         .map_err(|e| WalError::Protocol(format!("pg_current_wal_insert_lsn(): {e}")))?;
-    Ok((lsn, verdict(row.get(3..).unwrap_or_default())?))
+    Ok((lsn, verdict(row.get(2..).unwrap_or_default())?))
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@
 //! event trigger reports nothing); when it is missing, or a transaction reverts it, the
 //! session ends and the database is unhealthy until it is back.
 
-use super::catch_up::CatchUp;
 use super::changes::Collector;
 use super::installed::Missing;
 use super::lag::{Lag, LagState};
@@ -57,9 +56,6 @@ pub struct WalConfig {
     pub status_interval: Duration,
     /// Keys kept per table and transaction; beyond it the table's rows count as unknown.
     pub max_keys_per_table: usize,
-    /// Clients waiting for their hidden writes to be applied: each ticket they take brings
-    /// the next heartbeat forward, and is heard once the stream has passed it.
-    pub catch_up: Option<Arc<CatchUp>>,
 }
 
 impl WalConfig {
@@ -72,7 +68,6 @@ impl WalConfig {
             max_lag: Duration::from_secs(5),
             status_interval: Duration::from_secs(1),
             max_keys_per_table: 10_000,
-            catch_up: None,
         }
     }
 
@@ -134,9 +129,6 @@ pub async fn run(cfg: WalConfig, sink: Arc<dyn ChangeSink>, cancel: Cancellation
             r = src.session(&cancel) => r,
             _ = cancel.cancelled() => Ok(()),
         };
-        if let Some(c) = &src.cfg.catch_up {
-            c.set_source_here(false);
-        }
         if cancel.is_cancelled() {
             break;
         }
@@ -291,9 +283,6 @@ impl Source {
             format!("WAL change source catching up from {start}")
         });
         let mut lag = Lag::new(start);
-        if let Some(c) = &cfg.catch_up {
-            c.set_source_here(true);
-        }
         let r = self
             .stream(stream, &mut sql, &mut lag, server_utf8, cancel)
             .await;
@@ -421,11 +410,8 @@ impl Source {
             sql,
             cfg.status_interval,
             cfg.max_lag.max(Duration::from_secs(1)),
-            cfg.catch_up.as_deref(),
             probe_tx,
         );
-        // Heartbeats that echo a client's ticket, oldest first: (their position, ticket).
-        let mut echoes: std::collections::VecDeque<(Lsn, u64)> = Default::default();
         tokio::pin!(probe);
         loop {
             tokio::select! {
@@ -447,12 +433,7 @@ impl Source {
                 }
                 // Before the stream: a flood of XLogData must not starve status updates.
                 _ = tick.tick() => send_status(&mut stream, lag.applied(), cfg.max_lag).await?,
-                Some(probe) = probe_rx.recv() => {
-                    lag.target(probe.lsn, probe.asked);
-                    if let Some(ticket) = probe.echo {
-                        echoes.push_back((probe.lsn, ticket));
-                    }
-                }
+                Some((lsn, seen)) = probe_rx.recv() => lag.target(lsn, seen),
                 msg = stream.next() => match msg? {
                     WalMessage::XLogData { start, end, data } => {
                         lag.target(start.max(end), Instant::now());
@@ -461,6 +442,10 @@ impl Source {
                             if !tx.changes.is_empty() {
                                 tracing::debug!(db, lsn = ?tx.end_lsn, changes = tx.changes.len(), "WAL transaction");
                                 self.sink.apply(db, tx.committed_at, &tx.changes);
+                            }
+                            // Echoes come after every commit before them (see `catch_up`).
+                            for echo in &tx.echoes {
+                                self.sink.echo(db, echo);
                             }
                             // Only now may the slot forget this transaction. (A message sent
                             // outside any transaction has no position of its own to confirm.)
@@ -487,14 +472,6 @@ impl Source {
                         }
                     }
                 },
-            }
-            if let Some(catch_up) = &cfg.catch_up {
-                while let Some(&(lsn, ticket)) = echoes.front()
-                    && lsn <= lag.applied()
-                {
-                    self.sink.echo_heard(db, catch_up, ticket);
-                    echoes.pop_front();
-                }
             }
             self.judge(lag);
         }
@@ -540,31 +517,19 @@ async fn send_status(
         })?
 }
 
-/// A heartbeat's answer: every transaction committed before `asked` ends at or before `lsn`.
-struct Probe {
-    lsn: Lsn,
-    asked: Instant,
-    /// The newest client ticket taken before the heartbeat was sent.
-    echo: Option<u64>,
-}
-
-/// Every `every`, and as soon as a client takes a ticket of `catch_up`, commit a heartbeat
-/// and send its position to `out`. Runs until it fails; a heartbeat not answered within
-/// `timeout` is a failure, since silence could hide lag, and so is a heartbeat that finds
-/// the DDL hooks missing ([`WalError::NotInstalled`], its `db` left for the caller to fill in).
+/// Every `every`, commit a heartbeat and send (its WAL position, when we asked) to `out`.
+/// Runs until it fails; a heartbeat not answered within `timeout` is a failure, since
+/// silence could hide lag, and so is a heartbeat that finds the DDL hooks missing
+/// ([`WalError::NotInstalled`], its `db` left for the caller to fill in).
 async fn probe_wal_end(
     conn: &mut ServerConn,
     every: Duration,
     timeout: Duration,
-    catch_up: Option<&CatchUp>,
-    out: mpsc::Sender<Probe>,
+    out: mpsc::Sender<(Lsn, Instant)>,
 ) -> WalError {
     if let Err(e) = setup::prepare_heartbeat(conn).await {
         return e;
     }
-    // Tickets this source has not answered may have lost their echo with the last session.
-    let mut sent = catch_up.map_or(0, CatchUp::heard_through);
-    let mut echo = None;
     loop {
         let asked = Instant::now();
         let lsn = match tokio::time::timeout(timeout, setup::wal_heartbeat(conn)).await {
@@ -582,21 +547,9 @@ async fn probe_wal_end(
                 ));
             }
         };
-        if out.send(Probe { lsn, asked, echo }).await.is_err() {
+        if out.send((lsn, asked)).await.is_err() {
             return WalError::Protocol("WAL heartbeat receiver gone".into());
         }
-        echo = match catch_up {
-            Some(c) => tokio::select! {
-                () = tokio::time::sleep(every) => None,
-                newest = c.wanted(sent) => Some(newest),
-            },
-            None => {
-                tokio::time::sleep(every).await;
-                None
-            }
-        };
-        if let Some(newest) = echo {
-            sent = newest;
-        }
+        tokio::time::sleep(every).await;
     }
 }

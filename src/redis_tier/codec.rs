@@ -34,6 +34,12 @@ pub fn channel(prefix: &str) -> String {
     format!("{prefix}invalidate")
 }
 
+/// Where the instance reading a change source passes on the echoes other instances sent
+/// through it (see `invalidation::catch_up`): `<echo>\n<database>`.
+pub fn echo_channel(prefix: &str) -> String {
+    format!("{prefix}echo")
+}
+
 /// Where instances confirm they applied an invalidation (see `RedisTier::publish`).
 pub fn ack_channel(prefix: &str) -> String {
     format!("{prefix}applied")

@@ -74,6 +74,9 @@ return 0
 ";
 
 /// What this instance does when the channel says something.
+/// Told of an echo passed on by the instance reading a change source: (database, echo).
+pub type OnEcho = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 pub struct RedisTier {
     cfg: RedisConfig,
     client: redis::Client,
@@ -328,6 +331,23 @@ impl RedisTier {
             .remove(&id.seq);
     }
 
+    /// Pass on an echo another instance sent through the change source of database `db`
+    /// (see `invalidation::catch_up`). Lost if Redis cannot take it: that instance's
+    /// client then waits out `invalidation.max_lag`.
+    pub async fn publish_echo(&self, db: &str, echo: &str) {
+        let channel = codec::echo_channel(self.prefix());
+        let message = format!("{echo}\n{db}");
+        let _: Option<i64> = self
+            .run(async |mut c| {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(&message)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
     /// Until `needed` instances confirmed, or `redis.timeout` passed (an instance that slow
     /// is then as stale as the time it takes; counted as a Redis error).
     async fn await_acks(&self, wait: &AckWait, needed: usize) {
@@ -470,16 +490,19 @@ impl RedisTier {
         self: Arc<Self>,
         gens: Arc<Generations>,
         on_schema_change: Arc<dyn Fn() + Send + Sync>,
+        on_echo: OnEcho,
     ) {
         tokio::spawn(Arc::clone(&self).watchdog(Arc::clone(&gens)));
         let channel = codec::channel(self.prefix());
         let ack_channel = codec::ack_channel(self.prefix());
+        let echo_channel = codec::echo_channel(self.prefix());
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = tokio::time::timeout(self.cfg.timeout * 4, async {
                 let mut ps = self.client.get_async_pubsub().await?;
                 ps.subscribe(&channel).await?;
                 ps.subscribe(&ack_channel).await?;
+                ps.subscribe(&echo_channel).await?;
                 Ok::<_, redis::RedisError>(ps)
             })
             .await;
@@ -523,6 +546,14 @@ impl RedisTier {
                 if msg.get_channel_name() == ack_channel {
                     if let Ok(p) = payload {
                         self.on_ack(&p);
+                    }
+                    continue;
+                }
+                if msg.get_channel_name() == echo_channel {
+                    if let Some((echo, db)) =
+                        payload.as_deref().ok().and_then(|p| p.split_once('\n'))
+                    {
+                        on_echo(db, echo);
                     }
                     continue;
                 }

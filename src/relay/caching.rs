@@ -477,6 +477,11 @@ impl CacheShared {
             }
             was
         } else {
+            // Commits waiting for the source's echo need not wait any longer: nothing is
+            // served from the cache until the source is back, and then nothing from before.
+            if let Some(catch_up) = self.catch_up(db) {
+                catch_up.release_all();
+            }
             dbs.insert(db.to_string(), reason.to_string()).is_none()
         };
         self.unhealthy

@@ -125,9 +125,8 @@ pub struct Relay<R, W> {
     /// Such writes committed, and the change source may not have applied them yet: this
     /// client reads through Postgres until it has (see [`CatchUp`]).
     unheard_writes: Option<(Arc<CatchUp>, Ticket)>,
-    /// ...and, where the source runs in this instance, nothing more reaches the client
-    /// until then either: the commit's answer included, so that once it has it, every
-    /// client of this instance reads what the commit wrote.
+    /// ...and nothing more reaches the client until then either: the commit's answer
+    /// included, so that once it has it, every client reads what the commit wrote.
     held_for_source: Option<(Arc<CatchUp>, Ticket)>,
     /// Set while the held server connection lacks startup values a RESET took away.
     settings_restore: Option<String>,
@@ -1582,9 +1581,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             && let Some(catch_up) = cache.catch_up(&self.database)
         {
             let ticket = catch_up.take();
-            // An instance that does not run the source (a follower over Redis) hears no
-            // echo, and a source that cannot vouch for the database keeps the cache off.
-            if catch_up.source_here() && cache.source_healthy(&self.database) {
+            // A source that cannot vouch for the database keeps the cache off anyway.
+            if cache.source_healthy(&self.database) {
                 self.held_for_source = Some((catch_up.clone(), ticket));
             }
             self.unheard_writes = Some((catch_up, ticket));

@@ -340,9 +340,7 @@ async fn own_hidden_writes_are_read_at_once(src: Src) {
         // Twice: the second read is served from the cache.
         assert_eq!(one(&c, read).await, n.to_string(), "round {round}");
         assert_eq!(one(&c, read).await, n.to_string(), "round {round}");
-        c.batch_execute("UPDATE tw SET v = v + 1 WHERE id = 1")
-            .await
-            .expect("write firing the trigger");
+        answered(&c, "UPDATE tw SET v = v + 1 WHERE id = 1").await;
         assert_eq!(
             one(&c, read).await,
             (n + 1).to_string(),
@@ -418,10 +416,11 @@ async fn hidden_writes_are_read_by_others_once_committed(src: Src, shared: bool)
         let n = 2 * round;
         assert_eq!(one(&reader, read).await, n.to_string(), "round {round}");
         assert_eq!(one(&reader, read).await, n.to_string(), "round {round}");
-        writer
-            .batch_execute("BEGIN; UPDATE tw SET v = v + 1 WHERE id = 1; COMMIT")
-            .await
-            .expect("write firing the trigger");
+        answered(
+            &writer,
+            "BEGIN; UPDATE tw SET v = v + 1 WHERE id = 1; COMMIT",
+        )
+        .await;
         assert_eq!(
             one(&reader, read).await,
             (n + 1).to_string(),
@@ -437,10 +436,7 @@ async fn hidden_writes_are_read_by_others_once_committed(src: Src, shared: bool)
             (n + 1).to_string(),
             "round {round}"
         );
-        writer
-            .batch_execute("SELECT bump()")
-            .await
-            .expect("function");
+        answered(&writer, "SELECT bump()").await;
         assert_eq!(
             one(&reader, read).await,
             (n + 2).to_string(),
@@ -448,6 +444,15 @@ async fn hidden_writes_are_read_by_others_once_committed(src: Src, shared: bool)
         );
     }
     wait_until_caching(&reader, &direct, src).await;
+}
+
+/// Runs `sql`, whose commit's answer waits for the change source's echo: an echo that never
+/// comes back would hold it for max_lag, which these tests set far beyond this deadline.
+async fn answered(c: &Client, sql: &str) {
+    match tokio::time::timeout(Duration::from_secs(10), c.batch_execute(sql)).await {
+        Ok(done) => done.unwrap_or_else(|e| panic!("{sql}: {e}")),
+        Err(_) => panic!("{sql}: no answer within 10 s: its echo never came back"),
+    }
 }
 
 /// A write of `probe` the source cannot see: replica role skips ordinary triggers (notify);
@@ -707,6 +712,78 @@ async fn one_instance_reads_the_source_and_another_takes_over_when_it_stops() {
         .await
         .expect("w");
     fresh_soon(&cb, "SELECT v FROM seen", "3").await;
+}
+
+/// Two instances over Redis, one reading the source: a commit with trigger writes is
+/// answered, on either instance, only once both read what the triggers wrote. The
+/// follower's echo travels through Postgres to the reader, which passes it on over Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_through_either_instance_is_read_by_both_once_answered() {
+    for src in [Src::Notify, Src::Wal] {
+        hidden_writes_across_instances(src).await;
+    }
+}
+
+async fn hidden_writes_across_instances(src: Src) {
+    let pg = shared_pg();
+    let redis = crate::support::shared_redis();
+    let db = fresh_database(pg, "twohidden");
+    pg.psql_db(
+        &db,
+        "CREATE TABLE tw (id int PRIMARY KEY, v int); INSERT INTO tw VALUES (1, 0);
+         CREATE TABLE tl (id int PRIMARY KEY, n int); INSERT INTO tl VALUES (1, 0);
+         CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN UPDATE tl SET n = n + 1 WHERE id = 1; RETURN NULL; END $$;
+         CREATE TRIGGER t AFTER UPDATE ON tw FOR EACH ROW EXECUTE FUNCTION log_write();",
+    );
+    let prefix = format!("{db}:");
+    let tweak = |c: &mut pgstash::config::Config| {
+        c.invalidation.max_lag = Duration::from_secs(600);
+        c.redis.url = Some(redis.url());
+        c.redis.prefix = prefix.clone();
+    };
+    // The first instance becomes the reader; the second follows.
+    let (a, ca, direct) = watched_with(pg, &db, src, tweak).await;
+    wait_until_caching(&ca, &direct, src).await;
+    let b = Proxy::start(pg, |c| {
+        c.invalidation.source = match src {
+            Src::Notify => pgstash::config::InvalidationSource::Notify,
+            Src::Wal => pgstash::config::InvalidationSource::Wal,
+        };
+        c.invalidation.databases = vec![db.clone()];
+        if let Some(slot) = &a.slot {
+            c.invalidation.slot = slot.clone();
+        }
+        tweak(c);
+    });
+    let cb = b.connect("postgres", "", &db).await;
+    wait_until_caching(&cb, &direct, src).await;
+    let read = "SELECT n FROM tl WHERE id = 1";
+    for round in 0..20 {
+        let (writer, other) = if round % 2 == 0 {
+            (&cb, &ca)
+        } else {
+            (&ca, &cb)
+        };
+        for c in [&ca, &cb, &ca, &cb] {
+            assert_eq!(one(c, read).await, round.to_string(), "round {round}");
+        }
+        answered(writer, "UPDATE tw SET v = v + 1 WHERE id = 1").await;
+        let want = (round + 1).to_string();
+        assert_eq!(
+            one(other, read).await,
+            want,
+            "round {round}: the other instance"
+        );
+        assert_eq!(
+            one(writer, read).await,
+            want,
+            "round {round}: the writer's instance"
+        );
+    }
+    // Both instances serve from the cache again: the echoes came back, max_lag is far.
+    wait_until_caching(&cb, &direct, src).await;
+    wait_until_caching(&ca, &direct, src).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

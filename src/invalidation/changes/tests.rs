@@ -305,6 +305,7 @@ fn ddl_messages_join_their_transaction_and_make_the_table_whole() {
             committed_at: pg_time(0),
             changes: vec![Change::Table(t("t")), Change::Table(t("mv"))],
             uninstalled: false,
+            echoes: vec![],
         }]
     );
 }
@@ -370,6 +371,7 @@ fn a_non_transactional_message_is_handed_out_at_once_with_nothing_to_confirm() {
             committed_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)),
             changes: vec![Change::Table(t("t"))],
             uninstalled: false,
+            echoes: vec![],
         }]
     );
     assert!(c.is_idle());
@@ -396,4 +398,31 @@ fn messages_out_of_order_are_errors() {
         c.handle(dec(insert(99, &[Some("1")]))),
         Err(StreamError::UnknownRelation(99))
     );
+}
+
+#[test]
+fn echoes_are_told_with_the_commit_that_carries_them_after_the_commits_before() {
+    let mut c = Collector::new(100, true);
+    let out = run(
+        &mut c,
+        &[
+            begin(),
+            pk_table(),
+            insert(1, &[Some("1"), None]),
+            commit(0x100, 0),
+            begin(),
+            message(true, ECHO_PREFIX, "echo 1f 3"),
+            commit(0x200, 0),
+            // Not pgstash's way, but any role may send one outside a transaction.
+            message(false, ECHO_PREFIX, "echo 2e 4"),
+        ],
+    );
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(out[0].changes, [keys("t", &["1"])]);
+    assert!(out[0].echoes.is_empty());
+    assert_eq!(out[1].end_lsn, Some(Lsn(0x200)));
+    assert!(out[1].changes.is_empty());
+    assert_eq!(out[1].echoes, ["echo 1f 3"]);
+    assert_eq!(out[2].end_lsn, None);
+    assert_eq!(out[2].echoes, ["echo 2e 4"]);
 }
