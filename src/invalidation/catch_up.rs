@@ -19,13 +19,22 @@
 //! sender sends the highest number asked for when it gets round to it (one echo in flight
 //! at a time, so a burst of commits shares echoes).
 //!
-//! An echo lost with a connection is never heard: a ticket also passes once `max_wait`
-//! (the source's `max_lag`, the staleness the source is trusted to) has gone by since it
-//! was taken.
+//! An echo lost with a connection (a NOTIFY sent while the reader was reconnecting) is
+//! sent again after [`RESEND`]; a ticket also passes once `max_wait` (the source's
+//! `max_lag`, the staleness the source is trusted to) has gone by since it was taken, and
+//! when the source stops or starts vouching for the database (everything cached is
+//! dropped then).
+//!
+//! Any role may LISTEN on the NOTIFY source's channel and NOTIFY on it, so an echo carries a
+//! one-time random token besides its number: only an echo this instance sent, and has not
+//! heard yet, is taken. Someone who copies an echo sees it when the real one is already
+//! delivered (in commit order, before the copy), and cannot make up the next one; a forged
+//! echo could otherwise pass every ticket at once.
 
 use crate::pg_error::describe;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_postgres::NoTls;
@@ -43,8 +52,14 @@ pub struct CatchUp {
     echoed: Notify,
     /// Tells this instance's echoes from another's on a shared channel.
     nonce: u64,
+    /// Echoes sent and not heard yet: (ticket number, one-time token), oldest first.
+    in_flight: Mutex<VecDeque<(u64, u64)>>,
     max_wait: Duration,
 }
+
+/// Echoes remembered while unheard; older ones (lost with their connection) are forgotten:
+/// their tickets pass with a later echo or after `max_wait`.
+const IN_FLIGHT: usize = 16;
 
 /// A client's claim: its writes committed before this ticket was taken.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +76,7 @@ impl CatchUp {
             wake: Notify::new(),
             echoed: Notify::new(),
             nonce: rand::random(),
+            in_flight: Mutex::default(),
             max_wait,
         }
     }
@@ -122,19 +138,34 @@ impl CatchUp {
         self.echoed.notify_waiters();
     }
 
+    /// Whether a ticket taken so far has not passed by its echo (or `release_all`).
+    pub fn waiting(&self) -> bool {
+        self.requested.load(Ordering::Acquire) > self.heard.load(Ordering::Acquire)
+    }
+
     /// Every ticket taken so far passes: the source can no longer vouch for the database,
     /// so its cache is not served until the source is back and has dropped everything.
     pub fn release_all(&self) {
         self.heard(self.requested.load(Ordering::Acquire));
     }
 
-    /// The echo's text on a NOTIFY channel: `echo <nonce> <number>`.
+    /// The text of a new echo of ticket `number`, `echo <nonce> <number> <token>`: sent once,
+    /// it is taken back once.
     pub fn echo_payload(&self, number: u64) -> String {
-        format!("echo {:x} {number}", self.nonce)
+        let token: u64 = rand::random();
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if in_flight.len() == IN_FLIGHT {
+            in_flight.pop_front();
+        }
+        in_flight.push_back((number, token));
+        format!("echo {:x} {number} {token:x}", self.nonce)
     }
 
-    /// An echo came back: if this instance sent it, its ticket is heard. Returns whether
-    /// it was this instance's.
+    /// An echo came back: if this instance sent it and has not heard it yet, its ticket is
+    /// heard. Returns whether it was this instance's (false for a copy or a forgery too).
     pub fn echo_back(&self, payload: &str) -> bool {
         match self.own_echo(payload) {
             Some(ticket) => {
@@ -145,16 +176,29 @@ impl CatchUp {
         }
     }
 
-    /// The ticket number of an echo this instance sent, from its payload text.
-    pub fn own_echo(&self, payload: &str) -> Option<u64> {
-        let rest = payload.strip_prefix("echo ")?;
-        let (nonce, number) = rest.split_once(' ')?;
-        if u64::from_str_radix(nonce, 16).ok()? != self.nonce {
+    /// The ticket number of an unheard echo this instance sent, from its payload text; it
+    /// is no longer in flight afterwards (nor are older ones: the stream is in order).
+    fn own_echo(&self, payload: &str) -> Option<u64> {
+        let mut parts = payload.strip_prefix("echo ")?.split(' ');
+        let nonce = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let number: u64 = parts.next()?.parse().ok()?;
+        let token = u64::from_str_radix(parts.next()?, 16).ok()?;
+        if nonce != self.nonce || parts.next().is_some() {
             return None;
         }
-        number.parse().ok()
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = in_flight.iter().position(|&sent| sent == (number, token))?;
+        in_flight.drain(..=at);
+        Some(number)
     }
 }
+
+/// How long an echo may be out before it is sent again (it comes back in well under a
+/// millisecond on a quiet machine).
+const RESEND: Duration = Duration::from_millis(250);
 
 /// The stream an echo travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +282,17 @@ async fn echo_session(
     *connected = true;
     let mut sent = catch_up.heard_through();
     loop {
-        let newest = catch_up.wanted(sent).await;
+        let newest = if catch_up.heard_through() >= sent {
+            catch_up.wanted(sent).await
+        } else {
+            // The last echo is not back: it may have been lost with the reader's
+            // connection to the source (a NOTIFY nobody listened to), on this instance or
+            // another. Once in a while, send it again.
+            match tokio::time::timeout(RESEND, catch_up.wanted(sent)).await {
+                Ok(newest) => newest,
+                Err(_) => sent,
+            }
+        };
         let sql = via.sql(&catch_up.echo_payload(newest));
         match tokio::time::timeout(timeout, client.batch_execute(&sql)).await {
             Ok(Ok(())) => sent = newest,
@@ -301,10 +355,52 @@ mod tests {
         let ours = CatchUp::new(Duration::from_secs(1));
         let theirs = CatchUp::new(Duration::from_secs(1));
         let payload = ours.echo_payload(7);
-        assert_eq!(ours.own_echo(&payload), Some(7));
         assert_eq!(theirs.own_echo(&payload), None);
+        assert_eq!(ours.own_echo(&payload), Some(7));
         assert_eq!(ours.own_echo("echo"), None);
         assert_eq!(ours.own_echo("2 U 1.5 public.t"), None);
+    }
+
+    #[test]
+    fn a_copied_or_made_up_echo_passes_no_ticket() {
+        let c = CatchUp::new(Duration::from_secs(60));
+        let first = c.take();
+        let real = c.echo_payload(first.number);
+        let later = c.take();
+        // Someone who saw the real echo (a LISTENer on the channel) makes up the next one,
+        // or one far ahead, with the same nonce and token.
+        let (nonce, rest) = real["echo ".len()..].split_once(' ').expect("nonce");
+        let token = rest.split_once(' ').expect("token").1;
+        for forged in [
+            format!("echo {nonce} {} {token}", later.number),
+            format!("echo {nonce} {} {token}", u64::MAX),
+            format!("echo {nonce} {}", u64::MAX),
+        ] {
+            assert!(!c.echo_back(&forged), "{forged}");
+        }
+        assert!(!c.passed(&first) && !c.passed(&later));
+        assert!(c.echo_back(&real));
+        assert!(c.passed(&first));
+        assert!(!c.passed(&later));
+        // The same echo again (a copy sent after it) is no longer taken.
+        assert!(!c.echo_back(&real));
+        let next = c.echo_payload(later.number);
+        assert!(c.echo_back(&next));
+        assert!(c.passed(&later));
+    }
+
+    #[test]
+    fn an_echo_heard_forgets_the_older_ones_still_in_flight() {
+        let c = CatchUp::new(Duration::from_secs(60));
+        let (a, b) = (c.take(), c.take());
+        let lost = c.echo_payload(a.number);
+        let heard = c.echo_payload(b.number);
+        assert!(c.echo_back(&heard));
+        assert!(c.passed(&a) && c.passed(&b));
+        assert!(
+            !c.echo_back(&lost),
+            "an older echo is not taken after a newer one"
+        );
     }
 
     #[tokio::test]

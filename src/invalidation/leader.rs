@@ -156,6 +156,11 @@ impl ChangeSink for Mirror {
             Arc::clone(&self.state),
         );
         let flush = healthy && !was;
+        if flush {
+            // Also in line with the source's stream (the sink publishes in the order it
+            // hears things): an echo heard next is passed on only after this.
+            self.inner.apply(db, None, &[Change::Database]);
+        }
         tokio::spawn(async move {
             if flush {
                 // Changes made while no source listened were heard by nobody: everyone

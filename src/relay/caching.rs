@@ -469,34 +469,58 @@ impl CacheShared {
     /// A change source's report. Back to healthy drops everything cached: entries filled
     /// while the source was deaf may have missed invalidations.
     pub fn set_source_health(&self, db: &str, healthy: bool, reason: &str) {
-        let mut dbs = self.unhealthy.dbs.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = if healthy {
-            let was = dbs.remove(db).is_some();
-            if was {
-                self.gens.bump_all();
-            }
-            was
-        } else {
-            // Commits waiting for the source's echo need not wait any longer: nothing is
-            // served from the cache until the source is back, and then nothing from before.
-            if let Some(catch_up) = self.catch_up(db) {
-                catch_up.release_all();
-            }
-            dbs.insert(db.to_string(), reason.to_string()).is_none()
-        };
-        self.unhealthy
-            .count
-            .store(dbs.len(), std::sync::atomic::Ordering::Release);
-        if changed {
-            if healthy {
-                tracing::info!(db, "change source caught up: caching resumes");
+        let changed = {
+            let mut dbs = self.unhealthy.dbs.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = if healthy {
+                let was = dbs.remove(db).is_some();
+                if was {
+                    self.gens.bump_all();
+                }
+                was
             } else {
-                tracing::warn!(
-                    db,
-                    reason,
-                    "change source cannot vouch for freshness: not serving cached results"
-                );
+                dbs.insert(db.to_string(), reason.to_string()).is_none()
+            };
+            self.unhealthy
+                .count
+                .store(dbs.len(), std::sync::atomic::Ordering::Release);
+            changed
+        };
+        if healthy {
+            if changed {
+                tracing::info!(db, "change source caught up: caching resumes");
+                // Everything cached before was just dropped: no commit need wait for the
+                // echoes of writes made before (lost with the source's connection, maybe).
+                if let Some(catch_up) = self.catch_up(db) {
+                    catch_up.release_all();
+                }
             }
+            return;
+        }
+        if !changed {
+            return;
+        }
+        tracing::warn!(
+            db,
+            reason,
+            "change source cannot vouch for freshness: not serving cached results"
+        );
+        // Commits waiting for the source's echo need not wait any longer: nothing is served
+        // from the cache here until the source is back, and then nothing from before. (A
+        // commit from now on is not held: the relay sees the source unhealthy.)
+        let Some(catch_up) = self.catch_up(db) else {
+            return;
+        };
+        match self.tier.clone() {
+            // Other instances may not know yet (a follower polls the leader's health), and
+            // no source will tell them what the held commits wrote: they drop everything
+            // before those commits are answered.
+            Some(tier) if catch_up.waiting() => {
+                tokio::spawn(async move {
+                    tier.publish(&[Invalidation::All]).await;
+                    catch_up.release_all();
+                });
+            }
+            _ => catch_up.release_all(),
         }
     }
 

@@ -1581,11 +1581,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             && let Some(catch_up) = cache.catch_up(&self.database)
         {
             let ticket = catch_up.take();
-            // A source that cannot vouch for the database keeps the cache off anyway.
             if cache.source_healthy(&self.database) {
                 self.held_for_source = Some((catch_up.clone(), ticket));
+                self.unheard_writes = Some((catch_up, ticket));
+            } else if cache.tier.is_some() {
+                // Nothing cached for the database is served here while its source cannot
+                // vouch, and everything is dropped when it is back. Other instances may
+                // not know yet (a follower polls the leader's health): they drop
+                // everything before the client hears of the commit, since no source will
+                // tell them what it wrote.
+                self.to_publish.push(Invalidation::All);
             }
-            self.unheard_writes = Some((catch_up, ticket));
         }
         self.pending_inv.clear();
         self.tx_written.clear();

@@ -15,8 +15,9 @@ pub struct Proxy {
 impl Proxy {
     /// Start pgstash in front of `pg` (upstream user `postgres`, trust), adjusted by `tweak`.
     pub fn start(pg: &PgCluster, tweak: impl FnOnce(&mut Config)) -> Proxy {
-        // PGSTASH_TEST_LOG=pgstash=debug shows the proxy's logs when a test needs a look.
-        if let Ok(filter) = std::env::var("PGSTASH_TEST_LOG") {
+        // TEST_LOG=pgstash=debug shows the proxy's logs when a test needs a look (not PGSTASH_*:
+        // pgstash reads those as configuration and refuses names it does not know).
+        if let Ok(filter) = std::env::var("TEST_LOG") {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
                 .with_test_writer()

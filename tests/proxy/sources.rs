@@ -317,16 +317,7 @@ async fn a_client_reads_its_own_trigger_and_function_writes_at_once_through_the_
 async fn own_hidden_writes_are_read_at_once(src: Src) {
     let pg = shared_pg();
     let db = fresh_database(pg, "ownhidden");
-    pg.psql_db(
-        &db,
-        "CREATE TABLE tw (id int PRIMARY KEY, v int); INSERT INTO tw VALUES (1, 0);
-         CREATE TABLE tl (id int PRIMARY KEY, n int); INSERT INTO tl VALUES (1, 0);
-         CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN UPDATE tl SET n = n + 1 WHERE id = 1; RETURN NULL; END $$;
-         CREATE TRIGGER t AFTER UPDATE ON tw FOR EACH ROW EXECUTE FUNCTION log_write();
-         CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS
-           $$ UPDATE tl SET n = n + 1 WHERE id = 1 RETURNING n $$;",
-    );
+    hidden_writers(pg, &db);
     // A source lag bound far above the test's deadlines: caching that resumes after the
     // hidden writes below has heard their echo; it did not just wait max_lag out.
     let (_w, c, direct) = watched_with(pg, &db, src, |cfg| {
@@ -387,16 +378,7 @@ async fn hidden_writes_are_read_by_others_once_committed(src: Src, shared: bool)
     let pg = shared_pg();
     let db = fresh_database(pg, "otherhidden");
     let prefix = format!("{db}:");
-    pg.psql_db(
-        &db,
-        "CREATE TABLE tw (id int PRIMARY KEY, v int); INSERT INTO tw VALUES (1, 0);
-         CREATE TABLE tl (id int PRIMARY KEY, n int); INSERT INTO tl VALUES (1, 0);
-         CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN UPDATE tl SET n = n + 1 WHERE id = 1; RETURN NULL; END $$;
-         CREATE TRIGGER t AFTER UPDATE ON tw FOR EACH ROW EXECUTE FUNCTION log_write();
-         CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS
-           $$ UPDATE tl SET n = n + 1 WHERE id = 1 RETURNING n $$;",
-    );
+    hidden_writers(pg, &db);
     let (w, writer, direct) = watched_with(pg, &db, src, |cfg| {
         cfg.invalidation.max_lag = Duration::from_secs(600);
         if shared {
@@ -455,6 +437,21 @@ async fn answered(c: &Client, sql: &str) {
     }
 }
 
+/// `tw`, whose row trigger counts its updates in `tl` (`n` of row 1), and `bump()`, a
+/// function that counts in `tl` as well: writes to `tl` that no statement names.
+fn hidden_writers(pg: &PgCluster, db: &str) {
+    pg.psql_db(
+        db,
+        "CREATE TABLE tw (id int PRIMARY KEY, v int); INSERT INTO tw VALUES (1, 0);
+         CREATE TABLE tl (id int PRIMARY KEY, n int); INSERT INTO tl VALUES (1, 0);
+         CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN UPDATE tl SET n = n + 1 WHERE id = 1; RETURN NULL; END $$;
+         CREATE TRIGGER t AFTER UPDATE ON tw FOR EACH ROW EXECUTE FUNCTION log_write();
+         CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS
+           $$ UPDATE tl SET n = n + 1 WHERE id = 1 RETURNING n $$;",
+    );
+}
+
 /// A write of `probe` the source cannot see: replica role skips ordinary triggers (notify);
 /// probe is unlogged (wal).
 fn hidden(v: i32, src: Src) -> String {
@@ -505,7 +502,8 @@ async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &
     let q = "SELECT v FROM probe";
     direct
         .batch_execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{application}'"
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = '{application}' AND datname = '{db}'"
         ))
         .await
         .expect("terminate");
@@ -726,46 +724,12 @@ async fn a_commit_through_either_instance_is_read_by_both_once_answered() {
 
 async fn hidden_writes_across_instances(src: Src) {
     let pg = shared_pg();
-    let redis = crate::support::shared_redis();
-    let db = fresh_database(pg, "twohidden");
-    pg.psql_db(
-        &db,
-        "CREATE TABLE tw (id int PRIMARY KEY, v int); INSERT INTO tw VALUES (1, 0);
-         CREATE TABLE tl (id int PRIMARY KEY, n int); INSERT INTO tl VALUES (1, 0);
-         CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN UPDATE tl SET n = n + 1 WHERE id = 1; RETURN NULL; END $$;
-         CREATE TRIGGER t AFTER UPDATE ON tw FOR EACH ROW EXECUTE FUNCTION log_write();",
-    );
-    let prefix = format!("{db}:");
-    let tweak = |c: &mut pgstash::config::Config| {
-        c.invalidation.max_lag = Duration::from_secs(600);
-        c.redis.url = Some(redis.url());
-        c.redis.prefix = prefix.clone();
-    };
-    // The first instance becomes the reader; the second follows.
-    let (a, ca, direct) = watched_with(pg, &db, src, tweak).await;
-    wait_until_caching(&ca, &direct, src).await;
-    let b = Proxy::start(pg, |c| {
-        c.invalidation.source = match src {
-            Src::Notify => pgstash::config::InvalidationSource::Notify,
-            Src::Wal => pgstash::config::InvalidationSource::Wal,
-        };
-        c.invalidation.databases = vec![db.clone()];
-        if let Some(slot) = &a.slot {
-            c.invalidation.slot = slot.clone();
-        }
-        tweak(c);
-    });
-    let cb = b.connect("postgres", "", &db).await;
-    wait_until_caching(&cb, &direct, src).await;
+    let two = TwoInstances::start(pg, src, "twohidden").await;
+    let (ca, cb) = (&two.ca, &two.cb);
     let read = "SELECT n FROM tl WHERE id = 1";
     for round in 0..20 {
-        let (writer, other) = if round % 2 == 0 {
-            (&cb, &ca)
-        } else {
-            (&ca, &cb)
-        };
-        for c in [&ca, &cb, &ca, &cb] {
+        let (writer, other) = if round % 2 == 0 { (cb, ca) } else { (ca, cb) };
+        for c in [ca, cb, ca, cb] {
             assert_eq!(one(c, read).await, round.to_string(), "round {round}");
         }
         answered(writer, "UPDATE tw SET v = v + 1 WHERE id = 1").await;
@@ -782,8 +746,108 @@ async fn hidden_writes_across_instances(src: Src) {
         );
     }
     // Both instances serve from the cache again: the echoes came back, max_lag is far.
-    wait_until_caching(&cb, &direct, src).await;
-    wait_until_caching(&ca, &direct, src).await;
+    wait_until_caching(cb, &two.direct, src).await;
+    wait_until_caching(ca, &two.direct, src).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_answered_while_the_notify_reader_is_lost_is_read_fresh_by_both_instances() {
+    hidden_writes_while_the_reader_is_lost(Src::Notify, "pgstash-notify").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_answered_while_the_wal_reader_is_lost_is_read_fresh_by_both_instances() {
+    hidden_writes_while_the_reader_is_lost(Src::Wal, "pgstash_wal").await;
+}
+
+/// The source's connection dies under the instance reading it (the follower hears of it
+/// only when it next polls the reader's health, up to a second later), and a commit with
+/// hidden writes is answered meanwhile, through either instance: no source tells anyone
+/// what it wrote, yet both instances must read it once it is answered.
+async fn hidden_writes_while_the_reader_is_lost(src: Src, application: &str) {
+    let pg = shared_pg();
+    let two = TwoInstances::start(pg, src, "lostreader").await;
+    let (ca, cb) = (&two.ca, &two.cb);
+    let read = "SELECT n FROM tl WHERE id = 1";
+    let kill = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = '{application}' AND datname = '{}'",
+        two.db
+    );
+    for round in 0..6 {
+        let (writer, other) = if round % 2 == 0 { (ca, cb) } else { (cb, ca) };
+        // Both instances cache tl again (the source came back since the last round).
+        wait_until_caching(ca, &two.direct, src).await;
+        wait_until_caching(cb, &two.direct, src).await;
+        for c in [ca, cb, ca, cb] {
+            assert_eq!(one(c, read).await, round.to_string(), "round {round}");
+        }
+        two.direct.batch_execute(&kill).await.expect("terminate");
+        answered(writer, "UPDATE tw SET v = v + 1 WHERE id = 1").await;
+        let want = (round + 1).to_string();
+        assert_eq!(
+            one(other, read).await,
+            want,
+            "round {round}: the other instance"
+        );
+        assert_eq!(
+            one(writer, read).await,
+            want,
+            "round {round}: the writer's instance"
+        );
+    }
+}
+
+/// Two pgstash instances sharing a Redis and watching one database with `src` (the first
+/// reads the source, the second follows it), with [`hidden_writers`] installed; `max_lag`
+/// far beyond the tests' deadlines.
+struct TwoInstances<'a> {
+    // Dropped in this order: clients before their proxies (which wait for their clients
+    // to leave), the follower before the reader (or it could take over the source the
+    // reader's drop cleans up).
+    ca: Client,
+    cb: Client,
+    direct: Client,
+    db: String,
+    _b: Proxy,
+    _a: Watched<'a>,
+}
+
+impl<'a> TwoInstances<'a> {
+    async fn start(pg: &'a PgCluster, src: Src, tag: &str) -> TwoInstances<'a> {
+        let redis = crate::support::shared_redis();
+        let db = fresh_database(pg, tag);
+        hidden_writers(pg, &db);
+        let prefix = format!("{db}:");
+        let tweak = |c: &mut pgstash::config::Config| {
+            c.invalidation.max_lag = Duration::from_secs(600);
+            c.redis.url = Some(redis.url());
+            c.redis.prefix = prefix.clone();
+        };
+        let (a, ca, direct) = watched_with(pg, &db, src, tweak).await;
+        wait_until_caching(&ca, &direct, src).await;
+        let b = Proxy::start(pg, |c| {
+            c.invalidation.source = match src {
+                Src::Notify => pgstash::config::InvalidationSource::Notify,
+                Src::Wal => pgstash::config::InvalidationSource::Wal,
+            };
+            c.invalidation.databases = vec![db.clone()];
+            if let Some(slot) = &a.slot {
+                c.invalidation.slot = slot.clone();
+            }
+            tweak(c);
+        });
+        let cb = b.connect("postgres", "", &db).await;
+        wait_until_caching(&cb, &direct, src).await;
+        TwoInstances {
+            ca,
+            cb,
+            direct,
+            db,
+            _b: b,
+            _a: a,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
