@@ -61,6 +61,12 @@ pub struct Catalog {
     /// Relations whose BEFORE ROW triggers or rules may write other keys than a statement
     /// names: their writes invalidate the whole table.
     rekeyed: HashSet<String>,
+    /// Relations whose reads call a volatile user function that the query text does not
+    /// show (in a view's definition or a row-security policy, at any depth): such a read
+    /// may write any table.
+    read_writers: HashSet<String>,
+    /// The database has user event triggers: any DDL may write any table.
+    pub event_triggers: bool,
     /// Table name → integer primary key, when unambiguous across schemas.
     keys: HashMap<String, IntKey>,
     /// Function names with at least one overload that is not immutable. Stable functions
@@ -148,6 +154,37 @@ const UNSAFE_TYPES: &str = "WITH RECURSIVE unsafe_type(oid, name) AS (
 /// A materialized view is not here: reading it runs nothing. Views in system schemas are
 /// skipped (never cached anyway), or a user table named like an information_schema view
 /// would be caught by its name.
+/// Relations that call a volatile function outside the system schemas (and pgstash's)
+/// where the query text does not show it, and whether reads call it (views, policies) or
+/// only writes (column defaults, domain checks; policies too).
+const HIDDEN_CALLERS: &str = "
+    WITH writer AS (
+        SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE p.provolatile = 'v'
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgstash')
+    ), calls AS (
+        SELECT d.classid, d.objid FROM pg_depend d JOIN writer w ON w.oid = d.refobjid
+         WHERE d.refclassid = 'pg_proc'::regclass
+    )
+    SELECT c.relname::text, true
+      FROM calls k JOIN pg_rewrite r ON r.oid = k.objid JOIN pg_class c ON c.oid = r.ev_class
+     WHERE k.classid = 'pg_rewrite'::regclass
+    UNION
+    SELECT c.relname::text, true
+      FROM calls k JOIN pg_policy p ON p.oid = k.objid JOIN pg_class c ON c.oid = p.polrelid
+     WHERE k.classid = 'pg_policy'::regclass
+    UNION
+    SELECT c.relname::text, false
+      FROM calls k JOIN pg_attrdef a ON a.oid = k.objid JOIN pg_class c ON c.oid = a.adrelid
+     WHERE k.classid = 'pg_attrdef'::regclass
+    UNION
+    SELECT c.relname::text, false
+      FROM calls k
+      JOIN pg_constraint t ON t.oid = k.objid AND t.contypid <> 0
+      JOIN pg_attribute a ON a.atttypid = t.contypid AND a.attnum > 0 AND NOT a.attisdropped
+      JOIN pg_class c ON c.oid = a.attrelid
+     WHERE k.classid = 'pg_constraint'::regclass";
+
 const OPAQUE_RELATIONS: [&str; 3] = [
     UNSAFE_TYPES,
     r",
@@ -360,6 +397,33 @@ impl Catalog {
             )
             .await?;
         cat.triggered = rows.iter().map(|r| r.get(0)).collect();
+        // What calls a volatile user function where no statement shows it: a view or
+        // policy (on reads), a column default, a policy or a domain's check (on writes).
+        let rows = client.query(HIDDEN_CALLERS, &[]).await?;
+        let mut read_writers = HashSet::new();
+        for r in rows {
+            let (rel, on_read): (String, bool) = (r.get(0), r.get(1));
+            if on_read {
+                read_writers.insert(rel.clone());
+            }
+            cat.triggered.insert(rel);
+        }
+        for (rel, bases) in &cat.bases {
+            if bases.iter().any(|b| read_writers.contains(b)) {
+                cat.read_writers.insert(rel.clone());
+            }
+        }
+        cat.read_writers.extend(read_writers);
+        cat.event_triggers = client
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_event_trigger e
+                                  JOIN pg_proc f ON f.oid = e.evtfoid
+                                 WHERE e.evtenabled <> 'D'
+                                   AND f.pronamespace::regnamespace::text <> 'pgstash')",
+                &[],
+            )
+            .await?
+            .get(0);
         // BEFORE ROW INSERT/UPDATE triggers (tgtype bits: row 1, before 2, insert 4, update
         // 16) may change NEW's key, and rules may rewrite the write: the keys a statement
         // names are then not the keys it writes.
@@ -587,6 +651,11 @@ impl Catalog {
     /// Whether reading `name` runs functions the cache cannot vouch for (see `opaque`).
     pub fn is_opaque(&self, name: &str) -> bool {
         !self.opaque.is_empty() && self.opaque.contains(name)
+    }
+
+    /// Whether reading `name` may write tables no statement names (see `read_writers`).
+    pub fn reads_write(&self, name: &str) -> bool {
+        !self.read_writers.is_empty() && self.read_writers.contains(name)
     }
 
     /// The names a write to relation `name` must invalidate (see `family`).

@@ -129,6 +129,8 @@ pub(crate) fn combine(parts: impl IntoIterator<Item = Analysis>) -> Option<Analy
                     }
                 }
             }
+            // `UPDATE t ...; SELECT add_log()`: the text writes, and more than it names.
+            Analysis::Bypass(r) if r.may_write() => hidden_writes = true,
             Analysis::Read(_) | Analysis::Bypass(_) | Analysis::Other => {}
         }
     }

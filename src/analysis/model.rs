@@ -190,12 +190,14 @@ pub enum BypassReason {
 impl BypassReason {
     /// Whether the statement calls a function that may write tables it does not name: a
     /// volatile or unknown function other than the built-ins the analysis denies by name
-    /// (time, randomness, sequences, session and system functions).
+    /// (time, randomness, sequences, session and system functions); or its text was not
+    /// parsed, so its calls are unknown.
     pub fn may_write(&self) -> bool {
         match self {
             Self::VolatileFunction(name) | Self::UnknownFunction(name) => {
                 !super::functions::is_denied_builtin(name)
             }
+            Self::TooLong | Self::TooComplex | Self::Unparsable => true,
             _ => false,
         }
     }

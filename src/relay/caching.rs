@@ -664,8 +664,9 @@ pub fn invalidations(
 }
 
 /// Whether a statement may write tables that neither its text nor the catalog's write
-/// targets name: a call of a function that may write, a procedure, unparsed or
-/// database-wide DDL, or a write to a table with triggers or rules.
+/// targets name: a call of a function that may write (in the text, or in a view, policy,
+/// column default or domain check it reaches), a procedure, unparsed or database-wide
+/// DDL, any DDL under a user event trigger, or a write to a table with triggers or rules.
 pub fn writes_unnamed_tables(a: &Analysis, catalog: &Catalog) -> bool {
     match a {
         Analysis::Bypass(reason) => reason.may_write(),
@@ -675,8 +676,15 @@ pub fn writes_unnamed_tables(a: &Analysis, catalog: &Catalog) -> bool {
                     .iter()
                     .any(|t| catalog.writes_elsewhere(&t.table.name))
         }
-        Analysis::Ddl(d) => matches!(d.scope, DdlScope::Database(_)),
-        Analysis::Read(_) | Analysis::Other => false,
+        Analysis::Ddl(d) => match &d.scope {
+            DdlScope::Database(_) => true,
+            // REFRESH MATERIALIZED VIEW runs the view's query.
+            DdlScope::Tables(tables) => {
+                catalog.event_triggers || tables.iter().any(|t| catalog.reads_write(&t.name))
+            }
+        },
+        Analysis::Read(r) => r.tables.iter().any(|t| catalog.reads_write(&t.name)),
+        Analysis::Other => false,
     }
 }
 

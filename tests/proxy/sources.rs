@@ -353,6 +353,66 @@ async fn own_hidden_writes_are_read_at_once(src: Src) {
     wait_until_caching(&c, &direct, src).await;
 }
 
+/// Writes hidden one step further: in a column default, a domain's check, a view, a
+/// materialized view's query, an event trigger, next to a plain write in one text, or in
+/// text the parser does not take. Each statement below makes `bump()` count in `tl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reads_writes_hidden_in_defaults_views_and_event_triggers_at_once() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "deephidden");
+    hidden_writers(pg, &db);
+    pg.psql_db(
+        &db,
+        "CREATE TABLE plain (id int PRIMARY KEY, v int); INSERT INTO plain VALUES (1, 0);
+         CREATE TABLE defaulted (id int PRIMARY KEY, n int DEFAULT bump());
+         CREATE DOMAIN counted AS int CHECK (bump() > 0);
+         CREATE TABLE checked (v counted);
+         CREATE VIEW counting AS SELECT bump() AS n;
+         CREATE MATERIALIZED VIEW counted_once AS SELECT bump() AS n WITH NO DATA;
+         CREATE FUNCTION on_ddl() RETURNS event_trigger LANGUAGE plpgsql AS
+           $$ BEGIN UPDATE tl SET n = n + 1 WHERE id = 1; END $$;
+         CREATE EVENT TRIGGER counts_ddl ON ddl_command_end
+           WHEN TAG IN ('CREATE INDEX') EXECUTE FUNCTION on_ddl();",
+    );
+    // The wal source: the slower one, so a missed hidden write shows sooner.
+    let (_w, c, direct) = watched_with(pg, &db, Src::Wal, |cfg| {
+        cfg.invalidation.max_lag = Duration::from_secs(600);
+    })
+    .await;
+    wait_until_caching(&c, &direct, Src::Wal).await;
+    let read = "SELECT n FROM tl WHERE id = 1";
+    let mut n = 0;
+    let mut stale = Vec::new();
+    let statements: [&dyn Fn(usize) -> String; 7] = [
+        &|round| format!("INSERT INTO defaulted (id) VALUES ({round})"),
+        &|_| "INSERT INTO checked VALUES (1)".into(),
+        &|_| "SELECT n FROM counting".into(),
+        &|_| "REFRESH MATERIALIZED VIEW counted_once".into(),
+        &|_| "CREATE INDEX ON plain (v)".into(),
+        &|_| "UPDATE plain SET v = v + 1 WHERE id = 1; SELECT bump()".into(),
+        &|_| "SELECT bump() AS b ORDER BY b USING <".into(),
+    ];
+    for statement in statements {
+        // Many rounds: each one the source is slower than the client's next read would
+        // serve a stale row.
+        for round in 0..12 {
+            let sql = statement(round);
+            assert_eq!(one(&c, read).await, n.to_string(), "before {sql}");
+            assert_eq!(one(&c, read).await, n.to_string(), "before {sql}");
+            answered(&c, &sql).await;
+            n += 1;
+            let got = one(&c, read).await;
+            if got != n.to_string() {
+                stale.push(format!("right after {sql}: {got}, not {n}"));
+                fresh_soon(&c, read, &n.to_string()).await;
+                break;
+            }
+            assert_eq!(one(&c, read).await, n.to_string(), "after {sql}");
+        }
+    }
+    assert!(stale.is_empty(), "stale reads:\n{}", stale.join("\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_a_commit_is_answered_every_client_reads_what_its_triggers_wrote_through_notify() {
     hidden_writes_are_read_by_others_once_committed(Src::Notify, false).await;

@@ -211,6 +211,25 @@ fn calls_that_may_write_are_told_apart_from_denied_built_ins() {
     assert!(write("INSERT INTO orders VALUES (next_order_no(), 1)").hidden_writes);
     assert!(!write("INSERT INTO orders VALUES (1, 2)").hidden_writes);
     assert!(!write("UPDATE t SET ts = now() WHERE id = 1").hidden_writes);
+    // Next to a write in the same text, too, in either order.
+    assert!(write("UPDATE t SET v = 1 WHERE id = 1; SELECT add_row(1)").hidden_writes);
+    assert!(write("SELECT add_row(1); DELETE FROM t WHERE id = 2").hidden_writes);
+    assert!(!write("UPDATE t SET v = 1 WHERE id = 1; SELECT now()").hidden_writes);
+}
+
+#[test]
+fn text_the_parser_refused_may_call_functions_that_write() {
+    // Valid PostgreSQL that sqlparser does not take: its calls are unknown.
+    let unparsed = "SELECT add_row(1) FROM t ORDER BY v USING <";
+    assert_eq!(bypass(unparsed), BypassReason::Unparsable);
+    assert!(bypass(unparsed).may_write());
+    let long = format!("SELECT add_row(1) /* {} */", "x".repeat(200_000));
+    assert_eq!(bypass(&long), BypassReason::TooLong);
+    assert!(bypass(&long).may_write());
+    // And so does an unparsed write.
+    assert!(
+        write("UPDATE t SET v = 1 WHERE v IN (SELECT v FROM u ORDER BY v USING <)").hidden_writes
+    );
 }
 
 #[test]
