@@ -336,16 +336,7 @@ impl RedisTier {
     /// client then waits out `invalidation.max_lag`.
     pub async fn publish_echo(&self, db: &str, echo: &str) {
         let channel = codec::echo_channel(self.prefix());
-        let message = format!("{echo}\n{db}");
-        let _: Option<i64> = self
-            .run(async |mut c| {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&message)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await;
+        self.send(&channel, &format!("{echo}\n{db}")).await;
     }
 
     /// Until `needed` instances confirmed, or `redis.timeout` passed (an instance that slow
@@ -394,17 +385,21 @@ impl RedisTier {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let channel = codec::ack_channel(this.prefix());
-            let ack = codec::encode_ack(id);
-            let _: Option<i64> = this
-                .run(async |mut c| {
-                    redis::cmd("PUBLISH")
-                        .arg(&channel)
-                        .arg(&ack)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await;
+            this.send(&channel, &codec::encode_ack(id)).await;
         });
+    }
+
+    /// PUBLISH `message` on `channel`, best effort (a failure counts against the breaker).
+    async fn send(&self, channel: &str, message: &str) {
+        let _: Option<i64> = self
+            .run(async |mut c| {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
     }
 
     /// A key under this tier's prefix.

@@ -122,12 +122,8 @@ pub struct Relay<R, W> {
     /// The open transaction may have written tables no statement names (a trigger's, a
     /// function's): only the change source will tell which.
     tx_hidden_writes: bool,
-    /// Such writes committed, and the change source may not have applied them yet: this
-    /// client reads through Postgres until it has (see [`CatchUp`]).
-    unheard_writes: Option<(Arc<CatchUp>, Ticket)>,
-    /// ...and nothing more reaches the client until then either: the commit's answer
-    /// included, so that once it has it, every client reads what the commit wrote.
-    held_for_source: Option<(Arc<CatchUp>, Ticket)>,
+    /// Such writes committed, and the change source may not have applied them yet.
+    unheard: Option<Unheard>,
     /// Set while the held server connection lacks startup values a RESET took away.
     settings_restore: Option<String>,
     /// The transaction changed role or database defaults (`ALTER ROLE ... SET`).
@@ -197,8 +193,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             tx_written: HashSet::new(),
             strict_tx: false,
             tx_hidden_writes: false,
-            unheard_writes: None,
-            held_for_source: None,
+            unheard: None,
             settings_restore: None,
             defaults_changed: false,
             schema_dirty: false,
@@ -244,11 +239,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     Some(c) => (Some(&mut c.reader), Some(&mut c.writer)),
                     None => (None, None),
                 };
+                let held = self
+                    .unheard
+                    .as_ref()
+                    .filter(|u| u.holds_answers)
+                    .map(|u| (Arc::clone(&u.catch_up), u.ticket));
+                let holding = held.is_some();
                 // While a response is being captured for the cache it stays in the buffer.
-                let write_client = !self.to_client.is_empty()
-                    && self.fill.is_none()
-                    && self.held_for_source.is_none();
-                let held = self.held_for_source.clone();
+                let write_client = !self.to_client.is_empty() && self.fill.is_none() && !holding;
                 let (to_client, to_server) = (&self.to_client, &self.to_server);
                 let (client, client_w) = (&mut self.client, &mut self.client_w);
                 tokio::select! {
@@ -257,11 +255,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     r = write_some(sw, to_server), if has_server && !to_server.is_empty() => Event::WroteServer(r),
                     r = read_some(sr), if has_server && read_server => Event::Server(r),
                     r = client.read_message(), if read_client => Event::Client(r),
-                    () = until_passed(held), if self.held_for_source.is_some() => Event::SourceHeard,
+                    () = until_passed(held), if holding => Event::SourceHeard,
                 }
             };
             match event {
-                Event::SourceHeard => self.held_for_source = None,
+                Event::SourceHeard => {
+                    if let Some(u) = &mut self.unheard {
+                        u.holds_answers = false;
+                    }
+                }
                 Event::WroteClient(r) => {
                     let n = r.map_err(RelayError::ClientWrite)?;
                     self.to_client.advance(n);
@@ -1052,9 +1054,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     /// Whether this client committed writes no statement named that the change source has
     /// not applied yet: the cache may still hold what they changed.
     fn own_writes_unheard(&self) -> bool {
-        self.unheard_writes
+        self.unheard
             .as_ref()
-            .is_some_and(|(catch_up, ticket)| !catch_up.passed(ticket))
+            .is_some_and(|u| !u.catch_up.passed(&u.ticket))
     }
 
     /// A simple Query: answer it from the cache if possible. Returns true when answered.
@@ -1215,7 +1217,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             m.bypass(BypassReason::ReadYourWrites);
             return Ok(false);
         }
-        self.unheard_writes = None;
+        self.unheard = None;
         let stats = match &cache.bypass {
             Some(b) => {
                 let stats = b.stats(analyzed.fingerprint);
@@ -1582,8 +1584,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         {
             let ticket = catch_up.take();
             if cache.source_healthy(&self.database) {
-                self.held_for_source = Some((catch_up.clone(), ticket));
-                self.unheard_writes = Some((catch_up, ticket));
+                self.unheard = Some(Unheard {
+                    catch_up,
+                    ticket,
+                    holds_answers: true,
+                });
             } else if cache.tier.is_some() {
                 // Nothing cached for the database is served here while its source cannot
                 // vouch, and everything is dropped when it is back. Other instances may
@@ -1730,7 +1735,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 }
 
-/// Until the held answers may go to the client (see `Relay::held_for_source`).
+/// Writes a client committed that no statement named (a trigger's, a function's), until
+/// the change source has applied them: the client reads through Postgres until then (see
+/// [`CatchUp`]).
+struct Unheard {
+    catch_up: Arc<CatchUp>,
+    ticket: Ticket,
+    /// Nothing more reaches the client until then either, the commit's answer included,
+    /// so that once it has it, every client reads what the commit wrote.
+    holds_answers: bool,
+}
+
+/// Until the held answers may go to the client (see [`Unheard::holds_answers`]).
 async fn until_passed(held: Option<(Arc<CatchUp>, Ticket)>) {
     if let Some((catch_up, ticket)) = held {
         catch_up.until_passed(ticket).await;
