@@ -239,6 +239,7 @@ async fn start_change_source(
                     })?;
                 let listen_db = db.clone();
                 let timeout = config.upstream.connect_timeout;
+                let max_lag = config.invalidation.max_lag;
                 let start: StartSource = Arc::new(move |sink, cancel| {
                     let (conninfo, db) = (conninfo.clone(), listen_db.clone());
                     let roles = roles::watch(
@@ -249,7 +250,7 @@ async fn start_change_source(
                         cancel.clone(),
                     );
                     Box::pin(async move {
-                        let cfg = notify::ListenerConfig::default();
+                        let cfg = notify::ListenerConfig::within(max_lag);
                         let listen = async {
                             if let Err(e) = notify::run(conninfo, db, sink, cfg, cancel).await {
                                 tracing::error!(error = %e, "NOTIFY listener cannot start");

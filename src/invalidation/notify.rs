@@ -69,6 +69,21 @@ impl Default for ListenerConfig {
     }
 }
 
+impl ListenerConfig {
+    /// Probes often enough, and gives up on a probe soon enough, that a listener whose
+    /// peer went silent (a half-open connection, a stuck backend) stops vouching within
+    /// `max_lag`: notifications it misses meanwhile are staleness the source answers for.
+    pub fn within(max_lag: Duration) -> ListenerConfig {
+        let d = ListenerConfig::default();
+        let half = max_lag / 2;
+        ListenerConfig {
+            connect_timeout: d.connect_timeout.min(half),
+            check_interval: d.check_interval.min(half),
+            ..d
+        }
+    }
+}
+
 /// Listens to database `db` (named so for the sink) at `conninfo` (a `postgres://` URL or
 /// `key=value` pairs) until `shutdown` fires, delivering changes to `sink`. Connection
 /// problems are retried forever; the only error is a connection string that cannot work.

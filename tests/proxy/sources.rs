@@ -584,6 +584,82 @@ async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &
     fresh_soon(&c, "SELECT v FROM seen", "2").await;
 }
 
+/// The listener's backend stops answering without closing its connection (SIGSTOP: what a
+/// half-open connection looks like from pgstash's side). Notifications stop arriving, so
+/// the source must stop vouching within `invalidation.max_lag`, well before its default
+/// probe period (10 s) and probe timeout (10 s) would notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_notify_listener_stops_vouching_within_max_lag() {
+    let pg = shared_pg();
+    let db = fresh_database(pg, "silent");
+    let (_w, c, direct) = watched_with(pg, &db, Src::Notify, |cfg| {
+        cfg.invalidation.max_lag = Duration::from_secs(2);
+    })
+    .await;
+    wait_until_caching(&c, &direct, Src::Notify).await;
+    let pids: Vec<i32> = direct
+        .query(
+            "SELECT pid FROM pg_stat_activity
+              WHERE application_name = 'pgstash-notify' AND datname = $1",
+            &[&db],
+        )
+        .await
+        .expect("listener pid")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!pids.is_empty(), "no listener backend");
+    let stopped = Stopped::new(&pids);
+    let since = Instant::now();
+    // Unseen by the source in any case: fresh only once the source stops vouching.
+    direct
+        .batch_execute(&hidden(7777, Src::Notify))
+        .await
+        .expect("hidden write");
+    loop {
+        if one(&c, "SELECT v FROM probe").await == "7777" {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(8),
+            "still served from the cache {:?} after the listener went silent",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stopped);
+    // It reconnects and vouches again.
+    wait_until_caching(&c, &direct, Src::Notify).await;
+}
+
+/// Postgres backends stopped with SIGSTOP, continued when dropped (also on a panic).
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn new(pids: &[i32]) -> Stopped {
+        for pid in pids {
+            signal("-STOP", *pid);
+        }
+        Stopped(pids.to_vec())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            signal("-CONT", *pid);
+        }
+    }
+}
+
+fn signal(sig: &str, pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notify_source_survives_a_postgres_restart() {
     a_source_survives_a_postgres_restart(Src::Notify).await;
