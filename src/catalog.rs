@@ -660,10 +660,16 @@ impl Catalog {
 
     /// The names a write to relation `name` must invalidate (see `family`).
     pub fn write_targets(&self, name: &str) -> Vec<String> {
-        match self.family.get(name) {
-            Some(f) => f.clone(),
-            None => vec![name.to_string()],
-        }
+        self.write_family(name).map(str::to_string).collect()
+    }
+
+    /// [`Catalog::write_targets`], borrowed: nothing is copied.
+    pub fn write_family<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + Clone {
+        let (family, own) = match self.family.get(name) {
+            Some(f) => (f.as_slice(), None),
+            None => (&[][..], Some(name)),
+        };
+        family.iter().map(String::as_str).chain(own)
     }
 
     /// Whether a write to `name` may also write tables no statement names (a trigger or

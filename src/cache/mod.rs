@@ -79,6 +79,12 @@ impl BuildMix {
     }
 }
 
+impl Default for BuildMix {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BuildHasher for BuildMix {
     type Hasher = MixHasher;
     fn build_hasher(&self) -> MixHasher {

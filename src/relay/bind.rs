@@ -2,15 +2,45 @@
 
 use crate::protocol::cstr_at;
 
-/// The parts of a Bind body after the portal and statement names.
+/// The parts of a Bind body after the portal and statement names. Read in place: parsing
+/// allocates nothing (it runs for every Bind, twice for one the cache could not answer).
 pub struct BindParams<'a> {
     /// Everything from the parameter format codes on: formats, values, result formats. This is
     /// exactly what distinguishes two executions of one statement for the cache key.
     pub tail: &'a [u8],
-    formats: Vec<i16>,
-    values: Vec<Option<&'a [u8]>>,
-    /// The parameter type OIDs the statement was parsed with (0: left to the server).
-    types: Vec<u32>,
+    /// The parameter format codes, as sent (big-endian i16s).
+    formats: &'a [u8],
+    /// The parameter values, as sent (each a big-endian i32 length, -1 for NULL, then its
+    /// bytes); checked whole by [`BindParams::parse`].
+    values: &'a [u8],
+    nvalues: usize,
+    /// The parameter type OIDs the statement was parsed with (big-endian u32s; missing
+    /// ones and 0: left to the server).
+    types: &'a [u8],
+}
+
+/// The values of a checked Bind, in order (`None`: NULL).
+struct Values<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = Option<&'a [u8]>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let len = i32::from_be_bytes(self.rest.get(..4)?.try_into().ok()?);
+        self.rest = &self.rest[4..];
+        if len < 0 {
+            return Some(None);
+        }
+        let (v, rest) = self.rest.split_at_checked(len as usize)?;
+        self.rest = rest;
+        Some(Some(v))
+    }
 }
 
 impl<'a> BindParams<'a> {
@@ -18,66 +48,74 @@ impl<'a> BindParams<'a> {
         let (_, p1) = cstr_at(body, 0)?;
         let (_, p2) = cstr_at(body, p1)?;
         let tail = body.get(p2..)?;
-        let mut pos = 0usize;
-        let i16_at = |pos: &mut usize| -> Option<i16> {
-            let v = i16::from_be_bytes(tail.get(*pos..*pos + 2)?.try_into().ok()?);
-            *pos += 2;
-            Some(v)
+        let i16_at = |pos: usize| -> Option<i16> {
+            Some(i16::from_be_bytes(tail.get(pos..pos + 2)?.try_into().ok()?))
         };
-        let nformats = i16_at(&mut pos)?;
-        let mut formats = Vec::with_capacity(nformats.max(0) as usize);
-        for _ in 0..nformats {
-            formats.push(i16_at(&mut pos)?);
-        }
-        let nparams = i16_at(&mut pos)?;
-        let mut values = Vec::with_capacity(nparams.max(0) as usize);
-        for _ in 0..nparams {
-            let len = i32::from_be_bytes(tail.get(pos..pos + 4)?.try_into().ok()?);
-            pos += 4;
-            if len < 0 {
-                values.push(None);
-            } else {
-                let v = tail.get(pos..pos + len as usize)?;
-                pos += len as usize;
-                values.push(Some(v));
-            }
+        let nformats = i16_at(0)?.max(0) as usize;
+        let formats = tail.get(2..2 + 2 * nformats)?;
+        let at = 2 + 2 * nformats;
+        let nvalues = i16_at(at)?.max(0) as usize;
+        let values = &tail[at + 2..];
+        // Check every value's length once, so that reading them later cannot fail.
+        let mut check = Values {
+            rest: values,
+            left: nvalues,
+        };
+        for _ in 0..nvalues {
+            check.next()?;
         }
         Some(BindParams {
             tail,
             formats,
             values,
-            types: Vec::new(),
+            nvalues,
+            types: &[],
         })
     }
 
     /// With the parameter types of the statement's Parse (an i16 count, then the OIDs):
     /// a binary value is only read as an integer when its type says it is one.
-    pub fn with_types(mut self, param_types: &[u8]) -> Self {
+    pub fn with_types(mut self, param_types: &'a [u8]) -> Self {
         let n = param_types
             .get(..2)
             .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize);
-        self.types = (0..n)
-            .map_while(|i| {
-                let at = 2 + 4 * i;
-                param_types
-                    .get(at..at + 4)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            })
-            .collect();
+        let present = param_types.len().saturating_sub(2) / 4;
+        self.types = param_types.get(2..2 + 4 * n.min(present)).unwrap_or(&[]);
         self
+    }
+
+    fn values(&self) -> Values<'a> {
+        Values {
+            rest: self.values,
+            left: self.nvalues,
+        }
+    }
+
+    /// The format code of parameter `i` (0-based), as Postgres reads the format list: none
+    /// means all text, one applies to all, else one each.
+    fn format(&self, i: usize) -> Option<i16> {
+        let at = |i: usize| i16::from_be_bytes([self.formats[2 * i], self.formats[2 * i + 1]]);
+        match self.formats.len() / 2 {
+            0 => Some(0),
+            1 => Some(at(0)),
+            n => (i < n).then(|| at(i)),
+        }
+    }
+
+    /// The declared type OID of parameter `i` (0-based); 0 when unspecified.
+    fn type_of(&self, i: usize) -> u32 {
+        self.types
+            .get(4 * i..4 * i + 4)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// Whether a parameter spells a moment relative to now ('now', 'today', ...): a result
     /// computed with it is not reusable later. Binary values too: a `text` parameter's binary
     /// form is its text.
     pub fn has_time_literal(&self) -> bool {
-        self.values.iter().enumerate().any(|(i, v)| {
+        self.values().enumerate().any(|(i, v)| {
             let Some(v) = v else { return false };
-            let text = match self.formats.len() {
-                0 => true,
-                1 => self.formats[0] == 0,
-                _ => self.formats.get(i) == Some(&0),
-            };
+            let text = self.format(i) == Some(0);
             if text {
                 std::str::from_utf8(v).is_ok_and(crate::analysis::is_time_literal)
             } else {
@@ -89,16 +127,12 @@ impl<'a> BindParams<'a> {
     /// Parameter `n` (1-based) as a canonical integer, if it is one: text digits, or a binary
     /// int2/int4/int8. Anything else is `None` and the caller falls back to table grain.
     pub fn int_param(&self, n: usize) -> Option<i64> {
-        let value = (*self.values.get(n.checked_sub(1)?)?)?;
-        let format = match self.formats.len() {
-            0 => 0,
-            1 => self.formats[0],
-            _ => *self.formats.get(n - 1)?,
-        };
+        let value = self.values().nth(n.checked_sub(1)?)??;
+        let format = self.format(n - 1)?;
         const INT2: u32 = 21;
         const INT4: u32 = 23;
         const INT8: u32 = 20;
-        let declared = self.types.get(n - 1).copied().unwrap_or(0);
+        let declared = self.type_of(n - 1);
         if format == 0 {
             // Text read by integer input: unspecified (the server infers the column's
             // type), an integer type, or text cast to one in the query. A float4, float8,

@@ -622,37 +622,41 @@ pub fn key_hash(k: i64) -> u64 {
     xxh3_64(&k.to_be_bytes())
 }
 
-/// What a write will invalidate, and the table names it wrote (for read-your-writes bypass).
+/// What a write will invalidate, appended to `out`, and the tables it wrote, added to
+/// `written` (for read-your-writes bypass). Copies no names: this runs for every write.
 pub fn invalidations(
     a: &Analysis,
     catalog: &Catalog,
     params: Option<&BindParams<'_>>,
-) -> (Vec<Invalidation>, Vec<String>) {
-    let mut out = Vec::new();
-    let mut names = Vec::new();
+    out: &mut Vec<Invalidation>,
+    written: &mut impl Extend<TableId>,
+) {
     match a {
         Analysis::Write(w) => {
             for tw in &w.tables {
-                let name = tw.table.name.clone();
-                let family = catalog.write_targets(&name);
+                let name = tw.table.name.as_str();
+                let family = catalog.write_family(name);
                 match int_keys(tw, catalog, params) {
                     Some(keys) => {
-                        out.push(Invalidation::Keys(table_id(&name), keys));
-                        for other in family.iter().filter(|f| **f != name) {
-                            out.push(Invalidation::Wide(table_id(other)));
-                        }
+                        out.push(Invalidation::Keys(table_id(name), keys));
+                        out.extend(
+                            family
+                                .clone()
+                                .filter(|f| *f != name)
+                                .map(|f| Invalidation::Wide(table_id(f))),
+                        );
                     }
-                    None => out.extend(family.iter().map(|f| Invalidation::Wide(table_id(f)))),
+                    None => out.extend(family.clone().map(|f| Invalidation::Wide(table_id(f)))),
                 }
-                names.extend(family);
+                written.extend(family.map(table_id));
             }
         }
         Analysis::Ddl(d) => match &d.scope {
             DdlScope::Tables(tables) => {
                 for t in tables {
-                    for f in catalog.write_targets(&t.name) {
-                        out.push(Invalidation::Wide(table_id(&f)));
-                        names.push(f);
+                    for f in catalog.write_family(&t.name) {
+                        out.push(Invalidation::Wide(table_id(f)));
+                        written.extend(Some(table_id(f)));
                     }
                 }
             }
@@ -660,7 +664,6 @@ pub fn invalidations(
         },
         _ => {}
     }
-    (out, names)
 }
 
 /// Whether a statement may write tables that neither its text nor the catalog's write
@@ -737,6 +740,19 @@ impl ReadPlan {
                 .collect(),
             None => self.shape.wide_deps.clone(),
         }
+    }
+
+    /// The ids of [`ReadPlan::tables`].
+    pub fn table_ids(&self) -> impl Iterator<Item = TableId> + '_ {
+        let (deps, own) = match (&self.point_key, &self.shape.point) {
+            (Some(_), Some((t, _))) => (&self.shape.point_deps, Some(*t)),
+            _ => (&self.shape.wide_deps, None),
+        };
+        deps.iter()
+            .map(|d| match d {
+                Dependency::AnyOf(t) | Dependency::Key(t, _) => *t,
+            })
+            .chain(own)
     }
 
     /// The tables the result depends on, by name.

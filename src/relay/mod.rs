@@ -14,6 +14,7 @@ mod portal_gap;
 pub mod statements;
 
 use crate::analysis::Analysis;
+use crate::cache::{BuildMix, CacheKey, TableId};
 use crate::cancel::CancelSlot;
 use crate::catalog::HiddenChange;
 use crate::config::PoolMode;
@@ -109,14 +110,14 @@ pub struct Relay<R, W> {
     /// its first sighting, so analysing it again would shape it again).
     query_analyzed: Option<Arc<caching::Analyzed>>,
     /// A Parse of the batch `serve_batch` could not answer, with its statement built.
-    parsed_ahead: Option<(Bytes, Statement)>,
+    parsed_ahead: Option<(Bytes, Bytes, Statement)>,
     /// Invalidations of the open transaction, applied when it commits.
     pending_inv: Vec<Invalidation>,
     /// Committed invalidations still to be published to other instances; the client hears
     /// of the commit only after they are (or publishing gave up).
     to_publish: Vec<Invalidation>,
     /// Tables this transaction wrote: its reads of them must see its own writes.
-    tx_written: HashSet<String>,
+    tx_written: HashSet<TableId, BuildMix>,
     /// The open transaction is REPEATABLE READ or SERIALIZABLE: its reads bypass the cache.
     strict_tx: bool,
     /// The open transaction may have written tables no statement names (a trigger's, a
@@ -190,7 +191,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             parsed_ahead: None,
             pending_inv: Vec::new(),
             to_publish: Vec::new(),
-            tx_written: HashSet::new(),
+            tx_written: HashSet::default(),
             strict_tx: false,
             tx_hidden_writes: false,
             unheard: None,
@@ -378,9 +379,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     /// Forward the held-back batch through the normal path.
     async fn flush_batch(&mut self) -> Result<(), RelayError> {
-        for m in std::mem::take(&mut self.batch) {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        // Drained, not taken: the next batch reuses the allocation.
+        let mut batch = std::mem::take(&mut self.batch);
+        for m in batch.drain(..) {
             self.dispatch(m).await?;
         }
+        self.batch = batch;
         Ok(())
     }
 
@@ -517,45 +524,68 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     fn on_parse(&mut self, msg: Message) -> Result<(), RelayError> {
         self.batch_open = true;
-        let body =
-            read_parse(msg.body()).ok_or_else(|| RelayError::Violation("bad Parse".into()))?;
-        let ahead = self
+        // `serve_batch` read this very Parse already (same bytes): its name and statement.
+        if let Some((_, name, stmt)) = self
             .parsed_ahead
             .take()
-            .filter(|(raw, _)| raw.as_ptr() == msg.raw().as_ptr() && raw.len() == msg.raw().len())
-            .map(|(_, stmt)| stmt);
+            .filter(|(raw, ..)| raw.as_ptr() == msg.raw().as_ptr() && raw.len() == msg.raw().len())
+        {
+            if name.is_empty() {
+                self.parse_unnamed(&msg, stmt);
+            } else if !self.refuse_existing(&name) {
+                self.parse_named(name, stmt);
+            }
+            return Ok(());
+        }
+        let body =
+            read_parse(msg.body()).ok_or_else(|| RelayError::Violation("bad Parse".into()))?;
         if body.name.is_empty() {
-            let stmt = ahead.unwrap_or_else(|| self.unnamed_statement(msg.raw(), &body));
-            let before = self.statements.unnamed.replace(stmt.clone());
-            self.unnamed_in_flight.push_back((stmt.parse, before));
-            self.unnamed_on_server = true;
-            self.forward(
-                &msg,
-                Expect::Parse {
-                    hash: None,
-                    client_name: None,
-                    client_unnamed: true,
-                },
-            );
+            let stmt = self.unnamed_statement(msg.raw(), &body);
+            self.parse_unnamed(&msg, stmt);
             return Ok(());
         }
-        if self.statements.contains(body.name) {
-            let text = format!(
-                "prepared statement \"{}\" already exists",
-                String::from_utf8_lossy(body.name)
-            );
-            let err = protocol::error_response(Severity::Error, "42P05", &text);
-            self.expect.push_synthetic(err, &mut self.to_client);
-            self.skip_to_sync = true;
+        if self.refuse_existing(body.name) {
             return Ok(());
         }
-        let stmt = ahead.unwrap_or_else(|| {
-            Statement::new(&body, statements::scope(self.settings.fingerprint()))
-        });
-        let name = Bytes::copy_from_slice(body.name);
+        let stmt = Statement::new(&body, statements::scope(self.settings.fingerprint()));
+        self.parse_named(Bytes::copy_from_slice(body.name), stmt);
+        Ok(())
+    }
+
+    /// Forward a Parse of the unnamed statement `stmt`.
+    fn parse_unnamed(&mut self, msg: &Message, stmt: Statement) {
+        let before = self.statements.unnamed.replace(stmt.clone());
+        self.unnamed_in_flight.push_back((stmt.parse, before));
+        self.unnamed_on_server = true;
+        self.forward(
+            msg,
+            Expect::Parse {
+                hash: None,
+                client_name: None,
+                client_unnamed: true,
+            },
+        );
+    }
+
+    /// Answer a Parse of a name the client already uses with Postgres' error: true if so.
+    fn refuse_existing(&mut self, name: &[u8]) -> bool {
+        if !self.statements.contains(name) {
+            return false;
+        }
+        let text = format!(
+            "prepared statement \"{}\" already exists",
+            String::from_utf8_lossy(name)
+        );
+        let err = protocol::error_response(Severity::Error, "42P05", &text);
+        self.expect.push_synthetic(err, &mut self.to_client);
+        self.skip_to_sync = true;
+        true
+    }
+
+    /// Take a named statement: prepared on the server connection if it lacks it.
+    fn parse_named(&mut self, name: Bytes, stmt: Statement) {
         self.send_statement(&stmt, Some(name.clone()), false);
         self.statements.insert(name, stmt);
-        Ok(())
     }
 
     /// The statement of an unnamed Parse. Drivers send the same Parse for every execution
@@ -1133,18 +1163,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         catalog: &crate::catalog::Catalog,
         key: crate::cache::CacheKey,
     ) -> Option<Arc<crate::cache::Entry>> {
-        if self.tx_status != b'I'
-            || !self.tx_written.is_empty()
-            || cache.bypass.is_some()
-            || catalog.epoch == 0
-            || !self.cache_allowed_now()
-            || !cache.source_healthy(&self.database)
-            || self.own_writes_unheard()
-        {
+        if !self.may_know_hit(cache, catalog) {
             return None;
         }
         let entry = cache.l1.peek(key, &cache.gens)?;
         (entry.catalog_epoch() == catalog.epoch).then_some(entry)
+    }
+
+    /// Whether [`Relay::known_hit`] may answer now, whatever the key.
+    fn may_know_hit(&self, cache: &CacheShared, catalog: &crate::catalog::Catalog) -> bool {
+        self.tx_status == b'I'
+            && self.tx_written.is_empty()
+            && cache.bypass.is_none()
+            && catalog.epoch != 0
+            && self.cache_allowed_now()
+            && cache.source_healthy(&self.database)
+            && !self.own_writes_unheard()
     }
 
     /// Answer from the cache: the stored response, then ReadyForQuery; counted as a hit of
@@ -1189,12 +1223,29 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         started: std::time::Instant,
         of: HitOf,
     ) -> Result<bool, RelayError> {
+        let Some((ttl, stats)) = self.read_gate(cache, catalog, plan, analyzed) else {
+            return Ok(false);
+        };
+        self.serve_lookup(cache, plan, ttl, stats, started, of)
+            .await
+    }
+
+    /// Whether a planned read may be looked up in the cache now: its lifetime and adaptive
+    /// statistics if so; if not, the bypass is counted. Needs no cache key (`plan.key` is
+    /// not read), so a read that bypasses computes none.
+    fn read_gate(
+        &mut self,
+        cache: &CacheShared,
+        catalog: &crate::catalog::Catalog,
+        plan: &caching::ReadPlan,
+        analyzed: &caching::Analyzed,
+    ) -> Option<(std::time::Duration, Option<Arc<crate::cache::QueryStats>>)> {
         let m = metrics();
         let ttl = match analyzed.policy {
             caching::Policy::Cache(ttl) => ttl,
             caching::Policy::Never => {
                 m.bypass(BypassReason::Rule);
-                return Ok(false);
+                return None;
             }
         };
         // A plain BEGIN may open a snapshot transaction where the database (or a role)
@@ -1202,20 +1253,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         if !self.cache_allowed_now() || (self.tx_status == b'T' && catalog.strict_isolation_default)
         {
             m.bypass(BypassReason::Transaction);
-            return Ok(false);
+            return None;
         }
-        if !self.tx_written.is_empty() && plan.tables().iter().any(|t| self.tx_written.contains(t))
-        {
+        if !self.tx_written.is_empty() && plan.table_ids().any(|t| self.tx_written.contains(&t)) {
             m.bypass(BypassReason::ReadYourWrites);
-            return Ok(false);
+            return None;
         }
         if !cache.source_healthy(&self.database) {
             m.bypass(BypassReason::SourceUnhealthy);
-            return Ok(false);
+            return None;
         }
         if self.own_writes_unheard() {
             m.bypass(BypassReason::ReadYourWrites);
-            return Ok(false);
+            return None;
         }
         self.unheard = None;
         let stats = match &cache.bypass {
@@ -1223,12 +1273,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 let stats = b.stats(analyzed.fingerprint);
                 if let Err(reason) = b.decide(&stats) {
                     m.bypass_adaptive(reason);
-                    return Ok(false);
+                    return None;
                 }
                 Some(stats)
             }
             None => None,
         };
+        Some((ttl, stats))
+    }
+
+    /// The lookup of a read [`Relay::read_gate`] let through.
+    async fn serve_lookup(
+        &mut self,
+        cache: &CacheShared,
+        plan: &caching::ReadPlan,
+        ttl: std::time::Duration,
+        stats: Option<Arc<crate::cache::QueryStats>>,
+        started: std::time::Instant,
+        of: HitOf,
+    ) -> Result<bool, RelayError> {
         let outcome = caching::lookup(cache, plan, ttl, stats.clone()).await;
         tracing::trace!(
             hit = matches!(outcome, ReadOutcome::Hit(..)),
@@ -1246,7 +1309,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 if let Some(s) = &stats {
                     s.miss();
                 }
-                m.misses.inc();
+                metrics().misses.inc();
                 self.pending_fill = Some(pending);
                 Ok(false)
             }
@@ -1282,11 +1345,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let Some(catalog) = self.catalog(&cache).await else {
             return Ok(false);
         };
-        let bind = &self.batch[shape.bind];
-        let Some((_, p1)) = cstr_at(bind.body(), 0) else {
+        // Owned (a reference count), so that what is read from it outlives `&mut self` calls.
+        let bind_raw = self.batch[shape.bind].raw().clone();
+        let bind_body = &bind_raw[5..];
+        let Some((_, p1)) = cstr_at(bind_body, 0) else {
             return Ok(false);
         };
-        let Some((stmt_name, _)) = cstr_at(bind.body(), p1) else {
+        let Some((stmt_name, _)) = cstr_at(bind_body, p1) else {
             return Ok(false);
         };
         if let Described::Statement(i) = shape.describe
@@ -1306,41 +1371,71 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 None => return Ok(false),
             },
         };
-        let Some(params) = bind::BindParams::parse(bind.body()) else {
-            return Ok(false);
+        // The parameters, unless they spell a time relative to now (such a result is not
+        // reusable later).
+        let read_params = || {
+            let params = bind::BindParams::parse(bind_body)?.with_types(&stmt.param_types);
+            (!params.has_time_literal()).then_some(params)
         };
-        let params = params.with_types(&stmt.param_types);
-        if params.has_time_literal() {
-            return Ok(false);
-        }
-        let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
-        let key = caching::execute_key(
-            seed,
-            &stmt.sql,
-            &stmt.param_types,
-            params.tail,
-            [parse.is_some() as u8, shape.describe.key_byte()],
-        );
+        let flags = [parse.is_some() as u8, shape.describe.key_byte()];
         let of = HitOf::Batch {
             described_portal: shape.describe == Described::Portal,
         };
         let started = std::time::Instant::now();
-        if let Some(entry) = self.known_hit(&cache, &catalog, key) {
-            self.answer_hit(entry.response.clone(), caching::Tier::L1, started, of);
-            self.adopt_parse(parse);
-            self.batch.clear();
-            return Ok(true);
+        // Most hits of a hot set are found by their key alone, before any analysis. Where
+        // `known_hit` cannot answer (in a transaction block, after a write...) the analysis
+        // comes first: a statement that is no cacheable read (a write, BEGIN, COMMIT), or a
+        // read that bypasses, needs neither its parameters read nor a key.
+        let mut keyed = None;
+        if self.may_know_hit(&cache, &catalog) {
+            let Some(params) = read_params() else {
+                return Ok(false);
+            };
+            let key = self.batch_key(&stmt, &params, flags);
+            if let Some(entry) = self.known_hit(&cache, &catalog, key) {
+                self.answer_hit(entry.response.clone(), caching::Tier::L1, started, of);
+                self.adopt_parse(parse);
+                self.batch.clear();
+                return Ok(true);
+            }
+            keyed = Some((params, key));
         }
         let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
-        let Some(plan) = analyzed.read_plan(&catalog, key, Some(&params)) else {
+        let (params, key) = match keyed {
+            Some((params, key)) => (Some(params), Some(key)),
+            None if matches!(analyzed.analysis, Analysis::Read(_)) => {
+                let Some(params) = read_params() else {
+                    self.stash_batch_work(parse, shape.parse, analyzed);
+                    return Ok(false);
+                };
+                (Some(params), None)
+            }
+            // No plan: `read_plan` needs no parameters to say so.
+            None => (None, None),
+        };
+        let plan = analyzed.read_plan(&catalog, key.unwrap_or(CacheKey(0)), params.as_ref());
+        let Some(mut plan) = plan else {
             if matches!(analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
             self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
+        let Some((ttl, stats)) = self.read_gate(&cache, &catalog, &plan, &analyzed) else {
+            self.stash_batch_work(parse, shape.parse, analyzed);
+            return Ok(false);
+        };
+        plan.key = match (key, &params) {
+            (Some(key), _) => key,
+            (None, Some(params)) => self.batch_key(&stmt, params, flags),
+            // Not reached: a read's parameters are read before its plan.
+            (None, None) => {
+                self.stash_batch_work(parse, shape.parse, analyzed);
+                return Ok(false);
+            }
+        };
         if self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, started, of)
+            .serve_lookup(&cache, &plan, ttl, stats, started, of)
             .await?
         {
             self.adopt_parse(parse);
@@ -1349,6 +1444,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         self.stash_batch_work(parse, shape.parse, analyzed);
         Ok(false)
+    }
+
+    /// The cache key of a batch running `stmt` with `params`.
+    fn batch_key(
+        &self,
+        stmt: &Statement,
+        params: &bind::BindParams<'_>,
+        flags: [u8; 2],
+    ) -> CacheKey {
+        let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
+        caching::execute_key(seed, &stmt.sql, &stmt.param_types, params.tail, flags)
     }
 
     /// A batch answered from the cache: its Parse takes effect as it would have on the
@@ -1372,8 +1478,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         at: Option<usize>,
         analyzed: Arc<caching::Analyzed>,
     ) {
-        if let (Some((_, stmt)), Some(i)) = (parse, at) {
-            self.parsed_ahead = Some((self.batch[i].raw().clone(), stmt));
+        if let (Some((name, stmt)), Some(i)) = (parse, at) {
+            self.parsed_ahead = Some((self.batch[i].raw().clone(), name, stmt));
         }
         self.query_analyzed = Some(analyzed);
     }
@@ -1465,9 +1571,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.strict_tx = true;
             self.tx_hidden_writes = true;
         }
-        let (inv, tables) = caching::invalidations(&analyzed.analysis, &catalog, params);
-        self.pending_inv.extend(inv);
-        self.tx_written.extend(tables);
+        caching::invalidations(
+            &analyzed.analysis,
+            &catalog,
+            params,
+            &mut self.pending_inv,
+            &mut self.tx_written,
+        );
     }
 
     async fn note_bind(&mut self, msg: &Message) {
