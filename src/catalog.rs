@@ -8,6 +8,7 @@
 //! but it can never miss one, and it spares resolving every name through each session's
 //! `search_path` (results never cross `search_path`s anyway: it is part of the cache key).
 
+use crate::cache::BuildMix;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
@@ -42,33 +43,38 @@ pub enum HiddenChange {
     Transaction,
 }
 
+/// Maps and sets by relation name, looked up for every statement: hashed with the seeded
+/// [`BuildMix`], not SipHash.
+type NameMap<V> = HashMap<String, V, BuildMix>;
+type NameSet = HashSet<String, BuildMix>;
+
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     /// Relation name → the names of the other relations a read of it reads: a view's base
     /// tables, and the tables a row-security policy on a table reads, recursively.
-    bases: HashMap<String, Vec<String>>,
+    bases: NameMap<Vec<String>>,
     /// Relations whose reads run a function that is not immutable where the query text does
     /// not show it (in a view's definition, in a row-security policy, at any depth): like a
     /// volatile call in the text, their reads are never cached.
-    opaque: HashSet<String>,
+    opaque: NameSet,
     /// Relation name → the names a write to it changes, itself included: its inheritance
     /// family (partitions, ancestors), the tables its foreign keys cascade into (ON
     /// DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT), a view's base tables, transitively.
-    family: HashMap<String, Vec<String>>,
+    family: NameMap<Vec<String>>,
     /// Relations with user triggers or rules (pgstash's own NOTIFY triggers aside): a write
     /// to them may write any table.
-    triggered: HashSet<String>,
+    triggered: NameSet,
     /// Relations whose BEFORE ROW triggers or rules may write other keys than a statement
     /// names: their writes invalidate the whole table.
-    rekeyed: HashSet<String>,
+    rekeyed: NameSet,
     /// Relations whose reads call a volatile user function that the query text does not
     /// show (in a view's definition or a row-security policy, at any depth): such a read
     /// may write any table.
-    read_writers: HashSet<String>,
+    read_writers: NameSet,
     /// The database has user event triggers: any DDL may write any table.
     pub event_triggers: bool,
     /// Table name → integer primary key, when unambiguous across schemas.
-    keys: HashMap<String, IntKey>,
+    keys: NameMap<IntKey>,
     /// Function names with at least one overload that is not immutable. Stable functions
     /// count too: one may read tables the cache cannot see it read.
     volatile: HashSet<String>,
@@ -82,7 +88,7 @@ pub struct Catalog {
     /// composite types' fields) holds a date or time type, or an array or domain of one.
     time_columns: HashMap<String, bool>,
     /// User relations (and composite types) whose columns `time_columns` covers.
-    typed_relations: HashSet<String>,
+    typed_relations: NameSet,
     /// Lower-cased names of user types that may read the time on input (see
     /// [`crate::analysis::FunctionVolatility::unsafe_type`]).
     unsafe_types: HashSet<String>,

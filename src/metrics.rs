@@ -17,7 +17,11 @@ pub struct Metrics {
     pub hits_l2: IntCounter,
     pub misses: IntCounter,
     bypasses: IntCounterVec,
+    /// `bypasses` by [`BypassReason`], resolved on first use (a series shows once counted,
+    /// as with a label lookup each time).
+    bypass_by_reason: [std::sync::OnceLock<IntCounter>; BypassReason::COUNT],
     invalidations: IntCounterVec,
+    invalidations_by_origin: [std::sync::OnceLock<IntCounter>; InvalidationOrigin::COUNT],
     pub fills_stored: IntCounter,
     pub fills_stale: IntCounter,
     pub fills_unfit: IntCounter,
@@ -59,6 +63,8 @@ pub enum BypassReason {
 }
 
 impl BypassReason {
+    const COUNT: usize = 6;
+
     pub fn label(self) -> &'static str {
         match self {
             BypassReason::NotCacheable => "not_cacheable",
@@ -71,6 +77,9 @@ impl BypassReason {
     }
 }
 
+const _: () = assert!(BypassReason::SourceUnhealthy as usize + 1 == BypassReason::COUNT);
+const _: () = assert!(InvalidationOrigin::Wal as usize + 1 == InvalidationOrigin::COUNT);
+
 /// Where an invalidation came from (a label).
 #[derive(Clone, Copy, Debug)]
 pub enum InvalidationOrigin {
@@ -81,6 +90,8 @@ pub enum InvalidationOrigin {
 }
 
 impl InvalidationOrigin {
+    const COUNT: usize = 4;
+
     pub fn label(self) -> &'static str {
         match self {
             InvalidationOrigin::Proxy => "proxy",
@@ -162,6 +173,7 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            bypass_by_reason: Default::default(),
             invalidations: reg(
                 &registry,
                 IntCounterVec::new(
@@ -170,6 +182,7 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            invalidations_by_origin: Default::default(),
             fills_stored: fills.with_label_values(&["stored"]),
             fills_stale: fills.with_label_values(&["stale"]),
             fills_unfit: fills.with_label_values(&["unfit"]),
@@ -238,7 +251,9 @@ impl Metrics {
     }
 
     pub fn bypass(&self, reason: BypassReason) {
-        self.bypasses.with_label_values(&[reason.label()]).inc();
+        self.bypass_by_reason[reason as usize]
+            .get_or_init(|| self.bypasses.with_label_values(&[reason.label()]))
+            .inc();
     }
 
     /// An adaptive-bypass verdict, labelled with its own reason (`low_hit_ratio`, ...).
@@ -251,8 +266,8 @@ impl Metrics {
         if n == 0 {
             return;
         }
-        self.invalidations
-            .with_label_values(&[origin.label()])
+        self.invalidations_by_origin[origin as usize]
+            .get_or_init(|| self.invalidations.with_label_values(&[origin.label()]))
             .inc_by(n);
     }
 
