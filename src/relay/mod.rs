@@ -109,6 +109,10 @@ pub struct Relay<R, W> {
     /// not answer, for `note_statement` when it is forwarded (a new text is not memoised on
     /// its first sighting, so analysing it again would shape it again).
     query_analyzed: Option<Arc<caching::Analyzed>>,
+    /// Scratch space for cache keys (see [`caching::execute_key`]).
+    key_buf: Vec<u8>,
+    /// The cache key seed, and the settings fingerprint it was made for.
+    seed_kept: Option<(u64, u64)>,
     /// A Parse of the batch `serve_batch` could not answer, with its statement built.
     parsed_ahead: Option<(Bytes, Bytes, Statement)>,
     /// Invalidations of the open transaction, applied when it commits.
@@ -189,6 +193,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             pending_fill: None,
             query_analyzed: None,
             parsed_ahead: None,
+            key_buf: Vec::new(),
+            seed_kept: None,
             pending_inv: Vec::new(),
             to_publish: Vec::new(),
             tx_written: HashSet::default(),
@@ -1104,7 +1110,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             metrics().bypass(BypassReason::NoCatalog);
             return Ok(false);
         };
-        let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
+        let seed = self.key_seed();
         let key = caching::query_key(seed, sql);
         let started = std::time::Instant::now();
         if let Some(entry) = self.known_hit(&cache, &catalog, key) {
@@ -1387,7 +1393,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         // comes first: a statement that is no cacheable read (a write, BEGIN, COMMIT), or a
         // read that bypasses, needs neither its parameters read nor a key.
         let mut keyed = None;
-        if self.may_know_hit(&cache, &catalog) {
+        if self.may_know_hit(&cache, &catalog) && !surely_not_a_read(&stmt.sql) {
             let Some(params) = read_params() else {
                 return Ok(false);
             };
@@ -1448,13 +1454,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     /// The cache key of a batch running `stmt` with `params`.
     fn batch_key(
-        &self,
+        &mut self,
         stmt: &Statement,
         params: &bind::BindParams<'_>,
         flags: [u8; 2],
     ) -> CacheKey {
-        let seed = caching::key_seed(&self.database, &self.user, self.settings.fingerprint());
-        caching::execute_key(seed, &stmt.sql, &stmt.param_types, params.tail, flags)
+        let seed = self.key_seed();
+        caching::execute_key(
+            &mut self.key_buf,
+            seed,
+            &stmt.sql,
+            &stmt.param_types,
+            params.tail,
+            flags,
+        )
+    }
+
+    /// [`caching::key_seed`] of this client now, remembered for its settings fingerprint.
+    fn key_seed(&mut self) -> u64 {
+        let fp = self.settings.fingerprint();
+        match self.seed_kept {
+            Some((of, seed)) if of == fp => seed,
+            _ => {
+                let seed = caching::key_seed(&self.database, &self.user, fp);
+                self.seed_kept = Some((fp, seed));
+                seed
+            }
+        }
     }
 
     /// A batch answered from the cache: its Parse takes effect as it would have on the
@@ -1938,6 +1964,43 @@ pub fn upstream_error_message(e: &UpstreamError, severity: Severity) -> Bytes {
     }
 }
 
+/// Whether `sql` starts with a keyword no cacheable read starts with (BEGIN, COMMIT, a write):
+/// then looking its key up before the analysis would be wasted. A quick look at a leading
+/// word only (after whitespace, not comments); `false` decides nothing (the analysis does).
+fn surely_not_a_read(sql: &str) -> bool {
+    let b = sql.trim_ascii_start().as_bytes();
+    let mut word = [0u8; 9];
+    let mut n = 0;
+    for &c in b {
+        if !c.is_ascii_alphabetic() {
+            if c.is_ascii_digit() || c == b'_' || c >= 0x80 {
+                return false;
+            }
+            break;
+        }
+        if n == word.len() {
+            return false;
+        }
+        word[n] = c.to_ascii_lowercase();
+        n += 1;
+    }
+    matches!(
+        &word[..n],
+        b"begin"
+            | b"start"
+            | b"commit"
+            | b"end"
+            | b"rollback"
+            | b"insert"
+            | b"update"
+            | b"delete"
+            | b"merge"
+            | b"set"
+            | b"savepoint"
+            | b"release"
+    )
+}
+
 /// Where the messages of a cacheable extended-protocol batch are.
 struct BatchShape {
     parse: Option<usize>,
@@ -2017,5 +2080,35 @@ impl BatchShape {
             bind,
             describe,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::surely_not_a_read;
+
+    #[test]
+    fn only_leading_non_read_keywords_skip_the_early_lookup() {
+        for sql in [
+            "BEGIN",
+            "  commit;",
+            "END",
+            "UPDATE t SET a = 1",
+            "insert into t values (1)",
+        ] {
+            assert!(surely_not_a_read(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "select_x",
+            "with w as (delete from t returning *) select * from w",
+            "/* x */ BEGIN",
+            "updatex",
+            "savepoints",
+            "",
+            "(SELECT 1)",
+        ] {
+            assert!(!surely_not_a_read(sql), "{sql}");
+        }
     }
 }
