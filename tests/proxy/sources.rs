@@ -65,6 +65,23 @@ enum Src {
     Wal,
 }
 
+/// Ends the connection `src` reads database `db` with (the LISTEN connection or the
+/// walsender), as an operator's `pg_terminate_backend` would; other databases' are spared.
+async fn kill_source(direct: &Client, src: Src, db: &str) {
+    let application = match src {
+        Src::Notify => "pgstash-notify",
+        Src::Wal => "pgstash_wal",
+    };
+    direct
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = $1 AND datname = $2",
+            &[&application, &db],
+        )
+        .await
+        .expect("terminate the source's connection");
+}
+
 /// A proxy with the source watching `db` of `pg`; drops its replication slot (if any) when
 /// done.
 struct Watched<'a> {
@@ -542,15 +559,15 @@ async fn wait_until_caching(c: &Client, direct: &Client, src: Src) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_notify_listener_stops_the_cache_until_it_is_back() {
-    a_lost_source_stops_the_cache_until_it_is_back(Src::Notify, "pgstash-notify").await;
+    a_lost_source_stops_the_cache_until_it_is_back(Src::Notify).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_replication_connection_stops_the_cache_until_it_is_back() {
-    a_lost_source_stops_the_cache_until_it_is_back(Src::Wal, "pgstash_wal").await;
+    a_lost_source_stops_the_cache_until_it_is_back(Src::Wal).await;
 }
 
-async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &str) {
+async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src) {
     let pg = shared_pg();
     let db = fresh_database(pg, "srckill");
     let (_w, c, direct) = watched(pg, &db, src).await;
@@ -560,13 +577,7 @@ async fn a_lost_source_stops_the_cache_until_it_is_back(src: Src, application: &
         .expect("seen");
     wait_until_caching(&c, &direct, src).await;
     let q = "SELECT v FROM probe";
-    direct
-        .batch_execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE application_name = '{application}' AND datname = '{db}'"
-        ))
-        .await
-        .expect("terminate");
+    kill_source(&direct, src, &db).await;
     direct
         .batch_execute(&hidden(500, src))
         .await
@@ -888,28 +899,23 @@ async fn hidden_writes_across_instances(src: Src) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_answered_while_the_notify_reader_is_lost_is_read_fresh_by_both_instances() {
-    hidden_writes_while_the_reader_is_lost(Src::Notify, "pgstash-notify").await;
+    hidden_writes_while_the_reader_is_lost(Src::Notify).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_answered_while_the_wal_reader_is_lost_is_read_fresh_by_both_instances() {
-    hidden_writes_while_the_reader_is_lost(Src::Wal, "pgstash_wal").await;
+    hidden_writes_while_the_reader_is_lost(Src::Wal).await;
 }
 
 /// The source's connection dies under the instance reading it (the follower hears of it
 /// only when it next polls the reader's health, up to a second later), and a commit with
 /// hidden writes is answered meanwhile, through either instance: no source tells anyone
 /// what it wrote, yet both instances must read it once it is answered.
-async fn hidden_writes_while_the_reader_is_lost(src: Src, application: &str) {
+async fn hidden_writes_while_the_reader_is_lost(src: Src) {
     let pg = shared_pg();
     let two = TwoInstances::start(pg, src, "lostreader").await;
     let (ca, cb) = (&two.ca, &two.cb);
     let read = "SELECT n FROM tl WHERE id = 1";
-    let kill = format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE application_name = '{application}' AND datname = '{}'",
-        two.db
-    );
     for round in 0..6 {
         let (writer, other) = if round % 2 == 0 { (ca, cb) } else { (cb, ca) };
         // Both instances cache tl again (the source came back since the last round).
@@ -918,7 +924,7 @@ async fn hidden_writes_while_the_reader_is_lost(src: Src, application: &str) {
         for c in [ca, cb, ca, cb] {
             assert_eq!(one(c, read).await, round.to_string(), "round {round}");
         }
-        two.direct.batch_execute(&kill).await.expect("terminate");
+        kill_source(&two.direct, src, &two.db).await;
         answered(writer, "UPDATE tw SET v = v + 1 WHERE id = 1").await;
         let want = (round + 1).to_string();
         assert_eq!(
