@@ -157,8 +157,11 @@ impl ChangeSink for Mirror {
         );
         let flush = healthy && !was;
         if flush {
-            // Also in line with the source's stream (the sink publishes in the order it
-            // hears things): an echo heard next is passed on only after this.
+            // In line with the source's stream (the sink publishes in the order it hears
+            // things), so that an echo heard next is passed on only after this. The sink
+            // does not say when its publication is done, and followers must not read "ok"
+            // before it is: the task below publishes once more and awaits it (a second
+            // global flush, once per recovery).
             self.inner.apply(db, None, &[Change::Database]);
         }
         tokio::spawn(async move {

@@ -65,6 +65,16 @@ enum Src {
     Wal,
 }
 
+impl Src {
+    /// `invalidation.source` for this source.
+    fn setting(self) -> pgstash::config::InvalidationSource {
+        match self {
+            Src::Notify => pgstash::config::InvalidationSource::Notify,
+            Src::Wal => pgstash::config::InvalidationSource::Wal,
+        }
+    }
+}
+
 /// Ends the connection `src` reads database `db` with (the LISTEN connection or the
 /// walsender), as an operator's `pg_terminate_backend` would; other databases' are spared.
 async fn kill_source(direct: &Client, src: Src, db: &str) {
@@ -190,10 +200,7 @@ async fn watched_with<'a>(
     let metrics = free_metrics_port();
     let proxy = Proxy::start(pg, move |c| {
         c.metrics.listen = Some(metrics);
-        c.invalidation.source = match src {
-            Src::Notify => pgstash::config::InvalidationSource::Notify,
-            Src::Wal => pgstash::config::InvalidationSource::Wal,
-        };
+        c.invalidation.source = src.setting();
         c.invalidation.databases = vec![db_owned];
         if let Some(s) = slot_cfg {
             c.invalidation.slot = s;
@@ -969,10 +976,7 @@ impl<'a> TwoInstances<'a> {
         let (a, ca, direct) = watched_with(pg, &db, src, tweak).await;
         wait_until_caching(&ca, &direct, src).await;
         let b = Proxy::start(pg, |c| {
-            c.invalidation.source = match src {
-                Src::Notify => pgstash::config::InvalidationSource::Notify,
-                Src::Wal => pgstash::config::InvalidationSource::Wal,
-            };
+            c.invalidation.source = src.setting();
             c.invalidation.databases = vec![db.clone()];
             if let Some(slot) = &a.slot {
                 c.invalidation.slot = slot.clone();
