@@ -26,7 +26,6 @@
 
 use std::fmt::Write as _;
 
-use super::lex::{Item, Lexer};
 use super::model::{
     Analysis, ColumnValue, KeyValue, PointKey, ReadInfo, TableWrite, WriteEffect, WriteInfo,
 };
@@ -44,12 +43,16 @@ pub struct LiteralShape {
 
 /// The shape of `sql`, or `None` if it has no literals to abstract or is not eligible
 /// (see the module doc).
+///
+/// One pass over the bytes that tokenizes as [`super::lex::Lexer`] does (the tests hold it to the
+/// lexer-driven definition over generated texts): this runs on every new simple-protocol
+/// text, and the general lexer's per-item cost was most of the cache's overhead on writes.
 pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
     if sql.len() > guard::MAX_LEN || sql.contains('$') {
         return None;
     }
-    let mut lexer = Lexer::new(sql);
-    let mut text = String::with_capacity(sql.len());
+    let b = sql.as_bytes();
+    let mut text = String::new();
     let mut literals = Vec::new();
     let mut copied = 0;
     let mut leading_checked = false;
@@ -57,64 +60,120 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
     // unary (`= -5`, `(-5`, `+ -5`) and belongs to the number, as the analysis reads it.
     let mut after_operand = false;
     let mut unary_minus: Option<usize> = None;
-    while let Some(item) = lexer.next() {
-        let span = lexer.last_span();
+    let mut i = 0;
+    loop {
+        i = skip(b, i, WHITESPACE);
+        let Some(&c) = b.get(i) else { break };
+        let start = i;
         let minus = unary_minus.take();
-        match item {
-            Item::Semi => {
+        // Each arm leaves `i` past the item; comments and punctuation `continue`, and only
+        // literal-like items (what the lexer calls `Other`) reach the code after the match.
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |n| i + n);
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = skip_block_comment(b, i);
+                continue;
+            }
+            b';' => {
                 // Only a trailing semicolon (and comments after it) is allowed.
-                if lexer.any(|i| !matches!(i, Item::Comment(_))) {
+                if !only_comments(&b[i + 1..]) {
                     return None;
                 }
                 break;
             }
-            Item::Comment(_) => continue,
-            Item::Word(w) if !leading_checked => {
-                leading_checked = true;
-                if !is_query_or_dml(w) {
+            b'\'' => i = skip_string(b, i, false),
+            b'"' => {
+                i = skip_quoted_ident(b, i);
+                if !leading_checked {
                     return None;
                 }
-                continue;
-            }
-            _ if !leading_checked => {
-                if item == Item::LParen {
-                    continue;
-                }
-                return None;
-            }
-            Item::Other => {}
-            Item::Word(_) | Item::Quoted(_) | Item::RParen => {
                 after_operand = true;
                 continue;
             }
-            Item::LParen | Item::Comma | Item::Dot => {
+            b'.' if !b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                if !leading_checked {
+                    return None;
+                }
+                i += 1;
                 after_operand = false;
                 continue;
             }
+            b'(' => {
+                i += 1;
+                after_operand = false;
+                continue;
+            }
+            b',' => {
+                if !leading_checked {
+                    return None;
+                }
+                i += 1;
+                after_operand = false;
+                continue;
+            }
+            b')' => {
+                if !leading_checked {
+                    return None;
+                }
+                i += 1;
+                after_operand = true;
+                continue;
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                i = skip(b, i, IDENT);
+                if b.get(i) == Some(&b'\'') {
+                    // E'...' takes backslash escapes; B'', X'', N'', U&'' do not matter here.
+                    let word = &b[start..i];
+                    i = skip_string(b, i, word.eq_ignore_ascii_case(b"e"));
+                } else {
+                    if !leading_checked {
+                        if !is_query_or_dml(&sql[start..i]) {
+                            return None;
+                        }
+                        leading_checked = true;
+                    } else {
+                        after_operand = true;
+                    }
+                    continue;
+                }
+            }
+            c if c.is_ascii_digit() || c == b'.' => i = skip(b, i, NUMBER),
+            // Operators and stray bytes: one ASCII byte (every byte from 0x80 up starts a
+            // word above).
+            _ => i += 1,
         }
-        let token = &sql[span.clone()];
-        let first = token.as_bytes()[0];
-        if token == "-"
-            && !after_operand
-            && sql.as_bytes().get(span.end).is_some_and(u8::is_ascii_digit)
-        {
-            unary_minus = Some(span.start);
+        if !leading_checked {
+            return None;
+        }
+        let token = &sql[start..i];
+        let first = b[start];
+        if token == "-" && !after_operand && b.get(i).is_some_and(u8::is_ascii_digit) {
+            unary_minus = Some(start);
             continue;
         }
         after_operand =
             first.is_ascii_alphanumeric() || matches!(first, b'\'' | b'.') || first >= 0x80;
         let (start, value) = if token.bytes().all(|b| b.is_ascii_digit()) {
             match minus {
-                Some(m) => (m, canonical_integer(&sql[m..span.end])),
-                None => (span.start, canonical_integer(token)),
+                Some(m) => (m, canonical_integer(&sql[m..i])),
+                None => (start, canonical_integer(token)),
             }
         } else {
             let value = plain_string(token)
                 .filter(|s| !is_time_literal(s))
                 .map(str::to_owned);
-            (span.start, value)
+            (start, value)
         };
         let Some(value) = value else { continue };
+        if text.capacity() == 0 {
+            text.reserve(sql.len() + 8);
+        }
         literals.push(value);
         text.push_str(&sql[copied..start]);
         text.push('$');
@@ -126,13 +185,111 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
                 let _ = write!(text, "{}", literals.len());
             }
         }
-        copied = span.end;
+        copied = i;
     }
     if literals.is_empty() {
         return None;
     }
     text.push_str(&sql[copied..]);
     Some(LiteralShape { text, literals })
+}
+
+/// Byte classes for [`literal_shape`]'s scanner, the same sets as the lexer's.
+const WHITESPACE: u8 = 1;
+const IDENT: u8 = 2;
+const NUMBER: u8 = 4;
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_whitespace() {
+            t[c] |= WHITESPACE;
+        }
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80 {
+            t[c] |= IDENT;
+        }
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' {
+            t[c] |= NUMBER;
+        }
+        c += 1;
+    }
+    t
+};
+
+/// The index of the first byte from `from` on outside `class`, or the end.
+fn skip(b: &[u8], from: usize, class: u8) -> usize {
+    b[from..]
+        .iter()
+        .position(|&c| CLASS[usize::from(c)] & class == 0)
+        .map_or(b.len(), |n| from + n)
+}
+
+/// Past the string literal whose opening quote is at `open`.
+fn skip_string(b: &[u8], open: usize, backslash_escapes: bool) -> usize {
+    let mut i = open + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' if backslash_escapes => i += 2,
+            b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// Past the quoted identifier whose opening quote is at `open` (`""` inside is a quote).
+fn skip_quoted_ident(b: &[u8], open: usize) -> usize {
+    let mut i = open + 1;
+    while let Some(n) = b[i..].iter().position(|&c| c == b'"') {
+        let quote = i + n;
+        if b.get(quote + 1) != Some(&b'"') {
+            return quote + 1;
+        }
+        i = quote + 2;
+    }
+    b.len()
+}
+
+/// Past the block comment (nested, as PostgreSQL allows) whose `/*` is at `open`.
+fn skip_block_comment(b: &[u8], open: usize) -> usize {
+    let mut depth = 1usize;
+    let mut i = open + 2;
+    while i < b.len() {
+        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
+}
+
+/// Whether `b` holds nothing but whitespace and comments.
+fn only_comments(b: &[u8]) -> bool {
+    let mut i = 0;
+    loop {
+        i = skip(b, i, WHITESPACE);
+        match b.get(i) {
+            None => return true,
+            Some(b'-') if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |n| i + n);
+            }
+            Some(b'/') if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
+            Some(_) => return false,
+        }
+    }
 }
 
 fn is_query_or_dml(word: &str) -> bool {
@@ -198,7 +355,195 @@ pub fn instantiate(template: &Analysis, literals: &[String]) -> Analysis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::analysis::lex::{Item, Lexer};
     use crate::analysis::{NoCatalog, analyze};
+
+    /// The lexer-driven definition [`literal_shape`] was written from: simpler to check by
+    /// eye, and the scanner must agree with it on every text.
+    fn lexer_shape(sql: &str) -> Option<LiteralShape> {
+        if sql.len() > guard::MAX_LEN || sql.contains('$') {
+            return None;
+        }
+        let mut lexer = Lexer::new(sql);
+        let mut text = String::with_capacity(sql.len());
+        let mut literals = Vec::new();
+        let mut copied = 0;
+        let mut leading_checked = false;
+        // Whether the previous item can end an operand: then a `-` is binary (`x -5`), else
+        // unary (`= -5`, `(-5`, `+ -5`) and belongs to the number, as the analysis reads it.
+        let mut after_operand = false;
+        let mut unary_minus: Option<usize> = None;
+        while let Some(item) = lexer.next() {
+            let span = lexer.last_span();
+            let minus = unary_minus.take();
+            match item {
+                Item::Semi => {
+                    // Only a trailing semicolon (and comments after it) is allowed.
+                    if lexer.any(|i| !matches!(i, Item::Comment(_))) {
+                        return None;
+                    }
+                    break;
+                }
+                Item::Comment(_) => continue,
+                Item::Word(w) if !leading_checked => {
+                    leading_checked = true;
+                    if !is_query_or_dml(w) {
+                        return None;
+                    }
+                    continue;
+                }
+                _ if !leading_checked => {
+                    if item == Item::LParen {
+                        continue;
+                    }
+                    return None;
+                }
+                Item::Other => {}
+                Item::Word(_) | Item::Quoted(_) | Item::RParen => {
+                    after_operand = true;
+                    continue;
+                }
+                Item::LParen | Item::Comma | Item::Dot => {
+                    after_operand = false;
+                    continue;
+                }
+            }
+            let token = &sql[span.clone()];
+            let first = token.as_bytes()[0];
+            if token == "-"
+                && !after_operand
+                && sql.as_bytes().get(span.end).is_some_and(u8::is_ascii_digit)
+            {
+                unary_minus = Some(span.start);
+                continue;
+            }
+            after_operand =
+                first.is_ascii_alphanumeric() || matches!(first, b'\'' | b'.') || first >= 0x80;
+            let (start, value) = if token.bytes().all(|b| b.is_ascii_digit()) {
+                match minus {
+                    Some(m) => (m, canonical_integer(&sql[m..span.end])),
+                    None => (span.start, canonical_integer(token)),
+                }
+            } else {
+                let value = plain_string(token)
+                    .filter(|s| !is_time_literal(s))
+                    .map(str::to_owned);
+                (span.start, value)
+            };
+            let Some(value) = value else { continue };
+            literals.push(value);
+            text.push_str(&sql[copied..start]);
+            text.push('$');
+            match u8::try_from(literals.len()) {
+                // Most texts have a few literals: no formatting machinery for those.
+                Ok(n @ 0..=9) => text.push(char::from(b'0' + n)),
+                // Writing to a String cannot fail.
+                _ => {
+                    let _ = write!(text, "{}", literals.len());
+                }
+            }
+            copied = span.end;
+        }
+        if literals.is_empty() {
+            return None;
+        }
+        text.push_str(&sql[copied..]);
+        Some(LiteralShape { text, literals })
+    }
+
+    /// Texts built from the pieces where a scanner and the lexer could disagree: quotes
+    /// of each kind (closed and not), comments (nested, unclosed), signs, numbers, words
+    /// that prefix strings, non-ASCII, odd whitespace, with and without separators.
+    fn generated_text(rng: &mut impl rand::Rng) -> String {
+        const PIECES: &[&str] = &[
+            "select",
+            "SELECT",
+            "update",
+            "insert",
+            "with",
+            "explain",
+            "e",
+            "E",
+            "b",
+            "x",
+            "from",
+            "t",
+            "_a1",
+            "\u{e9}t\u{e9}",
+            "0",
+            "42",
+            "007",
+            "-",
+            "-5",
+            "-007",
+            "--",
+            "- 5",
+            "1.5",
+            ".5",
+            "1e3",
+            "0x1F",
+            "'a'",
+            "'it''s'",
+            "'now'",
+            "E'\\'x'",
+            "e'a\\\\'",
+            "'",
+            "\"q\"",
+            "\"a\"\"b\"",
+            "\"",
+            "(",
+            ")",
+            ",",
+            ".",
+            ";",
+            "+",
+            "=",
+            "*",
+            "/",
+            "<=",
+            "-- c\n",
+            "--",
+            "/* c */",
+            "/* a /* b */ c */",
+            "/*",
+            "*/",
+            " ",
+            "\n",
+            "\t",
+            "\u{b}",
+            "\u{c}",
+            "\r",
+            "\u{a0}",
+            "!",
+            "::",
+            "[",
+            "]",
+        ];
+        let n = rng.gen_range(0..14);
+        // Most texts start as eligible ones do, so the rest of the text gets scanned.
+        let mut s = String::from(match rng.gen_range(0..4) {
+            0 => "",
+            1 => "( select ",
+            _ => "select ",
+        });
+        for _ in 0..n {
+            s.push_str(PIECES[rng.gen_range(0..PIECES.len())]);
+            if rng.gen_bool(0.5) {
+                s.push(' ');
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn the_scanner_shapes_every_text_as_the_lexer_defines() {
+        use rand::SeedableRng as _;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        for _ in 0..200_000 {
+            let sql = generated_text(&mut rng);
+            assert_eq!(literal_shape(&sql), lexer_shape(&sql), "{sql:?}");
+        }
+    }
 
     fn shape(sql: &str) -> Option<(String, Vec<&'static str>)> {
         literal_shape(sql).map(|s| {
