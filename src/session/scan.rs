@@ -179,24 +179,64 @@ pub fn contains_ignore_case(haystack: &str, needle: &[u8]) -> bool {
 /// Lower-case ASCII needles looked for together, case-insensitively, in one pass over a
 /// text: what the relay checks every forwarded statement for, where one pass per needle
 /// would cost several times as much and nearly always find nothing.
+///
+/// Each needle is anchored on its rarest byte in SQL text (`k` of `advisory_lock`, `_` of
+/// `pg_temp`), not its first: most bytes of a statement then anchor nothing and cost one
+/// table lookup, where first letters (`a`, `i`, `p`, `s`) matched at every few bytes.
 pub struct Needles {
     list: &'static [&'static [u8]],
-    /// Whether a byte, in either case, starts some needle.
-    starts: [bool; 256],
+    /// `anchor[k]`: where in `list[k]` its anchor byte is.
+    anchor: [usize; MAX_NEEDLES],
+    /// For each byte, the needles (bit `k` for `list[k]`) it anchors, in either case.
+    anchors: [u8; 256],
+}
+
+const MAX_NEEDLES: usize = 8;
+
+/// Bytes of SQL text from most to least common (English letter frequency, with `_` rarer
+/// than most letters); a byte not listed counts as rarer than all of these.
+const COMMONNESS: &[u8] = b" etaonisrlcdhupmbfgywv_kxjqz";
+
+const fn commonness(c: u8) -> usize {
+    let mut i = 0;
+    while i < COMMONNESS.len() {
+        if COMMONNESS[i] == c {
+            return COMMONNESS.len() - i;
+        }
+        i += 1;
+    }
+    0
 }
 
 impl Needles {
-    /// `list` must be non-empty lower-case ASCII strings.
+    /// `list` must be at most 8 non-empty lower-case ASCII strings.
     pub const fn new(list: &'static [&'static [u8]]) -> Needles {
-        let mut starts = [false; 256];
-        let mut i = 0;
-        while i < list.len() {
-            let first = list[i][0];
-            starts[first as usize] = true;
-            starts[first.to_ascii_uppercase() as usize] = true;
-            i += 1;
+        assert!(list.len() <= MAX_NEEDLES, "too many needles");
+        let mut anchor = [0; MAX_NEEDLES];
+        let mut anchors = [0u8; 256];
+        let mut k = 0;
+        while k < list.len() {
+            let needle = list[k];
+            assert!(!needle.is_empty(), "an empty needle");
+            let mut best = 0;
+            let mut i = 1;
+            while i < needle.len() {
+                if commonness(needle[i]) < commonness(needle[best]) {
+                    best = i;
+                }
+                i += 1;
+            }
+            anchor[k] = best;
+            let c = needle[best];
+            anchors[c as usize] |= 1 << k;
+            anchors[c.to_ascii_uppercase() as usize] |= 1 << k;
+            k += 1;
         }
-        Needles { list, starts }
+        Needles {
+            list,
+            anchor,
+            anchors,
+        }
     }
 
     /// Whether `haystack` contains any of the needles (as [`contains_ignore_case`] would say
@@ -204,11 +244,20 @@ impl Needles {
     pub fn any_in(&self, haystack: &str) -> bool {
         let h = haystack.as_bytes();
         h.iter().enumerate().any(|(i, &c)| {
-            self.starts[usize::from(c)]
-                && self.list.iter().any(|n| {
-                    h.get(i..i + n.len())
-                        .is_some_and(|w| w.eq_ignore_ascii_case(n))
-                })
+            let mut candidates = self.anchors[usize::from(c)];
+            while candidates != 0 {
+                let k = candidates.trailing_zeros() as usize;
+                candidates &= candidates - 1;
+                let needle = self.list[k];
+                let found = i.checked_sub(self.anchor[k]).is_some_and(|start| {
+                    h.get(start..start + needle.len())
+                        .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+                });
+                if found {
+                    return true;
+                }
+            }
+            false
         })
     }
 }
@@ -452,6 +501,54 @@ mod tests {
         }
         assert!(NEEDLES.any_in("SELECT * INTO TEMP t FROM x"));
         assert!(!NEEDLES.any_in("SELECT 1"));
+    }
+
+    /// Needles, their halves and near misses, in random case, at the start, the end and
+    /// the middle of texts: where an anchored search could look outside the text or miss.
+    #[test]
+    fn needles_agree_with_contains_ignore_case_on_generated_texts() {
+        use rand::{Rng as _, SeedableRng as _};
+        static LIST: &[&[u8]] = &[
+            b"advisory_lock",
+            b"into temp",
+            b"pg_temp",
+            b"set_config",
+            b"pg_settings",
+            b"repeatable",
+            b"serializable",
+        ];
+        static NEEDLES: Needles = Needles::new(LIST);
+        let mut pieces: Vec<String> = vec![" ".into(), "x".into(), "é".into(), "_".into()];
+        for n in LIST {
+            let n = std::str::from_utf8(n).expect("ASCII");
+            for cut in 0..=n.len() {
+                pieces.push(n[..cut].into());
+                pieces.push(n[cut..].into());
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut found = 0;
+        for _ in 0..50_000 {
+            let mut text = String::new();
+            for _ in 0..rng.gen_range(0..5) {
+                let piece = &pieces[rng.gen_range(0..pieces.len())];
+                text.extend(piece.chars().map(|c| {
+                    if rng.gen_bool(0.5) {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                }));
+            }
+            let each = LIST.iter().any(|n| contains_ignore_case(&text, n));
+            assert_eq!(NEEDLES.any_in(&text), each, "{text:?}");
+            found += usize::from(each);
+        }
+        // The texts must exercise both answers for the comparison to mean anything.
+        assert!(
+            found > 1_000 && found < 49_000,
+            "{found} of 50000 texts held a needle"
+        );
     }
 
     #[test]
