@@ -150,6 +150,14 @@ fn main() {
         "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
         &NoCatalog,
     );
+    per_op("literal shape of a W4 update", 500_000, |i| {
+        let sql = format!(
+            "UPDATE pgbench_accounts SET abalance = abalance + -{} WHERE aid = {};",
+            i % 5000,
+            i % 100_000
+        );
+        black_box(literal_shape(&sql));
+    });
     per_op(
         "analysis: W4 update by key (literal shape memo hit)",
         200_000,

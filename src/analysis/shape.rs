@@ -48,10 +48,11 @@ pub struct LiteralShape {
 /// lexer-driven definition over generated texts): this runs on every new simple-protocol
 /// text, and the general lexer's per-item cost was most of the cache's overhead on writes.
 pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
-    if sql.len() > guard::MAX_LEN || sql.contains('$') {
+    let b = sql.as_bytes();
+    // memchr's vectorised search: `str::contains` scanned for the `$` a word at a time.
+    if sql.len() > guard::MAX_LEN || memchr::memchr(b'$', b).is_some() {
         return None;
     }
-    let b = sql.as_bytes();
     let mut text = String::new();
     let mut literals = Vec::new();
     let mut copied = 0;
@@ -219,10 +220,13 @@ static CLASS: [u8; 256] = {
 
 /// The index of the first byte from `from` on outside `class`, or the end.
 fn skip(b: &[u8], from: usize, class: u8) -> usize {
-    b[from..]
-        .iter()
-        .position(|&c| CLASS[usize::from(c)] & class == 0)
-        .map_or(b.len(), |n| from + n)
+    // An indexed loop: `position` over the slice compiled to about twice the instructions
+    // per byte, and this loop is most of the scanner's time.
+    let mut i = from;
+    while i < b.len() && CLASS[usize::from(b[i])] & class != 0 {
+        i += 1;
+    }
+    i
 }
 
 /// Past the string literal whose opening quote is at `open`.
