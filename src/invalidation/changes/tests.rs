@@ -18,6 +18,14 @@ fn keys(name: &str, ks: &[&str]) -> Change {
     }
 }
 
+/// Rows of `public.name` changed, which ones unknown.
+fn unknown_rows(name: &str) -> Change {
+    Change::Rows {
+        table: t(name),
+        keys: None,
+    }
+}
+
 /// Feed raw messages through the decoder; return the changes of each commit.
 fn run(c: &mut Collector, msgs: &[bytes::Bytes]) -> Vec<Committed> {
     msgs.iter()
@@ -124,17 +132,13 @@ fn rows_without_a_usable_single_column_key_are_unknown() {
             commit(0x200, 0),
         ],
     );
-    let unknown = |n: &str| Change::Rows {
-        table: t(n),
-        keys: None,
-    };
     assert_eq!(
         out[0].changes,
         [
-            unknown("nokey"),
-            unknown("pair"),
-            unknown("full"),
-            unknown("byidx")
+            unknown_rows("nokey"),
+            unknown_rows("pair"),
+            unknown_rows("full"),
+            unknown_rows("byidx")
         ]
     );
 }
@@ -160,13 +164,7 @@ fn a_key_the_change_does_not_carry_makes_the_rows_unknown() {
                 commit(0x200, 0),
             ],
         );
-        assert_eq!(
-            out[0].changes,
-            [Change::Rows {
-                table: t("t"),
-                keys: None
-            }]
-        );
+        assert_eq!(out[0].changes, [unknown_rows("t")]);
     }
 }
 
@@ -184,10 +182,7 @@ fn non_ascii_keys_are_unknown_unless_the_server_speaks_utf8() {
     );
     assert_eq!(
         run(&mut Collector::new(9, false), &msgs)[0].changes,
-        [Change::Rows {
-            table: t("t"),
-            keys: None
-        }]
+        [unknown_rows("t")]
     );
 }
 
@@ -199,13 +194,7 @@ fn too_many_keys_in_one_transaction_degrade_to_unknown_rows() {
         msgs.push(insert(1, &[Some(&i.to_string()), None]));
     }
     msgs.push(commit(0x200, 0));
-    assert_eq!(
-        run(&mut c, &msgs)[0].changes,
-        [Change::Rows {
-            table: t("t"),
-            keys: None
-        }]
-    );
+    assert_eq!(run(&mut c, &msgs)[0].changes, [unknown_rows("t")]);
     // The next transaction starts afresh.
     let out = run(
         &mut c,
