@@ -69,6 +69,8 @@ struct ShapeMemo {
     /// read and the key column, not on key values, so texts of one shape plan alike, and a
     /// miss on a new value (a new text) costs no catalog lookups.
     plan: PlanCell,
+    /// [`mentions_isolation`] of `text` (see [`shaped_changes_transaction`]).
+    mentions_isolation: bool,
 }
 
 /// A memoised [`PlanShape`], with the catalog it was made with (see [`Analyzed::read_plan`]).
@@ -321,10 +323,12 @@ impl CacheShared {
             return a.clone();
         }
         let ((analysis, fingerprint, plan_shape), changes_tx) = match analysis::literal_shape(sql) {
-            Some(shape) => (
-                self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog),
-                shaped_changes_transaction(sql),
-            ),
+            Some(shape) => {
+                let (analysis, fingerprint, plan, shape_mentions) =
+                    self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog);
+                let changes = shaped_changes_transaction(sql, &shape.literals, shape_mentions);
+                ((analysis, fingerprint, plan), changes)
+            }
             None => (
                 (
                     analysis::analyze(sql, catalog),
@@ -359,7 +363,8 @@ impl CacheShared {
     /// cell: from the shape's memo (the shape's fingerprint and plan cell: one query,
     /// whatever its values), or, for the first text of a shape, parsed twice (as itself and
     /// as the shape) to decide whether the shape can stand for its texts. Texts of a shape
-    /// that cannot are parsed one by one (their own fingerprint and plan cell).
+    /// that cannot are parsed one by one (their own fingerprint and plan cell). Last,
+    /// [`mentions_isolation`] of the shape's text.
     fn analyze_shaped(
         &self,
         db_hash: u64,
@@ -367,29 +372,33 @@ impl CacheShared {
         sql: &str,
         shape: &analysis::LiteralShape,
         catalog: &Catalog,
-    ) -> (Analysis, u64, PlanCell) {
+    ) -> (Analysis, u64, PlanCell, bool) {
         let fingerprint = xxh3_64(shape.text.as_bytes());
         let key = (db_hash, fingerprint);
         let known = {
             let map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
             map.get(&key).filter(|m| *m.text == *shape.text).map(|m| {
-                m.template
+                let analysis = m
+                    .template
                     .as_ref()
-                    .map(|t| (analysis::instantiate(t, &shape.literals), m.plan.clone()))
+                    .map(|t| (analysis::instantiate(t, &shape.literals), m.plan.clone()));
+                (analysis, m.mentions_isolation)
             })
         };
         match known {
-            Some(Some((analysis, plan))) => (analysis, fingerprint, plan),
-            Some(None) => (
+            Some((Some((analysis, plan)), mentions)) => (analysis, fingerprint, plan, mentions),
+            Some((None, mentions)) => (
                 analysis::analyze(sql, catalog),
                 text_hash,
                 PlanCell::default(),
+                mentions,
             ),
             None => {
                 let own = analysis::analyze(sql, catalog);
                 let template = analysis::analyze(&shape.text, catalog);
                 let agrees = analysis::instantiate(&template, &shape.literals) == own;
                 let plan = PlanCell::default();
+                let mentions = mentions_isolation(&shape.text);
                 let mut map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
                 if map.len() >= MAX_MEMOISED_ANALYSES {
                     map.clear();
@@ -400,12 +409,13 @@ impl CacheShared {
                         text: shape.text.as_str().into(),
                         template: agrees.then_some(template),
                         plan: plan.clone(),
+                        mentions_isolation: mentions,
                     },
                 );
                 if agrees {
-                    (own, fingerprint, plan)
+                    (own, fingerprint, plan, mentions)
                 } else {
-                    (own, text_hash, PlanCell::default())
+                    (own, text_hash, PlanCell::default(), mentions)
                 }
             }
         }
@@ -839,13 +849,29 @@ pub fn changes_transaction(sql: &str) -> bool {
 
 /// [`changes_transaction`] of a text that has a literal shape: one statement that starts
 /// with a query or DML keyword, never SET or RESET, so only the isolation words matter.
-fn shaped_changes_transaction(sql: &str) -> bool {
-    names_strict_isolation(sql)
+/// `shape_mentions` is [`mentions_isolation`] of the shape's text, memoised with the shape.
+///
+/// The words are letters only, so each of their occurrences in `sql` lies either in text
+/// the shape keeps verbatim or inside one literal's value (plain strings are kept verbatim,
+/// integers hold no letters, and the `$k` standing in for a literal holds none to join an
+/// occurrence across it): `sql` mentions one iff the shape's text or a literal does. Most
+/// texts mention none, and their full scan is skipped.
+fn shaped_changes_transaction(sql: &str, literals: &[String], shape_mentions: bool) -> bool {
+    (shape_mentions || literals.iter().any(|l| mentions_isolation(l)))
+        && names_strict_isolation(sql)
+}
+
+/// Whether `sql` holds REPEATABLE or SERIALIZABLE anywhere (the words
+/// [`names_strict_isolation`] looks for), case-insensitively.
+fn mentions_isolation(sql: &str) -> bool {
+    static ISOLATION: crate::session::scan::Needles =
+        crate::session::scan::Needles::new(&[b"repeatable", b"serializable"]);
+    ISOLATION.any_in(sql)
 }
 
 /// Whether `sql` says REPEATABLE READ or SERIALIZABLE anywhere.
 fn names_strict_isolation(sql: &str) -> bool {
-    use crate::session::scan::{Needles, Tok, contains_ignore_case, statements, tokens};
+    use crate::session::scan::{Tok, contains_ignore_case, statements, tokens};
     // REPEATABLE READ as two tokens, whatever spacing or comments stand between them.
     let repeatable_read = |stmt: &str| {
         let t = tokens(stmt, 32);
@@ -855,8 +881,7 @@ fn names_strict_isolation(sql: &str) -> bool {
         })
     };
     // One pass rules both words out (nearly always), instead of one pass for each.
-    static ISOLATION: Needles = Needles::new(&[b"repeatable", b"serializable"]);
-    ISOLATION.any_in(sql)
+    mentions_isolation(sql)
         && ((contains_ignore_case(sql, b"repeatable") && statements(sql).any(repeatable_read))
             || contains_ignore_case(sql, b"serializable"))
 }
@@ -1225,22 +1250,55 @@ mod tests {
             "SELECT set_config('transaction_isolation', 'serializable', true), 1",
             "SELECT 1 AS repeatable, 2 AS read FROM t",
             "SELECT repeatable read FROM t WHERE id = 3",
+            "SELECT v FROM t WHERE note = 'SERIALIZABLE' AND id = 3",
+            "SELECT v FROM t WHERE note = 'repeatable read' AND id = 3",
             "UPDATE t SET v = 1 WHERE id = 2",
             "SET search_path = 'x'",
             "BEGIN; SELECT 1",
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
         ] {
-            if analysis::literal_shape(sql).is_some() {
+            if let Some(shape) = analysis::literal_shape(sql) {
                 shaped += 1;
+                let shape_mentions = mentions_isolation(&shape.text);
                 assert_eq!(
-                    shaped_changes_transaction(sql),
+                    shaped_changes_transaction(sql, &shape.literals, shape_mentions),
                     changes_transaction(sql),
                     "{sql}"
                 );
             }
         }
         // All but the last three, which have no literal shape.
-        assert_eq!(shaped, 7);
+        assert_eq!(shaped, 9);
+    }
+
+    /// The memo path: texts of a known shape take the isolation words of the shape from
+    /// its memo and their own literals' from themselves.
+    #[test]
+    fn texts_of_a_known_shape_change_their_transaction_as_each_says() {
+        let c = shared();
+        let cat = Catalog::default();
+        let changes = |sql: &str| c.analyze("db", sql, &cat).changes_transaction;
+        for (first, second, expected) in [
+            (
+                "SELECT repeatable read FROM t WHERE id = 3",
+                "SELECT repeatable read FROM t WHERE id = 4",
+                true,
+            ),
+            (
+                "SELECT v FROM t WHERE note = 'plain' AND id = 3",
+                "SELECT v FROM t WHERE note = 'Serializable' AND id = 4",
+                true,
+            ),
+            (
+                "SELECT v FROM t WHERE note = 'serializable' AND id = 3",
+                "SELECT v FROM t WHERE note = 'plain' AND id = 4",
+                false,
+            ),
+        ] {
+            changes(first);
+            assert_eq!(changes(second), expected, "{second} after {first}");
+            assert_eq!(changes_transaction(second), expected, "{second}");
+        }
     }
 
     #[test]
