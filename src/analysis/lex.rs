@@ -103,28 +103,40 @@ impl<'a> Lexer<'a> {
 
     /// At `/*`: a block comment, nested as PostgreSQL allows. Returns its body.
     fn block_comment(&mut self) -> &'a str {
-        let b = self.bytes();
         let body_start = self.pos + 2;
-        let mut depth = 1usize;
-        let mut i = body_start;
-        while i < b.len() {
-            if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                depth += 1;
-                i += 2;
-            } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                depth -= 1;
-                i += 2;
-                if depth == 0 {
-                    self.pos = i;
-                    return &self.src[body_start..i - 2];
-                }
-            } else {
-                i += 1;
+        match block_comment_end(self.bytes(), self.pos) {
+            Some(end) => {
+                self.pos = end;
+                &self.src[body_start..end - 2]
+            }
+            None => {
+                self.pos = self.src.len();
+                &self.src[body_start..]
             }
         }
-        self.pos = b.len();
-        &self.src[body_start..]
     }
+}
+
+/// Past the block comment whose `/*` is at `open`, nested as PostgreSQL allows; `None` if
+/// it never closes. (The one definition for the lexer and the other scanners of SQL text.)
+pub(crate) fn block_comment_end(b: &[u8], open: usize) -> Option<usize> {
+    let mut depth = 1usize;
+    let mut i = open + 2;
+    while i < b.len() {
+        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return Some(i);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 fn is_ident_start(c: u8) -> bool {
@@ -139,16 +151,21 @@ fn is_number_byte(c: u8) -> bool {
     BYTE_CLASS[usize::from(c)] & NUMBER != 0
 }
 
-/// Byte classes, looked up rather than computed: the lexer runs over every new query text
-/// (every miss of a simple-protocol workload), and its loops over words and numbers are
-/// most of its cost.
-const IDENT: u8 = 1;
-const NUMBER: u8 = 2;
-static BYTE_CLASS: [u8; 256] = {
+/// Byte classes, looked up rather than computed: the lexer (and the literal-shape scanner,
+/// which tokenizes alike) runs over every new query text (every miss of a simple-protocol
+/// workload), and its loops over words and numbers are most of its cost.
+pub(crate) const IDENT: u8 = 1;
+pub(crate) const NUMBER: u8 = 2;
+/// What the lexer skips between items (`u8::is_ascii_whitespace`).
+pub(crate) const WHITESPACE: u8 = 4;
+pub(crate) static BYTE_CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut c = 0;
     while c < 256 {
         let b = c as u8;
+        if b.is_ascii_whitespace() {
+            t[c] |= WHITESPACE;
+        }
         if b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80 {
             t[c] |= IDENT;
         }

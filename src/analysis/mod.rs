@@ -23,7 +23,7 @@ mod functions;
 mod guard;
 mod hints;
 mod keys;
-mod lex;
+pub(crate) mod lex;
 mod model;
 mod read;
 mod shape;

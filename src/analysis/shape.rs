@@ -26,6 +26,7 @@
 
 use std::fmt::Write as _;
 
+use super::lex::{BYTE_CLASS as CLASS, IDENT, NUMBER, WHITESPACE};
 use super::model::{
     Analysis, ColumnValue, KeyValue, PointKey, ReadInfo, TableWrite, WriteEffect, WriteInfo,
 };
@@ -195,29 +196,6 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
     Some(LiteralShape { text, literals })
 }
 
-/// Byte classes for [`literal_shape`]'s scanner, the same sets as the lexer's.
-const WHITESPACE: u8 = 1;
-const IDENT: u8 = 2;
-const NUMBER: u8 = 4;
-static CLASS: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        if b.is_ascii_whitespace() {
-            t[c] |= WHITESPACE;
-        }
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80 {
-            t[c] |= IDENT;
-        }
-        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' {
-            t[c] |= NUMBER;
-        }
-        c += 1;
-    }
-    t
-};
-
 /// The index of the first byte from `from` on outside `class`, or the end.
 fn skip(b: &[u8], from: usize, class: u8) -> usize {
     // An indexed loop: `position` over the slice compiled to about twice the instructions
@@ -256,25 +234,9 @@ fn skip_quoted_ident(b: &[u8], open: usize) -> usize {
     b.len()
 }
 
-/// Past the block comment (nested, as PostgreSQL allows) whose `/*` is at `open`.
+/// Past the block comment whose `/*` is at `open`, or the end of the text.
 fn skip_block_comment(b: &[u8], open: usize) -> usize {
-    let mut depth = 1usize;
-    let mut i = open + 2;
-    while i < b.len() {
-        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-            depth += 1;
-            i += 2;
-        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-            depth -= 1;
-            i += 2;
-            if depth == 0 {
-                return i;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    b.len()
+    super::lex::block_comment_end(b, open).unwrap_or(b.len())
 }
 
 /// Whether `b` holds nothing but whitespace and comments.

@@ -98,23 +98,7 @@ fn skip_line_comment(b: &[u8], open: usize) -> usize {
 }
 
 fn skip_block_comment(b: &[u8], open: usize) -> usize {
-    let mut depth = 0;
-    let mut i = open;
-    while i + 1 < b.len() {
-        if b[i] == b'/' && b[i + 1] == b'*' {
-            depth += 1;
-            i += 2;
-        } else if b[i] == b'*' && b[i + 1] == b'/' {
-            depth -= 1;
-            i += 2;
-            if depth == 0 {
-                return i;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    b.len()
+    crate::analysis::lex::block_comment_end(b, open).unwrap_or(b.len())
 }
 
 fn skip_dollar(b: &[u8], open: usize) -> usize {
