@@ -108,10 +108,7 @@ impl CatchUp {
                 return;
             }
             let left = self.max_wait.saturating_sub(ticket.taken.elapsed());
-            // Boxed: a timer is hundreds of bytes, and the relay's event loop builds this
-            // future on every turn (tokio::select! builds disabled branches too), so unboxed
-            // it was copied twice per turn though it rarely waits at all.
-            let _ = Box::pin(tokio::time::timeout(left, echoed)).await;
+            let _ = tokio::time::timeout(left, echoed).await;
         }
     }
 

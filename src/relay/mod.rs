@@ -1885,7 +1885,10 @@ struct Unheard {
 /// Until the held answers may go to the client (see [`Unheard::holds_answers`]).
 async fn until_passed(held: Option<(Arc<CatchUp>, Ticket)>) {
     if let Some((catch_up, ticket)) = held {
-        catch_up.until_passed(ticket).await;
+        // Boxed: the event loop builds this future on every turn (select! builds disabled
+        // branches too) and copies it; unboxed, the wait's state (a `Notified`, a timer)
+        // would be copied with it although it is rarely polled at all.
+        Box::pin(catch_up.until_passed(ticket)).await;
     }
 }
 
