@@ -59,20 +59,7 @@ impl<'a> Lexer<'a> {
 
     /// Skips a single-quoted literal starting at `self.pos` (on the opening quote).
     fn skip_string(&mut self, backslash_escapes: bool) {
-        let b = self.bytes();
-        let mut i = self.pos + 1;
-        while i < b.len() {
-            match b[i] {
-                b'\\' if backslash_escapes => i += 2,
-                b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
-                b'\'' => {
-                    self.pos = i + 1;
-                    return;
-                }
-                _ => i += 1,
-            }
-        }
-        self.pos = b.len();
+        self.pos = string_end(self.bytes(), self.pos, backslash_escapes);
     }
 
     /// At a `$`: a dollar-quoted string (`$tag$ ... $tag$`), else a parameter or operator.
@@ -115,6 +102,26 @@ impl<'a> Lexer<'a> {
             }
         }
     }
+}
+
+/// Past the string literal whose opening quote is at `open` (`''` inside is a quote, and
+/// with `backslash_escapes`, as in `E''`, so is `\'`), or the end of `b` if it never closes.
+pub(crate) fn string_end(b: &[u8], open: usize, backslash_escapes: bool) -> usize {
+    let mut i = open + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' if backslash_escapes => i += 2,
+            b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// Where the `--` comment starting at `open` ends: its newline (not included), or the end.
+pub(crate) fn line_comment_end(b: &[u8], open: usize) -> usize {
+    memchr::memchr(b'\n', &b[open..]).map_or(b.len(), |n| open + n)
 }
 
 /// Past the block comment whose `/*` is at `open`, nested as PostgreSQL allows; `None` if
@@ -187,9 +194,7 @@ impl<'a> Iterator for Lexer<'a> {
         let item = match c {
             b'-' if self.peek(1) == Some(b'-') => {
                 let start = self.pos + 2;
-                let end = self.src[start..]
-                    .find('\n')
-                    .map_or(self.src.len(), |n| start + n);
+                let end = line_comment_end(self.bytes(), self.pos);
                 self.pos = end;
                 Item::Comment(&self.src[start..end])
             }

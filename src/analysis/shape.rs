@@ -26,7 +26,7 @@
 
 use std::fmt::Write as _;
 
-use super::lex::{BYTE_CLASS as CLASS, IDENT, NUMBER, WHITESPACE};
+use super::lex::{BYTE_CLASS as CLASS, IDENT, NUMBER, WHITESPACE, line_comment_end, string_end};
 use super::model::{
     Analysis, ColumnValue, KeyValue, PointKey, ReadInfo, TableWrite, WriteEffect, WriteInfo,
 };
@@ -72,10 +72,7 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
         // literal-like items (what the lexer calls `Other`) reach the code after the match.
         match c {
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(b.len(), |n| i + n);
+                i = line_comment_end(b, i);
                 continue;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
@@ -89,7 +86,7 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
                 }
                 break;
             }
-            b'\'' => i = skip_string(b, i, false),
+            b'\'' => i = string_end(b, i, false),
             b'"' => {
                 i = skip_quoted_ident(b, i);
                 if !leading_checked {
@@ -132,7 +129,7 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
                 if b.get(i) == Some(&b'\'') {
                     // E'...' takes backslash escapes; B'', X'', N'', U&'' do not matter here.
                     let word = &b[start..i];
-                    i = skip_string(b, i, word.eq_ignore_ascii_case(b"e"));
+                    i = string_end(b, i, word.eq_ignore_ascii_case(b"e"));
                 } else {
                     if !leading_checked {
                         if !is_query_or_dml(&sql[start..i]) {
@@ -178,15 +175,7 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
         }
         literals.push(value);
         text.push_str(&sql[copied..start]);
-        text.push('$');
-        match u8::try_from(literals.len()) {
-            // Most texts have a few literals: no formatting machinery for those.
-            Ok(n @ 0..=9) => text.push(char::from(b'0' + n)),
-            // Writing to a String cannot fail.
-            _ => {
-                let _ = write!(text, "{}", literals.len());
-            }
-        }
+        push_parameter(&mut text, literals.len());
         copied = i;
     }
     if literals.is_empty() {
@@ -194,6 +183,19 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
     }
     text.push_str(&sql[copied..]);
     Some(LiteralShape { text, literals })
+}
+
+/// Appends `$k`.
+fn push_parameter(text: &mut String, k: usize) {
+    text.push('$');
+    match u8::try_from(k) {
+        // Most texts have a few literals: no formatting machinery for those.
+        Ok(n @ 0..=9) => text.push(char::from(b'0' + n)),
+        // Writing to a String cannot fail.
+        _ => {
+            let _ = write!(text, "{k}");
+        }
+    }
 }
 
 /// The index of the first byte from `from` on outside `class`, or the end.
@@ -205,20 +207,6 @@ fn skip(b: &[u8], from: usize, class: u8) -> usize {
         i += 1;
     }
     i
-}
-
-/// Past the string literal whose opening quote is at `open`.
-fn skip_string(b: &[u8], open: usize, backslash_escapes: bool) -> usize {
-    let mut i = open + 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' if backslash_escapes => i += 2,
-            b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
-            b'\'' => return i + 1,
-            _ => i += 1,
-        }
-    }
-    b.len()
 }
 
 /// Past the quoted identifier whose opening quote is at `open` (`""` inside is a quote).
@@ -246,12 +234,7 @@ fn only_comments(b: &[u8]) -> bool {
         i = skip(b, i, WHITESPACE);
         match b.get(i) {
             None => return true,
-            Some(b'-') if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(b.len(), |n| i + n);
-            }
+            Some(b'-') if b.get(i + 1) == Some(&b'-') => i = line_comment_end(b, i),
             Some(b'/') if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
             Some(_) => return false,
         }
@@ -399,15 +382,7 @@ mod tests {
             let Some(value) = value else { continue };
             literals.push(value);
             text.push_str(&sql[copied..start]);
-            text.push('$');
-            match u8::try_from(literals.len()) {
-                // Most texts have a few literals: no formatting machinery for those.
-                Ok(n @ 0..=9) => text.push(char::from(b'0' + n)),
-                // Writing to a String cannot fail.
-                _ => {
-                    let _ = write!(text, "{}", literals.len());
-                }
-            }
+            push_parameter(&mut text, literals.len());
             copied = span.end;
         }
         if literals.is_empty() {
