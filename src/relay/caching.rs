@@ -64,7 +64,8 @@ struct ShapeMemo {
     text: Box<str>,
     /// The shape's analysis, if instantiating it with the first text's literals gave that
     /// text's own analysis; `None` if it did not (texts of this shape go to the text memo).
-    template: Option<Analysis>,
+    /// Shared by the [`Analyzed`] of every text of the shape, each with its own literals.
+    template: Option<Arc<Analysis>>,
     /// The plan shape of every text instantiated from `template`: it depends on the tables
     /// read and the key column, not on key values, so texts of one shape plan alike, and a
     /// miss on a new value (a new text) costs no catalog lookups.
@@ -84,7 +85,15 @@ const MAX_MEMOISED_ANALYSES: usize = 50_000;
 /// A statement's analysis and what the configuration says about caching it, memoised by
 /// query text (rules and hints depend on nothing else).
 pub struct Analyzed {
-    pub analysis: Analysis,
+    /// For a text analysed through its literal shape, the shape's analysis (shared by the
+    /// texts of the shape): its key values are `$k`, standing for `literals[k - 1]`. Read key
+    /// values through [`Analyzed::read_plan`] and [`Analyzed::invalidations`], which know that.
+    pub analysis: Arc<Analysis>,
+    /// The shaped text's literals when `analysis` is its shape's; else empty. Sharing the
+    /// shape's analysis instead of instantiating it spares every new text of a known shape
+    /// (each write and each missed read of `pgbench -M simple`) copying the table and column
+    /// names and key values, and later freeing them.
+    literals: Vec<String>,
     pub policy: Policy,
     /// Identifies the query for the adaptive bypass: a hash of its text.
     pub fingerprint: u64,
@@ -101,6 +110,36 @@ impl Analyzed {
     pub fn is_for(&self, sql: &str) -> bool {
         *self.sql == *sql
     }
+
+    /// Where the `$k` of `analysis` get their values: the text's own literals when it is
+    /// a shape's analysis (a shaped text has no `$` of its own), else the Bind's parameters.
+    fn values<'a>(&'a self, params: Option<&'a BindParams<'a>>) -> Values<'a> {
+        if self.literals.is_empty() {
+            Values::Params(params)
+        } else {
+            Values::Literals(&self.literals)
+        }
+    }
+
+    /// The analysis with its key values filled in: what [`analysis::analyze`] gives for the
+    /// text itself.
+    #[cfg(test)]
+    fn instance(&self) -> Analysis {
+        if self.literals.is_empty() {
+            (*self.analysis).clone()
+        } else {
+            analysis::instantiate(&self.analysis, &self.literals)
+        }
+    }
+}
+
+/// The values of an analysis' `$k` key values.
+#[derive(Clone, Copy)]
+enum Values<'a> {
+    /// A shaped text's literals (see [`Analyzed::analysis`]).
+    Literals(&'a [String]),
+    /// The Bind's parameters, if any.
+    Params(Option<&'a BindParams<'a>>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -322,25 +361,33 @@ impl CacheShared {
         {
             return a.clone();
         }
-        let ((analysis, fingerprint, plan_shape), changes_tx) = match analysis::literal_shape(sql) {
-            Some(shape) => {
-                let (analysis, fingerprint, plan, shape_mentions) =
-                    self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog);
-                let changes = shaped_changes_transaction(sql, &shape.literals, shape_mentions);
-                ((analysis, fingerprint, plan), changes)
-            }
-            None => (
-                (
-                    analysis::analyze(sql, catalog),
-                    text_hash,
-                    PlanCell::default(),
+        let ((analysis, literals, fingerprint, plan_shape), changes_tx) =
+            match analysis::literal_shape(sql) {
+                Some(shape) => {
+                    let (analysis, templated, fingerprint, plan, shape_mentions) =
+                        self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog);
+                    let changes = shaped_changes_transaction(sql, &shape.literals, shape_mentions);
+                    let literals = if templated {
+                        shape.literals
+                    } else {
+                        Vec::new()
+                    };
+                    ((analysis, literals, fingerprint, plan), changes)
+                }
+                None => (
+                    (
+                        Arc::new(analysis::analyze(sql, catalog)),
+                        Vec::new(),
+                        text_hash,
+                        PlanCell::default(),
+                    ),
+                    changes_transaction(sql),
                 ),
-                changes_transaction(sql),
-            ),
-        };
+            };
         let policy = self.policy(sql, &analysis);
         let a = Arc::new(Analyzed {
             analysis,
+            literals,
             policy,
             fingerprint,
             sql: sql.into(),
@@ -359,12 +406,13 @@ impl CacheShared {
         a
     }
 
-    /// The analysis of a new text that has a literal shape, with its fingerprint and plan
-    /// cell: from the shape's memo (the shape's fingerprint and plan cell: one query,
-    /// whatever its values), or, for the first text of a shape, parsed twice (as itself and
-    /// as the shape) to decide whether the shape can stand for its texts. Texts of a shape
-    /// that cannot are parsed one by one (their own fingerprint and plan cell). Last,
-    /// [`mentions_isolation`] of the shape's text.
+    /// The analysis of a new text that has a literal shape, whether it is the shape's
+    /// (its `$k` stand for the text's literals; see [`Analyzed::analysis`]), with its
+    /// fingerprint and plan cell: from the shape's memo (the shape's analysis, fingerprint
+    /// and plan cell: one query, whatever its values), or, for the first text of a shape,
+    /// parsed twice (as itself and as the shape) to decide whether the shape can stand for
+    /// its texts. Texts of a shape that cannot are parsed one by one (their own analysis,
+    /// fingerprint and plan cell). Last, [`mentions_isolation`] of the shape's text.
     fn analyze_shaped(
         &self,
         db_hash: u64,
@@ -372,23 +420,23 @@ impl CacheShared {
         sql: &str,
         shape: &analysis::LiteralShape,
         catalog: &Catalog,
-    ) -> (Analysis, u64, PlanCell, bool) {
+    ) -> (Arc<Analysis>, bool, u64, PlanCell, bool) {
         let fingerprint = xxh3_64(shape.text.as_bytes());
         let key = (db_hash, fingerprint);
         let known = {
             let map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
             map.get(&key).filter(|m| *m.text == *shape.text).map(|m| {
-                let analysis = m
-                    .template
-                    .as_ref()
-                    .map(|t| (analysis::instantiate(t, &shape.literals), m.plan.clone()));
+                let analysis = m.template.as_ref().map(|t| (Arc::clone(t), m.plan.clone()));
                 (analysis, m.mentions_isolation)
             })
         };
         match known {
-            Some((Some((analysis, plan)), mentions)) => (analysis, fingerprint, plan, mentions),
+            Some((Some((template, plan)), mentions)) => {
+                (template, true, fingerprint, plan, mentions)
+            }
             Some((None, mentions)) => (
-                analysis::analyze(sql, catalog),
+                Arc::new(analysis::analyze(sql, catalog)),
+                false,
                 text_hash,
                 PlanCell::default(),
                 mentions,
@@ -407,15 +455,22 @@ impl CacheShared {
                     key,
                     ShapeMemo {
                         text: shape.text.as_str().into(),
-                        template: agrees.then_some(template),
+                        template: agrees.then(|| Arc::new(template)),
                         plan: plan.clone(),
                         mentions_isolation: mentions,
                     },
                 );
+                // The first text keeps its own analysis (with its key values in place).
                 if agrees {
-                    (own, fingerprint, plan, mentions)
+                    (Arc::new(own), false, fingerprint, plan, mentions)
                 } else {
-                    (own, text_hash, PlanCell::default(), mentions)
+                    (
+                        Arc::new(own),
+                        false,
+                        text_hash,
+                        PlanCell::default(),
+                        mentions,
+                    )
                 }
             }
         }
@@ -634,10 +689,10 @@ pub fn key_hash(k: i64) -> u64 {
 
 /// What a write will invalidate, appended to `out`, and the tables it wrote, added to
 /// `written` (for read-your-writes bypass). Copies no names: this runs for every write.
-pub fn invalidations(
+fn invalidations(
     a: &Analysis,
     catalog: &Catalog,
-    params: Option<&BindParams<'_>>,
+    values: Values<'_>,
     out: &mut Vec<Invalidation>,
     written: &mut impl Extend<TableId>,
 ) {
@@ -646,7 +701,7 @@ pub fn invalidations(
             for tw in &w.tables {
                 let name = tw.table.name.as_str();
                 let family = catalog.write_family(name);
-                match int_keys(tw, catalog, params) {
+                match int_keys(tw, catalog, values) {
                     Some(keys) => {
                         out.push(Invalidation::Keys(table_id(name), keys));
                         out.extend(
@@ -703,31 +758,30 @@ pub fn writes_unnamed_tables(a: &Analysis, catalog: &Catalog) -> bool {
 
 /// The canonical integer keys a write touches, if every row it touches is pinned by the
 /// table's integer primary key.
-fn int_keys(
-    tw: &TableWrite,
-    catalog: &Catalog,
-    params: Option<&BindParams<'_>>,
-) -> Option<Vec<u64>> {
+fn int_keys(tw: &TableWrite, catalog: &Catalog, values: Values<'_>) -> Option<Vec<u64>> {
     let pk = catalog.int_key(&tw.table.name)?;
     let WriteEffect::Keys(conjunctions) = &tw.effect else {
         return None;
     };
     conjunctions
         .iter()
-        .map(|conj| pk_value(conj, &pk.column, params).map(key_hash))
+        .map(|conj| pk_value(conj, &pk.column, values).map(key_hash))
         .collect()
 }
 
-fn pk_value(conj: &[ColumnValue], pk: &str, params: Option<&BindParams<'_>>) -> Option<i64> {
+fn pk_value(conj: &[ColumnValue], pk: &str, values: Values<'_>) -> Option<i64> {
     conj.iter()
         .find(|cv| cv.column == pk)
-        .and_then(|cv| value_int(&cv.value, params))
+        .and_then(|cv| value_int(&cv.value, values))
 }
 
-fn value_int(v: &KeyValue, params: Option<&BindParams<'_>>) -> Option<i64> {
-    match v {
-        KeyValue::Literal(s) => canonical_int(s),
-        KeyValue::Param(n) => params?.int_param(*n),
+fn value_int(v: &KeyValue, values: Values<'_>) -> Option<i64> {
+    match (v, values) {
+        (KeyValue::Literal(s), _) => canonical_int(s),
+        (KeyValue::Param(n), Values::Literals(literals)) => {
+            canonical_int(literals.get(n.checked_sub(1)?)?)
+        }
+        (KeyValue::Param(n), Values::Params(params)) => params?.int_param(*n),
     }
 }
 
@@ -937,10 +991,10 @@ impl Analyzed {
     ) -> Option<ReadPlan> {
         let shape = self.plan_shape(catalog)?;
         let point_key = shape.point.as_ref().and_then(|(t, column)| {
-            let Analysis::Read(r) = &self.analysis else {
+            let Analysis::Read(r) = &*self.analysis else {
                 return None;
             };
-            let k = pk_value(&r.point.as_ref()?.candidates, column, params)?;
+            let k = pk_value(&r.point.as_ref()?.candidates, column, self.values(params))?;
             Some(Dependency::Key(*t, key_hash(k)))
         });
         Some(ReadPlan {
@@ -949,6 +1003,18 @@ impl Analyzed {
             point_key,
             shape,
         })
+    }
+
+    /// What this statement invalidates when its transaction commits (appended to `out`), and
+    /// the tables it writes (to `written`). `params`: the Bind's, for the extended protocol.
+    pub fn invalidations(
+        &self,
+        catalog: &Catalog,
+        params: Option<&BindParams<'_>>,
+        out: &mut Vec<Invalidation>,
+        written: &mut impl Extend<TableId>,
+    ) {
+        invalidations(&self.analysis, catalog, self.values(params), out, written);
     }
 
     /// The plan shape under `catalog`, memoised for the catalog it was first asked with
@@ -1163,12 +1229,56 @@ mod tests {
         let cat = Catalog::default();
         let a = c.analyze("db", "SELECT v FROM t WHERE id = 5", &cat);
         let b = c.analyze("db", "SELECT v FROM t WHERE id = 0006", &cat);
-        assert_eq!(a.analysis, point("t", "id", "5"));
-        assert_eq!(b.analysis, point("t", "id", "6"));
+        assert_eq!(a.instance(), point("t", "id", "5"));
+        assert_eq!(b.instance(), point("t", "id", "6"));
         assert_eq!(a.fingerprint, b.fingerprint);
         // Another database has its own memo (its catalog may differ).
         let other = c.analyze("db2", "SELECT v FROM t WHERE id = 7", &cat);
-        assert_eq!(other.analysis, point("t", "id", "7"));
+        assert_eq!(other.instance(), point("t", "id", "7"));
+    }
+
+    #[test]
+    fn texts_of_one_shape_invalidate_their_own_keys() {
+        let c = shared();
+        let cat = Arc::new(Catalog::default().with_int_key("t", "id"));
+        let invalidated = |sql: &str| {
+            let a = c.analyze("db", sql, &cat);
+            let (mut out, mut written) = (Vec::new(), Vec::new());
+            a.invalidations(&cat, None, &mut out, &mut written);
+            assert_eq!(written, vec![table_id("t")], "{sql}");
+            out
+        };
+        let t = table_id("t");
+        // The first text of the shape is analysed as itself; the next ones share the shape's
+        // analysis, whose key is `$2` (the string literal is `$1`).
+        for (sql, key) in [
+            ("UPDATE t SET v = 'a' WHERE id = 5", 5),
+            ("UPDATE t SET v = 'b' WHERE id = 6", 6),
+            ("UPDATE t SET v = 'a' WHERE id = 0007", 7),
+            ("UPDATE t SET v = 'c' WHERE id = -8", -8),
+        ] {
+            assert_eq!(
+                invalidated(sql),
+                vec![Invalidation::Keys(t, vec![key_hash(key)])],
+                "{sql}"
+            );
+        }
+        let shared_shape = c.analyze("db", "UPDATE t SET v = 'd' WHERE id = 9", &cat);
+        assert!(
+            !shared_shape.literals.is_empty(),
+            "analysed through the shape"
+        );
+        assert_eq!(
+            shared_shape.instance(),
+            analysis::analyze("UPDATE t SET v = 'd' WHERE id = 9", &*cat)
+        );
+        // Rows not pinned by the key: the whole table, for every text of the shape.
+        for sql in [
+            "UPDATE t SET v = 'e' WHERE w = 10",
+            "UPDATE t SET v = 'f' WHERE w = 11",
+        ] {
+            assert_eq!(invalidated(sql), vec![Invalidation::Wide(t)], "{sql}");
+        }
     }
 
     #[test]
@@ -1202,12 +1312,12 @@ mod tests {
             "SELECT v FROM t WHERE id = +6",
         ] {
             let got = c.analyze("db", sql, &cat);
-            assert_eq!(got.analysis, analysis::analyze(sql, &cat), "{sql}");
+            assert_eq!(got.instance(), analysis::analyze(sql, &cat), "{sql}");
             assert_eq!(got.fingerprint, xxh3_64(sql.as_bytes()));
         }
         assert_eq!(
             c.analyze("db", "SELECT v FROM t WHERE id = -6", &cat)
-                .analysis,
+                .instance(),
             point("t", "id", "-6")
         );
     }
@@ -1231,8 +1341,8 @@ mod tests {
         // ...the same text again: the same analysis, and now memoised.
         let twice = c.analyze("db", "SELECT v FROM t WHERE id = 2", &cat);
         assert_eq!(memoised(&c), after_first + 1);
-        assert_eq!(once.analysis, point("t", "id", "2"));
-        assert_eq!(twice.analysis, once.analysis);
+        assert_eq!(once.instance(), point("t", "id", "2"));
+        assert_eq!(twice.instance(), once.instance());
         assert_eq!(twice.fingerprint, once.fingerprint);
         let thrice = c.analyze("db", "SELECT v FROM t WHERE id = 2", &cat);
         assert!(Arc::ptr_eq(&thrice, &twice), "served from the memo");
@@ -1328,7 +1438,7 @@ mod tests {
         c.analyze("db", "SELECT v FROM t WHERE d = '2020-01-01'", &cat);
         let now = c.analyze("db", "SELECT v FROM t WHERE d = 'now'", &cat);
         assert!(
-            matches!(now.analysis, Analysis::Bypass(_)),
+            matches!(*now.analysis, Analysis::Bypass(_)),
             "{:?}",
             now.analysis
         );

@@ -1124,7 +1124,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         let analyzed = cache.analyze(&self.database, sql, &catalog);
         let Some(plan) = analyzed.read_plan(&catalog, key, None) else {
-            if matches!(analyzed.analysis, Analysis::Bypass(_)) {
+            if matches!(*analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
             self.query_analyzed = Some(analyzed);
@@ -1409,7 +1409,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
         let (params, key) = match keyed {
             Some((params, key)) => (Some(params), Some(key)),
-            None if matches!(analyzed.analysis, Analysis::Read(_)) => {
+            None if matches!(*analyzed.analysis, Analysis::Read(_)) => {
                 let Some(params) = read_params() else {
                     self.stash_batch_work(parse, shape.parse, analyzed);
                     return Ok(false);
@@ -1421,7 +1421,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         };
         let plan = analyzed.read_plan(&catalog, key.unwrap_or(CacheKey(0)), params.as_ref());
         let Some(mut plan) = plan else {
-            if matches!(analyzed.analysis, Analysis::Bypass(_)) {
+            if matches!(*analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
             self.stash_batch_work(parse, shape.parse, analyzed);
@@ -1577,7 +1577,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let (Some(catalog), Some(analyzed)) = (catalog, analyzed) else {
             return;
         };
-        if let Analysis::Ddl(d) = &analyzed.analysis {
+        if let Analysis::Ddl(d) = &*analyzed.analysis {
             self.schema_dirty = true;
             // ALTER ROLE/USER/DATABASE ... SET: new sessions start with other defaults.
             let w = crate::session::scan::leading_words(sql, 2);
@@ -1597,8 +1597,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             self.strict_tx = true;
             self.tx_hidden_writes = true;
         }
-        caching::invalidations(
-            &analyzed.analysis,
+        analyzed.invalidations(
             &catalog,
             params,
             &mut self.pending_inv,
