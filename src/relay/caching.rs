@@ -3,7 +3,9 @@
 //! invalidated at commit. The decisions are made here; the store is `cache`, the SQL
 //! understanding is `analysis`, the schema facts are `catalog`.
 
-use crate::analysis::{self, Analysis, ColumnValue, DdlScope, KeyValue, TableWrite, WriteEffect};
+use crate::analysis::{
+    self, Analysis, ColumnValue, DdlInfo, DdlScope, KeyValue, TableWrite, WriteEffect, WriteInfo,
+};
 pub use crate::cache::Invalidation;
 use crate::cache::{
     BuildMix, Bypass, BypassConfig, CacheKey, Dependency, Doorkeeper, Entry, FillGuard,
@@ -74,8 +76,36 @@ struct ShapeMemo {
     mentions_isolation: bool,
 }
 
-/// A memoised [`PlanShape`], with the catalog it was made with (see [`Analyzed::read_plan`]).
-type PlanCell = Arc<std::sync::OnceLock<(std::sync::Weak<Catalog>, Option<Arc<PlanShape>>)>>;
+/// The memoised [`PlanShape`] and [`WriteShape`] of an analysis, shared by the texts of a
+/// literal shape.
+type PlanCell = Arc<PlanCells>;
+
+#[derive(Default)]
+struct PlanCells {
+    read: CatalogMemo<Option<Arc<PlanShape>>>,
+    write: CatalogMemo<Arc<WriteShape>>,
+}
+
+/// A value computed from a catalog, with the catalog it was computed from.
+type CatalogMemo<T> = std::sync::OnceLock<(std::sync::Weak<Catalog>, T)>;
+
+/// `memo`'s value if it was computed from `catalog`; else `compute()`, remembered if the memo
+/// is still empty. The memos of analyses and shapes are dropped when the catalog is reloaded,
+/// so the first catalog asked is nearly always the one.
+fn for_catalog<T: Clone>(
+    memo: &CatalogMemo<T>,
+    catalog: &Arc<Catalog>,
+    compute: impl Fn() -> T,
+) -> T {
+    // A `Weak` keeps the catalog's allocation, so its address cannot be reused by a newer
+    // catalog while this memo lives.
+    let (of, value) = memo.get_or_init(|| (Arc::downgrade(catalog), compute()));
+    if std::ptr::eq(of.as_ptr(), Arc::as_ptr(catalog)) {
+        value.clone()
+    } else {
+        compute()
+    }
+}
 
 /// A database's catalog, loaded once by whichever client needs it first (`None`: unreadable).
 type CatalogCell = Arc<OnceCell<Option<Arc<Catalog>>>>;
@@ -689,45 +719,65 @@ pub fn key_hash(k: i64) -> u64 {
 
 /// What a write will invalidate, appended to `out`, and the tables it wrote, added to
 /// `written` (for read-your-writes bypass). Copies no names: this runs for every write.
-fn invalidations(
-    a: &Analysis,
+fn ddl_invalidations(
+    d: &DdlInfo,
     catalog: &Catalog,
-    values: Values<'_>,
     out: &mut Vec<Invalidation>,
     written: &mut impl Extend<TableId>,
 ) {
-    match a {
-        Analysis::Write(w) => {
-            for tw in &w.tables {
-                let name = tw.table.name.as_str();
-                let family = catalog.write_family(name);
-                match int_keys(tw, catalog, values) {
-                    Some(keys) => {
-                        out.push(Invalidation::Keys(table_id(name), keys));
-                        out.extend(
-                            family
-                                .clone()
-                                .filter(|f| *f != name)
-                                .map(|f| Invalidation::Wide(table_id(f))),
-                        );
-                    }
-                    None => out.extend(family.clone().map(|f| Invalidation::Wide(table_id(f)))),
+    match &d.scope {
+        DdlScope::Tables(tables) => {
+            for t in tables {
+                for f in catalog.write_family(&t.name) {
+                    out.push(Invalidation::Wide(table_id(f)));
+                    written.extend(Some(table_id(f)));
                 }
-                written.extend(family.map(table_id));
             }
         }
-        Analysis::Ddl(d) => match &d.scope {
-            DdlScope::Tables(tables) => {
-                for t in tables {
-                    for f in catalog.write_family(&t.name) {
-                        out.push(Invalidation::Wide(table_id(f)));
-                        written.extend(Some(table_id(f)));
-                    }
+        DdlScope::Database(_) => out.push(Invalidation::All),
+    }
+}
+
+/// What a write's invalidations take from the catalog, per table the write names (in the
+/// analysis' order). Computed once per memoised analysis and catalog, so that a repeated
+/// write (or a new text of a known shape) does no catalog lookups or name hashing.
+#[derive(Debug)]
+pub struct WriteShape {
+    tables: Vec<WrittenTable>,
+}
+
+#[derive(Debug)]
+struct WrittenTable {
+    own: TableId,
+    /// The table's integer primary key column: a write pinning it by equality invalidates
+    /// only those keys (and the rest of the family wholly).
+    key: Option<String>,
+    /// What a write to it must invalidate ([`Catalog::write_family`]), and the same without
+    /// the table itself.
+    family: Vec<TableId>,
+    others: Vec<TableId>,
+}
+
+impl WriteShape {
+    fn of(w: &WriteInfo, catalog: &Catalog) -> WriteShape {
+        let tables = w
+            .tables
+            .iter()
+            .map(|tw| {
+                let name = tw.table.name.as_str();
+                WrittenTable {
+                    own: table_id(name),
+                    key: catalog.int_key(name).map(|k| k.column.clone()),
+                    family: catalog.write_family(name).map(table_id).collect(),
+                    others: catalog
+                        .write_family(name)
+                        .filter(|f| *f != name)
+                        .map(table_id)
+                        .collect(),
                 }
-            }
-            DdlScope::Database(_) => out.push(Invalidation::All),
-        },
-        _ => {}
+            })
+            .collect();
+        WriteShape { tables }
     }
 }
 
@@ -757,15 +807,14 @@ pub fn writes_unnamed_tables(a: &Analysis, catalog: &Catalog) -> bool {
 }
 
 /// The canonical integer keys a write touches, if every row it touches is pinned by the
-/// table's integer primary key.
-fn int_keys(tw: &TableWrite, catalog: &Catalog, values: Values<'_>) -> Option<Vec<u64>> {
-    let pk = catalog.int_key(&tw.table.name)?;
+/// table's integer primary key `pk`.
+fn row_keys(tw: &TableWrite, pk: &str, values: Values<'_>) -> Option<Vec<u64>> {
     let WriteEffect::Keys(conjunctions) = &tw.effect else {
         return None;
     };
     conjunctions
         .iter()
-        .map(|conj| pk_value(conj, &pk.column, values).map(key_hash))
+        .map(|conj| pk_value(conj, pk, values).map(key_hash))
         .collect()
 }
 
@@ -1009,29 +1058,38 @@ impl Analyzed {
     /// the tables it writes (to `written`). `params`: the Bind's, for the extended protocol.
     pub fn invalidations(
         &self,
-        catalog: &Catalog,
+        catalog: &Arc<Catalog>,
         params: Option<&BindParams<'_>>,
         out: &mut Vec<Invalidation>,
         written: &mut impl Extend<TableId>,
     ) {
-        invalidations(&self.analysis, catalog, self.values(params), out, written);
+        let values = self.values(params);
+        match &*self.analysis {
+            Analysis::Write(w) => {
+                let shape = for_catalog(&self.plan_shape.write, catalog, || {
+                    Arc::new(WriteShape::of(w, catalog))
+                });
+                for (tw, t) in w.tables.iter().zip(&shape.tables) {
+                    match t.key.as_deref().and_then(|pk| row_keys(tw, pk, values)) {
+                        Some(keys) => {
+                            out.push(Invalidation::Keys(t.own, keys));
+                            out.extend(t.others.iter().map(|&f| Invalidation::Wide(f)));
+                        }
+                        None => out.extend(t.family.iter().map(|&f| Invalidation::Wide(f))),
+                    }
+                    written.extend(t.family.iter().copied());
+                }
+            }
+            Analysis::Ddl(d) => ddl_invalidations(d, catalog, out, written),
+            _ => {}
+        }
     }
 
-    /// The plan shape under `catalog`, memoised for the catalog it was first asked with
-    /// (the memos of analyses and shapes are dropped when the catalog is reloaded, so that
-    /// is the one).
+    /// The plan shape under `catalog` (see [`for_catalog`]).
     fn plan_shape(&self, catalog: &Arc<Catalog>) -> Option<Arc<PlanShape>> {
-        let compute = || PlanShape::of(&self.analysis, catalog).map(Arc::new);
-        // A `Weak` keeps the catalog's allocation, so its address cannot be reused by a
-        // newer catalog while this memo lives.
-        let (of, shape) = self
-            .plan_shape
-            .get_or_init(|| (Arc::downgrade(catalog), compute()));
-        if std::ptr::eq(of.as_ptr(), Arc::as_ptr(catalog)) {
-            shape.clone()
-        } else {
-            compute()
-        }
+        for_catalog(&self.plan_shape.read, catalog, || {
+            PlanShape::of(&self.analysis, catalog).map(Arc::new)
+        })
     }
 }
 
@@ -1221,6 +1279,26 @@ mod tests {
         assert_eq!(wide.deps(), vec![Dependency::AnyOf(table_id("t"))]);
         assert_eq!(wide.tables(), ["t".to_string()]);
         assert!(is_point(a.read_plan(&keyed, key, None).expect("cacheable")));
+    }
+
+    #[test]
+    fn a_write_shape_is_memoised_for_its_own_catalog_only() {
+        let c = shared();
+        let keyed = Arc::new(Catalog::default().with_int_key("t", "id"));
+        let plain = Arc::new(Catalog::default().with_relation("t"));
+        let a = c.analyze("db", "UPDATE t SET v = 1 WHERE id = 5", &keyed);
+        let invalidated = |cat: &Arc<Catalog>| {
+            let (mut out, mut written) = (Vec::new(), Vec::new());
+            a.invalidations(cat, None, &mut out, &mut written);
+            assert_eq!(written, vec![table_id("t")]);
+            out
+        };
+        let t = table_id("t");
+        let by_key = vec![Invalidation::Keys(t, vec![key_hash(5)])];
+        assert_eq!(invalidated(&keyed), by_key);
+        // The same analysis under another catalog (reloaded, the key gone): not the memo's.
+        assert_eq!(invalidated(&plain), vec![Invalidation::Wide(t)]);
+        assert_eq!(invalidated(&keyed), by_key);
     }
 
     #[test]
