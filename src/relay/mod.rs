@@ -546,7 +546,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let body =
             read_parse(msg.body()).ok_or_else(|| RelayError::Violation("bad Parse".into()))?;
         if body.name.is_empty() {
-            let stmt = self.unnamed_statement(msg.raw(), &body);
+            let stmt = self.statements.unnamed_for(msg.raw(), &body);
             self.parse_unnamed(&msg, stmt);
             return Ok(());
         }
@@ -592,16 +592,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     fn parse_named(&mut self, name: Bytes, stmt: Statement) {
         self.send_statement(&stmt, Some(name.clone()), false);
         self.statements.insert(name, stmt);
-    }
-
-    /// The statement of an unnamed Parse. Drivers send the same Parse for every execution
-    /// (`pgbench -M extended`, most ORMs): the same bytes as the current unnamed statement's
-    /// make the same statement, without decoding and scanning the text again.
-    fn unnamed_statement(&self, raw: &Bytes, body: &statements::ParseBody<'_>) -> Statement {
-        match &self.statements.unnamed {
-            Some(s) if s.parse[..] == raw[..] => s.clone(),
-            _ => Statement::unnamed(raw.clone(), body),
-        }
     }
 
     /// Answer a named Parse without a server when Postgres already accepted the same statement
@@ -1338,7 +1328,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             Some(i) => match read_parse(self.batch[i].body()) {
                 Some(p) if p.name.is_empty() || !self.statements.contains(p.name) => {
                     let stmt = if p.name.is_empty() {
-                        self.unnamed_statement(self.batch[i].raw(), &p)
+                        self.statements.unnamed_for(self.batch[i].raw(), &p)
                     } else {
                         Statement::new(&p, statements::scope(self.settings.fingerprint()))
                     };

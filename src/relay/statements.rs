@@ -8,7 +8,7 @@
 use crate::protocol::{self, cstr_at};
 use crate::session::{Effect, effects_of};
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use xxhash_rust::xxh3::Xxh3;
@@ -98,7 +98,13 @@ impl Statement {
 pub struct ClientStatements {
     named: HashMap<Bytes, Statement>,
     pub unnamed: Option<Statement>,
+    /// Unnamed statements parsed lately, oldest first (see [`ClientStatements::unnamed_for`]).
+    recent_unnamed: VecDeque<Statement>,
 }
+
+/// How many recent unnamed statements a client keeps: more than the statements of a
+/// pgbench transaction (7), and as many as a scan compares in a few instructions each.
+const RECENT_UNNAMED: usize = 8;
 
 impl ClientStatements {
     pub fn get(&self, name: &[u8]) -> Option<&Statement> {
@@ -127,6 +133,27 @@ impl ClientStatements {
     pub fn clear(&mut self) {
         self.named.clear();
         self.unnamed = None;
+    }
+
+    /// The statement of an unnamed Parse. Drivers send the same few Parses over and over
+    /// (`pgbench -M extended` cycles through a transaction's statements, ORMs through their
+    /// queries): the same bytes as one of the last unnamed Parses make the same statement (it
+    /// depends on nothing else), without decoding and scanning the text again.
+    pub fn unnamed_for(&mut self, raw: &Bytes, body: &ParseBody<'_>) -> Statement {
+        if let Some(s) = self.unnamed.as_ref().filter(|s| s.parse[..] == raw[..]) {
+            return s.clone();
+        }
+        if let Some(s) = self.recent_unnamed.iter().find(|s| s.parse[..] == raw[..]) {
+            return s.clone();
+        }
+        // Its own copy of the Parse: a slice of the read buffer would keep that whole buffer
+        // alive as long as the statement is remembered.
+        let s = Statement::unnamed(Bytes::copy_from_slice(raw), body);
+        if self.recent_unnamed.len() == RECENT_UNNAMED {
+            self.recent_unnamed.pop_front();
+        }
+        self.recent_unnamed.push_back(s.clone());
+        s
     }
 }
 
@@ -159,6 +186,44 @@ mod tests {
         let parsed = read_parse(&a.parse[5..]).unwrap();
         assert_eq!(parsed.name, a.server_name.as_bytes());
         assert_eq!(parsed.sql, b"SELECT $1");
+    }
+
+    #[test]
+    fn unnamed_parses_seen_lately_are_not_decoded_again() {
+        let mut c = ClientStatements::default();
+        let parse = |sql: &str| protocol::parse("", sql.as_bytes(), b"\0\0");
+        let parsed = |c: &mut ClientStatements, raw: &Bytes| {
+            let body = read_parse(&raw[5..]).expect("parse body");
+            c.unnamed_for(raw, &body)
+        };
+        let texts: Vec<String> = (0..RECENT_UNNAMED)
+            .map(|k| format!("SET search_path = s{k}"))
+            .collect();
+        let first: Vec<Statement> = texts.iter().map(|t| parsed(&mut c, &parse(t))).collect();
+        for (t, s) in texts.iter().zip(&first) {
+            assert_eq!(&*s.sql, t.as_str());
+            assert!(
+                matches!(&s.effects[..], [Effect::Set { .. }]),
+                "{t}: {:?}",
+                s.effects
+            );
+            // Its own copy of the Parse, not a slice of the message it came in.
+            let raw = parse(t);
+            let again = parsed(&mut c, &raw);
+            assert_eq!(again.parse.as_ptr(), s.parse.as_ptr(), "{t}: remembered");
+            assert_ne!(again.parse.as_ptr(), raw.as_ptr());
+            assert_eq!(&*again.sql, t.as_str());
+        }
+        // One more text pushes the oldest out: it is decoded anew, the others are not.
+        parsed(&mut c, &parse("SELECT 1"));
+        let oldest = parsed(&mut c, &parse(&texts[0]));
+        assert_ne!(oldest.parse.as_ptr(), first[0].parse.as_ptr());
+        assert_eq!(oldest.parse[..], first[0].parse[..]);
+        let kept = parsed(&mut c, &parse(&texts[RECENT_UNNAMED - 1]));
+        assert_eq!(
+            kept.parse.as_ptr(),
+            first[RECENT_UNNAMED - 1].parse.as_ptr()
+        );
     }
 
     #[test]
