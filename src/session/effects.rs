@@ -37,15 +37,44 @@ pub enum Effect {
 
 /// The session effects of every statement in a query string, in order.
 pub fn effects_of(sql: &str) -> Vec<Effect> {
+    // Hot path: one statement with nothing to track, decided without the splitter's scan
+    // for quotes and comments. With no `;` but at its end, the text is one statement (or
+    // none), whether that `;` ends it or sits in an unclosed quote: that statement is the
+    // text, bar blanks and maybe the `;`, which neither the first word nor the words
+    // [`surely_no_effect`] looks for can hold.
+    let b = sql.as_bytes();
+    let one_statement = match memchr::memchr(b';', b) {
+        None => true,
+        Some(i) => b[i + 1..].iter().all(u8::is_ascii_whitespace),
+    };
+    if one_statement && surely_no_effect(sql) {
+        return Vec::new();
+    }
     // Most statements have no effect: the Vec then never allocates.
     statements(sql).filter_map(effect_of).collect()
 }
 
-fn effect_of(stmt: &str) -> Option<Effect> {
-    // Hot path: most statements are SELECT/INSERT/UPDATE/DELETE with nothing to track; decide
-    // those from the first word and a scan that allocates nothing.
+/// Whether `stmt` surely has no session effect: most statements are SELECT/INSERT/UPDATE/
+/// DELETE with nothing to track, told by their first word and one scan that allocates
+/// nothing. `false`: [`effect_of`] must look closer.
+fn surely_no_effect(stmt: &str) -> bool {
+    !starts_tracked(stmt) && !EFFECT_WORDS.any_in(stmt)
+}
+
+/// Each check of `effect_of` for statements it does not read in full starts with one of
+/// these words: one pass rules them all out.
+static EFFECT_WORDS: Needles = Needles::new(&[
+    b"advisory_lock",
+    b"into temp",
+    b"pg_temp",
+    b"set_config",
+    b"pg_settings",
+]);
+
+/// Whether `stmt`'s first word is one of the statements `effect_of` reads in full.
+fn starts_tracked(stmt: &str) -> bool {
     let first = first_word(stmt).unwrap_or("");
-    if ![
+    [
         "set",
         "reset",
         "discard",
@@ -62,16 +91,11 @@ fn effect_of(stmt: &str) -> Option<Effect> {
     ]
     .iter()
     .any(|k| first.eq_ignore_ascii_case(k))
-    {
-        // Each check below starts with one of these words: one pass rules them all out.
-        static ANY: Needles = Needles::new(&[
-            b"advisory_lock",
-            b"into temp",
-            b"pg_temp",
-            b"set_config",
-            b"pg_settings",
-        ]);
-        if !ANY.any_in(stmt) {
+}
+
+fn effect_of(stmt: &str) -> Option<Effect> {
+    if !starts_tracked(stmt) {
+        if !EFFECT_WORDS.any_in(stmt) {
             return None;
         }
         if contains_ignore_case(stmt, b"advisory_lock") {
@@ -292,6 +316,46 @@ fn savepoint_effect(toks: &[Tok], at: usize, make: fn(String) -> Effect) -> Effe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_statement_texts_are_judged_as_the_splitter_would() {
+        let bodies = [
+            "SELECT 1",
+            "UPDATE t SET v = v + -5 WHERE id = 7",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT 'pg_advisory_lock'",
+            "SELECT set_config('search_path', 'x', false)",
+            "SELECT set_config('search_path', 'x;', false)",
+            "SET search_path = a",
+            "set work_mem = '1MB'",
+            "/* SET x = 1 */ SELECT 1",
+            "-- SET x = 1\nSELECT 1",
+            "SELECT 'unclosed",
+            "SELECT 'unclosed; SET search_path = b",
+            "SELECT 1 /* unclosed",
+            "CREATE TEMP TABLE t (a int)",
+            "SELECT * INTO TEMP t FROM u",
+            "UPDATE pg_settings SET setting = 'x' WHERE name = 'y'",
+            "LISTEN chan",
+            "SELECT $$;$$",
+            "",
+            "  ",
+        ];
+        for body in bodies {
+            for sql in [
+                body.to_string(),
+                format!("{body};"),
+                format!("  {body} ;  \n"),
+                format!("{body};;"),
+                format!("{body}; SET search_path = c"),
+                format!("SET search_path = c; {body}"),
+                format!("{body};\u{a0}"),
+            ] {
+                let split: Vec<Effect> = statements(&sql).filter_map(effect_of).collect();
+                assert_eq!(effects_of(&sql), split, "{sql:?}");
+            }
+        }
+    }
 
     #[test]
     fn session_set_is_tracked_and_local_set_is_not() {
