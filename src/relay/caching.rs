@@ -72,8 +72,28 @@ struct ShapeMemo {
     /// read and the key column, not on key values, so texts of one shape plan alike, and a
     /// miss on a new value (a new text) costs no catalog lookups.
     plan: PlanCell,
-    /// [`mentions_isolation`] of `text` (see [`shaped_changes_transaction`]).
-    mentions_isolation: bool,
+    /// What `text` mentions (see [`ShapeWords`]).
+    words: ShapeWords,
+}
+
+/// Words a literal shape's text mentions, memoised with the shape: a text of the shape
+/// mentions one iff the shape's text or one of the text's literals does (the words are
+/// letters, `_` and spaces; see [`shaped_changes_transaction`]).
+#[derive(Clone, Copy)]
+struct ShapeWords {
+    /// [`mentions_isolation`].
+    isolation: bool,
+    /// [`crate::session::effects::mentions_effect_words`].
+    effects: bool,
+}
+
+impl ShapeWords {
+    fn of(text: &str) -> ShapeWords {
+        ShapeWords {
+            isolation: mentions_isolation(text),
+            effects: crate::session::effects::mentions_effect_words(text),
+        }
+    }
 }
 
 /// The memoised [`PlanShape`] and [`WriteShape`] of an analysis, shared by the texts of a
@@ -131,6 +151,9 @@ pub struct Analyzed {
     sql: Box<str>,
     /// See [`changes_transaction`].
     pub changes_transaction: bool,
+    /// Running the text surely has no session effect: [`crate::session::effects_of`] of it is
+    /// empty, and need not be scanned for. `false` when not known.
+    pub no_session_effects: bool,
     /// See [`Analyzed::read_plan`]; shared by the texts of a literal shape.
     plan_shape: PlanCell,
 }
@@ -391,19 +414,30 @@ impl CacheShared {
         {
             return a.clone();
         }
-        let ((analysis, literals, fingerprint, plan_shape), changes_tx) =
+        let ((analysis, literals, fingerprint, plan_shape), (changes_tx, no_effects)) =
             match analysis::literal_shape(sql) {
                 Some(shape) => {
-                    let (analysis, templated, fingerprint, plan, shape_mentions) =
+                    let (analysis, templated, fingerprint, plan, words) =
                         self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog);
-                    let changes = shaped_changes_transaction(sql, &shape.literals, shape_mentions);
+                    let changes = shaped_changes_transaction(sql, &shape.literals, words.isolation);
+                    // A shaped text starts with a query or DML keyword, none of which
+                    // `effects_of` reads in full: only the words decide.
+                    let no_effects = !words.effects
+                        && !shape
+                            .literals
+                            .iter()
+                            .any(|l| crate::session::effects::mentions_effect_words(l));
                     let literals = if templated {
                         shape.literals
                     } else {
                         Vec::new()
                     };
-                    ((analysis, literals, fingerprint, plan), changes)
+                    (
+                        (analysis, literals, fingerprint, plan),
+                        (changes, no_effects),
+                    )
                 }
+                // Memoised whatever it is: its scan for effects is paid once.
                 None => (
                     (
                         Arc::new(analysis::analyze(sql, catalog)),
@@ -411,7 +445,10 @@ impl CacheShared {
                         text_hash,
                         PlanCell::default(),
                     ),
-                    changes_transaction(sql),
+                    (
+                        changes_transaction(sql),
+                        crate::session::effects_of(sql).is_empty(),
+                    ),
                 ),
             };
         let policy = self.policy(sql, &analysis);
@@ -422,6 +459,7 @@ impl CacheShared {
             fingerprint,
             sql: sql.into(),
             changes_transaction: changes_tx,
+            no_session_effects: no_effects,
             plan_shape,
         });
         let shaped = fingerprint != text_hash;
@@ -442,7 +480,7 @@ impl CacheShared {
     /// and plan cell: one query, whatever its values), or, for the first text of a shape,
     /// parsed twice (as itself and as the shape) to decide whether the shape can stand for
     /// its texts. Texts of a shape that cannot are parsed one by one (their own analysis,
-    /// fingerprint and plan cell). Last, [`mentions_isolation`] of the shape's text.
+    /// fingerprint and plan cell). Last, the words the shape's text mentions.
     fn analyze_shaped(
         &self,
         db_hash: u64,
@@ -450,14 +488,14 @@ impl CacheShared {
         sql: &str,
         shape: &analysis::LiteralShape,
         catalog: &Catalog,
-    ) -> (Arc<Analysis>, bool, u64, PlanCell, bool) {
+    ) -> (Arc<Analysis>, bool, u64, PlanCell, ShapeWords) {
         let fingerprint = xxh3_64(shape.text.as_bytes());
         let key = (db_hash, fingerprint);
         let known = {
             let map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
             map.get(&key).filter(|m| *m.text == *shape.text).map(|m| {
                 let analysis = m.template.as_ref().map(|t| (Arc::clone(t), m.plan.clone()));
-                (analysis, m.mentions_isolation)
+                (analysis, m.words)
             })
         };
         match known {
@@ -476,7 +514,7 @@ impl CacheShared {
                 let template = analysis::analyze(&shape.text, catalog);
                 let agrees = analysis::instantiate(&template, &shape.literals) == own;
                 let plan = PlanCell::default();
-                let mentions = mentions_isolation(&shape.text);
+                let mentions = ShapeWords::of(&shape.text);
                 let mut map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
                 if map.len() >= MAX_MEMOISED_ANALYSES {
                     map.clear();
@@ -487,7 +525,7 @@ impl CacheShared {
                         text: shape.text.as_str().into(),
                         template: agrees.then(|| Arc::new(template)),
                         plan: plan.clone(),
-                        mentions_isolation: mentions,
+                        words: mentions,
                     },
                 );
                 // The first text keeps its own analysis (with its key values in place).
@@ -1279,6 +1317,70 @@ mod tests {
         assert_eq!(wide.deps(), vec![Dependency::AnyOf(table_id("t"))]);
         assert_eq!(wide.tables(), ["t".to_string()]);
         assert!(is_point(a.read_plan(&keyed, key, None).expect("cacheable")));
+    }
+
+    #[test]
+    fn a_text_is_known_free_of_session_effects_only_when_it_is() {
+        let c = shared();
+        let cat = Catalog::default();
+        // Each text twice with other values: the shape's first text, then one from the memo.
+        for (texts, free) in [
+            (
+                [
+                    "SELECT v FROM t WHERE id = 1",
+                    "SELECT v FROM t WHERE id = 2",
+                ],
+                true,
+            ),
+            (
+                [
+                    "UPDATE t SET v = 'a' WHERE id = 1;",
+                    "UPDATE t SET v = 'b' WHERE id = 2;",
+                ],
+                true,
+            ),
+            (["BEGIN", "BEGIN"], true),
+            (["SET search_path = a", "SET search_path = a"], false),
+            (
+                ["SELECT pg_advisory_lock(1)", "SELECT pg_advisory_lock(2)"],
+                false,
+            ),
+            // The words in a literal or in a comment the shape keeps.
+            (
+                [
+                    "SELECT v FROM t WHERE s = 'x'",
+                    "SELECT v FROM t WHERE s = 'set_config'",
+                ],
+                false,
+            ),
+            (["SELECT 1 /* pg_temp */", "SELECT 2 /* pg_temp */"], false),
+            (
+                [
+                    "SELECT set_config('search_path', 'a', false)",
+                    "SELECT set_config('search_path', 'b', false)",
+                ],
+                false,
+            ),
+        ] {
+            for sql in texts {
+                let a = c.analyze("db", sql, &cat);
+                if sql.contains("'x'") {
+                    assert!(a.no_session_effects, "{sql}");
+                    continue;
+                }
+                assert_eq!(a.no_session_effects, free, "{sql}");
+                if a.no_session_effects {
+                    assert!(crate::session::effects_of(sql).is_empty(), "{sql}");
+                }
+            }
+        }
+        // What they claim is what the scan says.
+        for sql in [
+            "SELECT set_config('search_path', 'b', false)",
+            "SELECT pg_advisory_lock(2)",
+        ] {
+            assert!(!crate::session::effects_of(sql).is_empty(), "{sql}");
+        }
     }
 
     #[test]

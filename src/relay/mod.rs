@@ -464,9 +464,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 let sql = cstr_at(msg.body(), 0)
                     .map(|(s, _)| utf8_or_lossy(s))
                     .ok_or_else(|| RelayError::Violation("Query without a terminator".into()))?;
-                let effects = crate::session::effects_of(&sql);
-                self.apply_effects(&effects);
                 let analyzed = self.query_analyzed.take();
+                let effects = match &analyzed {
+                    Some(a) if a.no_session_effects && a.is_for(&sql) => Vec::new(),
+                    _ => crate::session::effects_of(&sql),
+                };
+                self.apply_effects(&effects);
                 self.note_statement(&sql, None, analyzed).await;
                 self.forward(&msg, Expect::Query);
             }

@@ -61,6 +61,13 @@ fn surely_no_effect(stmt: &str) -> bool {
     !starts_tracked(stmt) && !EFFECT_WORDS.any_in(stmt)
 }
 
+/// Whether `text` holds one of the words whose absence (with a first word `effect_of` does
+/// not read in full) proves a statement free of session effects. Letters, `_` and a space
+/// only: a literal shape's text and its literals hold one iff the text they stand for does.
+pub fn mentions_effect_words(text: &str) -> bool {
+    EFFECT_WORDS.any_in(text)
+}
+
 /// Each check of `effect_of` for statements it does not read in full starts with one of
 /// these words: one pass rules them all out.
 static EFFECT_WORDS: Needles = Needles::new(&[
