@@ -1233,6 +1233,16 @@ mod tests {
         )
     }
 
+    /// The cache, and two catalogs of table `t`: with the integer key `id` (a catalog as
+    /// loaded), and without (as reloaded after the key was dropped).
+    fn keyed_and_plain() -> (Arc<CacheShared>, Arc<Catalog>, Arc<Catalog>) {
+        (
+            shared(),
+            Arc::new(Catalog::default().with_int_key("t", "id")),
+            Arc::new(Catalog::default().with_relation("t")),
+        )
+    }
+
     fn point(table: &str, column: &str, value: &str) -> Analysis {
         let table = TableRef::new(None, table);
         Analysis::Read(ReadInfo {
@@ -1305,9 +1315,7 @@ mod tests {
 
     #[test]
     fn a_plan_shape_is_memoised_for_its_own_catalog_only() {
-        let c = shared();
-        let keyed = Arc::new(Catalog::default().with_int_key("t", "id"));
-        let plain = Arc::new(Catalog::default().with_relation("t"));
+        let (c, keyed, plain) = keyed_and_plain();
         let a = c.analyze("db", "SELECT v FROM t WHERE id = 5", &keyed);
         let key = CacheKey(1);
         let is_point = |p: ReadPlan| matches!(p.deps()[..], [Dependency::Key(_, _)]);
@@ -1323,61 +1331,37 @@ mod tests {
     fn a_text_is_known_free_of_session_effects_only_when_it_is() {
         let c = shared();
         let cat = Catalog::default();
-        // Each text twice with other values: the shape's first text, then one from the memo.
-        for (texts, free) in [
-            (
-                [
-                    "SELECT v FROM t WHERE id = 1",
-                    "SELECT v FROM t WHERE id = 2",
-                ],
-                true,
-            ),
-            (
-                [
-                    "UPDATE t SET v = 'a' WHERE id = 1;",
-                    "UPDATE t SET v = 'b' WHERE id = 2;",
-                ],
-                true,
-            ),
-            (["BEGIN", "BEGIN"], true),
-            (["SET search_path = a", "SET search_path = a"], false),
-            (
-                ["SELECT pg_advisory_lock(1)", "SELECT pg_advisory_lock(2)"],
-                false,
-            ),
-            // The words in a literal or in a comment the shape keeps.
-            (
-                [
-                    "SELECT v FROM t WHERE s = 'x'",
-                    "SELECT v FROM t WHERE s = 'set_config'",
-                ],
-                false,
-            ),
-            (["SELECT 1 /* pg_temp */", "SELECT 2 /* pg_temp */"], false),
-            (
-                [
-                    "SELECT set_config('search_path', 'a', false)",
-                    "SELECT set_config('search_path', 'b', false)",
-                ],
-                false,
-            ),
+        // In this order: a shape's first text is analysed as itself, the next ones through
+        // the shape's memo.
+        for (sql, free) in [
+            ("SELECT v FROM t WHERE id = 1", true),
+            ("SELECT v FROM t WHERE id = 2", true),
+            ("UPDATE t SET v = 'a' WHERE id = 1;", true),
+            ("UPDATE t SET v = 'b' WHERE id = 2;", true),
+            ("BEGIN", true),
+            ("BEGIN", true),
+            ("SET search_path = a", false),
+            ("SELECT pg_advisory_lock(1)", false),
+            ("SELECT pg_advisory_lock(2)", false),
+            ("SELECT set_config('search_path', 'a', false)", false),
+            ("SELECT set_config('search_path', 'b', false)", false),
+            // The words in a literal of a known shape, and in a comment the shape keeps.
+            ("SELECT v FROM t WHERE s = 'x'", true),
+            ("SELECT v FROM t WHERE s = 'set_config'", false),
+            ("SELECT 1 /* pg_temp */", false),
+            ("SELECT 2 /* pg_temp */", false),
         ] {
-            for sql in texts {
-                let a = c.analyze("db", sql, &cat);
-                if sql.contains("'x'") {
-                    assert!(a.no_session_effects, "{sql}");
-                    continue;
-                }
-                assert_eq!(a.no_session_effects, free, "{sql}");
-                if a.no_session_effects {
-                    assert!(crate::session::effects_of(sql).is_empty(), "{sql}");
-                }
+            let a = c.analyze("db", sql, &cat);
+            assert_eq!(a.no_session_effects, free, "{sql}");
+            if free {
+                assert!(crate::session::effects_of(sql).is_empty(), "{sql}");
             }
         }
-        // What they claim is what the scan says.
+        // What the texts above not claimed free do, as the scan sees it.
         for sql in [
-            "SELECT set_config('search_path', 'b', false)",
+            "SET search_path = a",
             "SELECT pg_advisory_lock(2)",
+            "SELECT set_config('search_path', 'b', false)",
         ] {
             assert!(!crate::session::effects_of(sql).is_empty(), "{sql}");
         }
@@ -1385,9 +1369,7 @@ mod tests {
 
     #[test]
     fn a_write_shape_is_memoised_for_its_own_catalog_only() {
-        let c = shared();
-        let keyed = Arc::new(Catalog::default().with_int_key("t", "id"));
-        let plain = Arc::new(Catalog::default().with_relation("t"));
+        let (c, keyed, plain) = keyed_and_plain();
         let a = c.analyze("db", "UPDATE t SET v = 1 WHERE id = 5", &keyed);
         let invalidated = |cat: &Arc<Catalog>| {
             let (mut out, mut written) = (Vec::new(), Vec::new());

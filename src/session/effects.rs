@@ -39,9 +39,9 @@ pub enum Effect {
 pub fn effects_of(sql: &str) -> Vec<Effect> {
     // Hot path: one statement with nothing to track, decided without the splitter's scan
     // for quotes and comments. With no `;` but at its end, the text is one statement (or
-    // none), whether that `;` ends it or sits in an unclosed quote: that statement is the
-    // text, bar blanks and maybe the `;`, which neither the first word nor the words
-    // [`surely_no_effect`] looks for can hold.
+    // none), whether that `;` ends it or sits in a comment or an unclosed quote: that
+    // statement is the text, bar blanks and maybe the `;`, which neither the first word nor
+    // the words [`surely_no_effect`] looks for can hold.
     let b = sql.as_bytes();
     let one_statement = match memchr::memchr(b';', b) {
         None => true,
