@@ -1071,6 +1071,42 @@ async fn roles_search_paths_databases_and_timezones_never_share_entries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_queries_of_one_shape_read_and_invalidate_their_own_rows() {
+    // Texts that differ only in their values share one analysis (their shape's): each must
+    // still read its own key and invalidate its own row.
+    let (proxy, db, direct) = setup(10).await;
+    let c = proxy.connect("postgres", "", &db).await;
+    let w = proxy.connect("postgres", "", &db).await;
+    let read = |id: i32| format!("SELECT v FROM t WHERE id = {id}");
+    // Cached: each text's second miss stores it, the third read is a hit.
+    for id in [5, 6, 7] {
+        for _ in 0..3 {
+            assert_eq!(simple_int(&c, &read(id)).await, (id * 10).to_string());
+        }
+    }
+    // The rows change behind pgstash's back: their cached reads keep the old values.
+    direct
+        .batch_execute("UPDATE t SET v = v + 1 WHERE id IN (5, 6, 7)")
+        .await
+        .expect("direct");
+    assert_eq!(simple_int(&c, &read(6)).await, "60", "a hit");
+    // Two writes of one shape through pgstash; the second is analysed through the shape.
+    w.batch_execute("UPDATE t SET v = 500 WHERE id = 5")
+        .await
+        .expect("update 5");
+    w.batch_execute("UPDATE t SET v = 700 WHERE id = 7")
+        .await
+        .expect("update 7");
+    assert_eq!(simple_int(&c, &read(5)).await, "500");
+    assert_eq!(simple_int(&c, &read(7)).await, "700");
+    assert_eq!(
+        simple_int(&c, &read(6)).await,
+        "60",
+        "another row's point read is still a hit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn point_reads_are_invalidated_row_by_row() {
     let (proxy, db, direct) = setup(10).await;
     let c = proxy.connect("postgres", "", &db).await;
