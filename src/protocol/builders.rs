@@ -81,9 +81,17 @@ pub fn error_from_fields(fields: &[(u8, String)]) -> Bytes {
 }
 
 pub fn ready_for_query(status: u8) -> Bytes {
-    let mut b = begin(b'Z', 1);
-    b.put_u8(status);
-    finish(b)
+    // Every cache hit ends with one: the three statuses are constants, not allocations.
+    match status {
+        b'I' => Bytes::from_static(b"Z\0\0\0\x05I"),
+        b'T' => Bytes::from_static(b"Z\0\0\0\x05T"),
+        b'E' => Bytes::from_static(b"Z\0\0\0\x05E"),
+        other => {
+            let mut b = begin(b'Z', 1);
+            b.put_u8(other);
+            finish(b)
+        }
+    }
 }
 
 pub fn parameter_status(key: &str, value: &str) -> Bytes {
@@ -173,6 +181,16 @@ pub fn with_statement_name(tag: u8, prefix: &[u8], name: &str, rest: &[u8]) -> B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_for_query_constants_are_the_built_messages() {
+        for status in [b'I', b'T', b'E', b'X'] {
+            let mut b = begin(b'Z', 1);
+            b.put_u8(status);
+            assert_eq!(ready_for_query(status), finish(b), "{}", status as char);
+        }
+        assert_eq!(&ready_for_query(b'T')[..], b"Z\0\0\0\x05T");
+    }
 
     #[test]
     fn error_response_fields_roundtrip() {
