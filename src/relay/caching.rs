@@ -528,18 +528,14 @@ impl CacheShared {
                         words: mentions,
                     },
                 );
-                // The first text keeps its own analysis (with its key values in place).
-                if agrees {
-                    (Arc::new(own), false, fingerprint, plan, mentions)
+                // The first text keeps its own analysis (with its key values in place); if the
+                // shape cannot stand for it, its own fingerprint and plan cell too.
+                let (fingerprint, plan) = if agrees {
+                    (fingerprint, plan)
                 } else {
-                    (
-                        Arc::new(own),
-                        false,
-                        text_hash,
-                        PlanCell::default(),
-                        mentions,
-                    )
-                }
+                    (text_hash, PlanCell::default())
+                };
+                (Arc::new(own), false, fingerprint, plan, mentions)
             }
         }
     }
@@ -755,8 +751,8 @@ pub fn key_hash(k: i64) -> u64 {
     xxh3_64(&k.to_be_bytes())
 }
 
-/// What a write will invalidate, appended to `out`, and the tables it wrote, added to
-/// `written` (for read-your-writes bypass). Copies no names: this runs for every write.
+/// What DDL invalidates, appended to `out`, and the tables it changed, added to `written`
+/// (see [`Analyzed::invalidations`]).
 fn ddl_invalidations(
     d: &DdlInfo,
     catalog: &Catalog,
@@ -790,10 +786,8 @@ struct WrittenTable {
     /// The table's integer primary key column: a write pinning it by equality invalidates
     /// only those keys (and the rest of the family wholly).
     key: Option<String>,
-    /// What a write to it must invalidate ([`Catalog::write_family`]), and the same without
-    /// the table itself.
+    /// What a write to it must invalidate ([`Catalog::write_family`]), itself included.
     family: Vec<TableId>,
-    others: Vec<TableId>,
 }
 
 impl WriteShape {
@@ -807,11 +801,6 @@ impl WriteShape {
                     own: table_id(name),
                     key: catalog.int_key(name).map(|k| k.column.clone()),
                     family: catalog.write_family(name).map(table_id).collect(),
-                    others: catalog
-                        .write_family(name)
-                        .filter(|f| *f != name)
-                        .map(table_id)
-                        .collect(),
                 }
             })
             .collect();
@@ -1111,7 +1100,14 @@ impl Analyzed {
                     match t.key.as_deref().and_then(|pk| row_keys(tw, pk, values)) {
                         Some(keys) => {
                             out.push(Invalidation::Keys(t.own, keys));
-                            out.extend(t.others.iter().map(|&f| Invalidation::Wide(f)));
+                            // The rest of the family wholly. Ids, not names: generations
+                            // are kept by id, so equal ids are one table to the cache.
+                            out.extend(
+                                t.family
+                                    .iter()
+                                    .filter(|&&f| f != t.own)
+                                    .map(|&f| Invalidation::Wide(f)),
+                            );
                         }
                         None => out.extend(t.family.iter().map(|&f| Invalidation::Wide(f))),
                     }
