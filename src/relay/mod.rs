@@ -225,6 +225,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     async fn event_loop(&mut self) -> Result<(), RelayError> {
         loop {
+            match self.write_now() {
+                Ok(()) => {}
+                Err(WriteNowError::Client(e)) => return Err(RelayError::ClientWrite(e)),
+                Err(WriteNowError::Server(e)) => return self.server_lost(e.to_string()).await,
+            }
             self.maybe_release().await;
             if self.terminating && self.answered_all() {
                 return Ok(());
@@ -242,6 +247,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     _ => false,
                 };
                 let read_server = self.to_client.len() < HIGH_WATER || capturing;
+                let write_client = self.may_write_client();
                 let (sr, sw) = match self.server.as_deref_mut() {
                     Some(c) => (Some(&mut c.reader), Some(&mut c.writer)),
                     None => (None, None),
@@ -252,8 +258,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                     .filter(|u| u.holds_answers)
                     .map(|u| (Arc::clone(&u.catch_up), u.ticket));
                 let holding = held.is_some();
-                // While a response is being captured for the cache it stays in the buffer.
-                let write_client = !self.to_client.is_empty() && self.fill.is_none() && !holding;
                 let (to_client, to_server) = (&self.to_client, &self.to_server);
                 let (client, client_w) = (&mut self.client, &mut self.client_w);
                 tokio::select! {
@@ -342,6 +346,34 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     /// Nothing is owed to the client: no answer expected, none waiting to be written.
+    /// Whether what is buffered for the client may go out now. While a response is being
+    /// captured for the cache it stays in the buffer, and while a commit's invalidation has
+    /// not been heard from the change source nothing reaches the client.
+    fn may_write_client(&self) -> bool {
+        !self.to_client.is_empty()
+            && self.fill.is_none()
+            && !self.unheard.as_ref().is_some_and(|u| u.holds_answers)
+    }
+
+    /// Writes to each side what its socket takes at once, without waiting. Nearly always a
+    /// socket is writable, and a turn of the event loop just to find that out would build
+    /// every `select!` branch and poll both reads, which are not ready yet. What a socket
+    /// does not take now stays buffered for the loop, which waits for it with the reads.
+    fn write_now(&mut self) -> Result<(), WriteNowError> {
+        if self.may_write_client()
+            && let Some(r) = write_without_waiting(&mut self.client_w, &self.to_client)
+        {
+            self.to_client.advance(r.map_err(WriteNowError::Client)?);
+        }
+        if !self.to_server.is_empty()
+            && let Some(c) = self.server.as_deref_mut()
+            && let Some(r) = write_without_waiting(&mut c.writer, &self.to_server)
+        {
+            self.to_server.advance(r.map_err(WriteNowError::Server)?);
+        }
+        Ok(())
+    }
+
     fn answered_all(&self) -> bool {
         self.expect.is_empty() && self.to_client.is_empty() && self.fill.is_none()
     }
@@ -1893,6 +1925,25 @@ async fn read_some<R: AsyncRead + Unpin>(
     }
 }
 
+/// One write attempt that does not wait: `None` when the socket would block. The no-op
+/// waker is never woken; the event loop polls a write that did not finish again (with its
+/// own waker) before it waits.
+fn write_without_waiting<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+) -> Option<std::io::Result<usize>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(w).poll_write(&mut cx, buf) {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => None,
+    }
+}
+
+enum WriteNowError {
+    Client(std::io::Error),
+    Server(std::io::Error),
+}
+
 async fn write_some<W: AsyncWrite + Unpin>(
     w: Option<&mut W>,
     buf: &[u8],
@@ -2080,7 +2131,30 @@ impl BatchShape {
 
 #[cfg(test)]
 mod tests {
-    use super::surely_not_a_read;
+    use super::{surely_not_a_read, write_without_waiting};
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_write_without_waiting_takes_what_fits_and_never_blocks() {
+        let (mut near, mut far) = tokio::io::duplex(8);
+        assert_eq!(
+            write_without_waiting(&mut near, b"0123456789").map(|r| r.unwrap()),
+            Some(8),
+            "the pipe takes what fits"
+        );
+        assert!(
+            write_without_waiting(&mut near, b"89").is_none(),
+            "a full pipe answers at once instead of waiting"
+        );
+        let mut got = [0; 8];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"01234567");
+        assert_eq!(
+            write_without_waiting(&mut near, b"89").map(|r| r.unwrap()),
+            Some(2),
+            "room again once the other side read"
+        );
+    }
 
     #[test]
     fn only_leading_non_read_keywords_skip_the_early_lookup() {
