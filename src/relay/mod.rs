@@ -1799,7 +1799,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 }
                 Err(e) => {
                     conn.broken = true;
-                    drop(deadpool::managed::Object::take(conn));
+                    conn.discard();
                     upstream_error_message(&e, Severity::Error)
                 }
             },
@@ -1857,7 +1857,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
 
     async fn server_lost(&mut self, why: String) -> Result<(), RelayError> {
         if let Some(conn) = self.server.take() {
-            drop(deadpool::managed::Object::take(conn));
+            conn.discard();
         }
         let msg = protocol::error_response(
             Severity::Fatal,
@@ -1891,7 +1891,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return;
         }
         conn.broken = true;
-        drop(deadpool::managed::Object::take(conn));
+        conn.discard();
     }
 }
 

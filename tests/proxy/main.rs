@@ -12,6 +12,7 @@ mod harness;
 mod migrate;
 mod notify;
 mod pgbench;
+mod pool;
 mod psql;
 mod python;
 mod recorder;
