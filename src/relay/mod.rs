@@ -48,6 +48,30 @@ pub enum RelayError {
     Violation(String),
 }
 
+/// The session effects of open portals that have any. Most have none, and the map is then
+/// empty: every Bind and Execute asks, so an empty map answers without hashing the name.
+#[derive(Default)]
+struct PortalEffects(HashMap<Bytes, Arc<[Effect]>>);
+
+impl PortalEffects {
+    fn get(&self, portal: &[u8]) -> Option<&Arc<[Effect]>> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.get(portal)
+    }
+
+    fn insert(&mut self, portal: &[u8], effects: Arc<[Effect]>) {
+        self.0.insert(Bytes::copy_from_slice(portal), effects);
+    }
+
+    fn remove(&mut self, portal: &[u8]) {
+        if !self.0.is_empty() {
+            self.0.remove(portal);
+        }
+    }
+}
+
 enum Event {
     Client(Result<Option<Message>, ProtocolError>),
     Server(Result<Option<Message>, ProtocolError>),
@@ -68,7 +92,7 @@ pub struct Relay<R, W> {
     expect: Expectations,
     statements: ClientStatements,
     /// Effects of the statement each portal was bound from, for portals that have any.
-    portal_effects: HashMap<Bytes, Arc<[Effect]>>,
+    portal_effects: PortalEffects,
     settings: Settings,
     cancel: Arc<CancelSlot>,
     tx_status: u8,
@@ -171,7 +195,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             mode: s.mode,
             expect: Expectations::default(),
             statements: ClientStatements::default(),
-            portal_effects: HashMap::new(),
+            portal_effects: PortalEffects::default(),
             settings: s.settings,
             cancel: s.cancel,
             tx_status: b'I',
@@ -741,8 +765,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         };
         match effects {
             Some(e) if !e.is_empty() => {
-                self.portal_effects
-                    .insert(Bytes::copy_from_slice(portal), e);
+                self.portal_effects.insert(portal, e);
             }
             _ => {
                 self.portal_effects.remove(portal);
@@ -1223,7 +1246,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     ) {
         if let HitOf::Batch { .. } = of {
             // The answered Bind replaced the unnamed portal; a cached read has no effects.
-            self.portal_effects.remove(&b""[..]);
+            self.portal_effects.remove(b"");
         }
         if self.tx_status == b'T' {
             self.portal_gap = match of {
@@ -2131,8 +2154,23 @@ impl BatchShape {
 
 #[cfg(test)]
 mod tests {
-    use super::{surely_not_a_read, write_without_waiting};
+    use super::{Effect, PortalEffects, surely_not_a_read, write_without_waiting};
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn a_portal_keeps_its_effects_until_it_is_closed_and_others_have_none() {
+        let mut p = PortalEffects::default();
+        assert!(p.get(b"").is_none());
+        p.remove(b"");
+        let pin: std::sync::Arc<[Effect]> = vec![Effect::Pin("temporary table")].into();
+        p.insert(b"c1", pin.clone());
+        assert_eq!(p.get(b"c1"), Some(&pin));
+        assert!(p.get(b"").is_none(), "the unnamed portal has none");
+        p.remove(b"");
+        assert_eq!(p.get(b"c1"), Some(&pin), "closing another portal keeps it");
+        p.remove(b"c1");
+        assert!(p.get(b"c1").is_none());
+    }
 
     #[tokio::test]
     async fn a_write_without_waiting_takes_what_fits_and_never_blocks() {
