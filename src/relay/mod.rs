@@ -114,7 +114,7 @@ pub struct Relay<R, W> {
     /// The client's Parses of its unnamed statement not answered yet, oldest first: each
     /// one's message, and the client's unnamed statement before it (see
     /// `unnamed_parse_failed`).
-    unnamed_in_flight: VecDeque<(Bytes, Option<Statement>)>,
+    unnamed_in_flight: VecDeque<(Statement, Option<Statement>)>,
     /// An answer from the cache inside a transaction block stood in for a Bind (or a
     /// Query) the server never saw: its unnamed portal may be an older one of this
     /// transaction, which Postgres would have replaced (or, for a Query, destroyed).
@@ -620,7 +620,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     /// Forward a Parse of the unnamed statement `stmt`.
     fn parse_unnamed(&mut self, msg: &Message, stmt: Statement) {
         let before = self.statements.unnamed.replace(stmt.clone());
-        self.unnamed_in_flight.push_back((stmt.parse, before));
+        self.unnamed_in_flight.push_back((stmt, before));
         self.unnamed_on_server = true;
         self.forward(
             msg,
@@ -745,7 +745,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         let stmt = self.statements.get(name)?.clone();
         self.send_statement(&stmt, None, true);
-        Some(stmt.server_name)
+        Some(stmt.server_name.clone())
     }
 
     fn on_bind(&mut self, msg: Message) -> Result<(), RelayError> {
@@ -1053,10 +1053,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return;
         };
         let now = if erred { None } else { before };
-        let same = |s: &Option<Statement>| {
-            s.as_ref()
-                .is_some_and(|s| s.parse.as_ptr() == parse.as_ptr() && s.parse.len() == parse.len())
-        };
+        let same = |s: &Option<Statement>| s.as_ref().is_some_and(|s| s.is(&parse));
         match self.unnamed_in_flight.front_mut() {
             // Later Parses in flight decide the statement; the next one replaced this one.
             Some((_, next_before)) => {

@@ -13,8 +13,27 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use xxhash_rust::xxh3::Xxh3;
 
+/// A prepared statement as a client sees it; cloned for every Parse a driver repeats (and
+/// remembered in several places), so its fields sit behind one shared pointer.
 #[derive(Debug, Clone)]
-pub struct Statement {
+pub struct Statement(Arc<StatementData>);
+
+impl Statement {
+    /// The same statement (the same Parse taken once), not merely an equal one.
+    pub fn is(&self, other: &Statement) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for Statement {
+    type Target = StatementData;
+    fn deref(&self) -> &StatementData {
+        &self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct StatementData {
     pub hash: u64,
     pub server_name: Arc<str>,
     /// The Parse to send when a server connection lacks this statement (already renamed).
@@ -68,28 +87,28 @@ impl Statement {
         let hash = h.digest();
         let server_name: Arc<str> = crate::upstream::prepared::server_name(hash).into();
         let sql: Arc<str> = String::from_utf8_lossy(p.sql).into();
-        Statement {
+        Statement(Arc::new(StatementData {
             hash,
             parse: protocol::parse(&server_name, p.sql, p.param_types),
             server_name,
             effects: effects_of(&sql).into(),
             sql,
             param_types: Bytes::copy_from_slice(p.param_types),
-        }
+        }))
     }
 
     /// The client's unnamed statement: sent as is, tracked only to re-send it when the client
     /// binds it on a different server connection.
     pub fn unnamed(raw: Bytes, p: &ParseBody<'_>) -> Statement {
         let sql: Arc<str> = String::from_utf8_lossy(p.sql).into();
-        Statement {
+        Statement(Arc::new(StatementData {
             hash: 0,
             server_name: "".into(),
             parse: raw,
             effects: effects_of(&sql).into(),
             sql,
             param_types: Bytes::copy_from_slice(p.param_types),
-        }
+        }))
     }
 }
 
