@@ -112,7 +112,7 @@ pub struct Relay<R, W> {
     undone: bool,
     unnamed_on_server: bool,
     /// The client's Parses of its unnamed statement not answered yet, oldest first: each
-    /// one's message, and the client's unnamed statement before it (see
+    /// one's statement, and the client's unnamed statement before it (see
     /// `unnamed_parse_failed`).
     unnamed_in_flight: VecDeque<(Statement, Option<Statement>)>,
     /// An answer from the cache inside a transaction block stood in for a Bind (or a
@@ -369,7 +369,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
     }
 
-    /// Nothing is owed to the client: no answer expected, none waiting to be written.
     /// Whether what is buffered for the client may go out now. While a response is being
     /// captured for the cache it stays in the buffer, and while a commit's invalidation has
     /// not been heard from the change source nothing reaches the client.
@@ -398,6 +397,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         Ok(())
     }
 
+    /// Nothing is owed to the client: no answer expected, none waiting to be written.
     fn answered_all(&self) -> bool {
         self.expect.is_empty() && self.to_client.is_empty() && self.fill.is_none()
     }
