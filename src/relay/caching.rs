@@ -762,9 +762,9 @@ fn ddl_invalidations(
     match &d.scope {
         DdlScope::Tables(tables) => {
             for t in tables {
-                for f in catalog.write_family(&t.name) {
-                    out.push(Invalidation::Wide(table_id(f)));
-                    written.extend(Some(table_id(f)));
+                for f in catalog.write_family(&t.name).map(table_id) {
+                    out.push(Invalidation::Wide(f));
+                    written.extend(Some(f));
                 }
             }
         }

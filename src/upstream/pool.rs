@@ -142,7 +142,6 @@ pub struct ServerPool {
     checkout_timeout: Duration,
     /// (statement hash, settings fingerprint) pairs Postgres has accepted a Parse of.
     valid_statements: Arc<Mutex<HashSet<(u64, u64)>>>,
-    retired: Retired,
     max_prepared: usize,
 }
 
@@ -263,7 +262,11 @@ impl ServerPool {
     /// Retire every server connection open now, in every pool: sessions started from here
     /// on get the role and database defaults Postgres has now.
     pub fn retire_all(&self) {
-        *self.retired.write().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self
+            .shared
+            .retired
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 }
 
@@ -323,7 +326,6 @@ impl Pools {
             shared: Arc::new(shared),
             checkout_timeout: self.config.checkout_timeout,
             valid_statements: Arc::default(),
-            retired: Arc::clone(&self.retired),
             max_prepared: self.config.max_prepared_statements,
         };
         pools.insert(key, pool.clone());
