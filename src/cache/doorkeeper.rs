@@ -68,7 +68,13 @@ impl Doorkeeper {
     /// stored entry was missed first, so `false` means L1 holds no entry for it, or one
     /// stored before the last clear (then one more miss brings it back into use).
     pub(super) fn maybe_missed(&self, key: CacheKey) -> bool {
-        let bit = (key.0 as u64 as usize) & ((1usize << self.bits_log2) - 1);
+        self.maybe_seen(key.0 as u64)
+    }
+
+    /// Whether `hash` was recorded since the last clear, without recording it: a load, so
+    /// the bitmap's cache lines are shared between cores until a bit is set.
+    pub fn maybe_seen(&self, hash: u64) -> bool {
+        let bit = (hash as usize) & ((1usize << self.bits_log2) - 1);
         self.words[bit / 64].load(Relaxed) & (1u64 << (bit % 64)) != 0
     }
 

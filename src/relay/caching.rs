@@ -408,8 +408,14 @@ impl CacheShared {
         let db_hash = xxh3_64(db.as_bytes());
         let text_hash = xxh3_64(sql.as_bytes());
         let key = (db_hash, text_hash);
+        let seen_key = db_hash ^ text_hash;
         let shard = &self.analyses[text_hash as usize % ANALYSIS_SHARDS];
-        if let Some(a) = shard.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+        // A text enters the memo only with its bit in `texts_seen` set (below): a text whose
+        // bit is clear (new, or seen before the bitmap was last cleared) spares the shard's
+        // lock, whose cache line would move between cores on every new text of a uniform
+        // workload. After a clear, a memoised text is analysed once more, then found again.
+        if self.texts_seen.maybe_seen(seen_key)
+            && let Some(a) = shard.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && *a.sql == *sql
         {
             return a.clone();
@@ -463,7 +469,9 @@ impl CacheShared {
             plan_shape,
         });
         let shaped = fingerprint != text_hash;
-        if shaped && !self.texts_seen.seen_before(db_hash ^ text_hash) {
+        // Recorded for every text, so that a memoised one has its bit set.
+        let seen_before = self.texts_seen.seen_before(seen_key);
+        if shaped && !seen_before {
             return a;
         }
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -1506,6 +1514,17 @@ mod tests {
         assert!(Arc::ptr_eq(&thrice, &twice), "served from the memo");
         assert!(thrice.is_for("SELECT v FROM t WHERE id = 2"));
         assert!(!thrice.is_for("SELECT v FROM t WHERE id = 3"));
+    }
+
+    #[test]
+    fn a_text_without_literals_is_served_from_the_memo_from_its_second_sighting() {
+        let c = shared();
+        let cat = Catalog::default();
+        let first = c.analyze("db", "SELECT v FROM t", &cat);
+        let second = c.analyze("db", "SELECT v FROM t", &cat);
+        assert!(Arc::ptr_eq(&first, &second), "served from the memo");
+        let other_db = c.analyze("other", "SELECT v FROM t", &cat);
+        assert!(!Arc::ptr_eq(&first, &other_db), "memoised per database");
     }
 
     #[test]
