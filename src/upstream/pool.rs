@@ -339,13 +339,12 @@ impl Pools {
             map.values().cloned().collect()
         };
         let idle = self.config.idle_timeout;
-        let life = self.config.max_lifetime;
         for pool in pools {
             let now = Instant::now();
+            // What a checkout would refuse (lifetime, liveness, retirement), and idleness.
             pool.retain_idle(|i| {
                 now.saturating_duration_since(i.since) < idle
-                    && now.saturating_duration_since(i.conn.created) < life
-                    && i.conn.is_clean_and_alive()
+                    && pool.shared.unfit(&i.conn, now).is_none()
             });
             // Holding min_size connections at once forces the pool to open the missing ones.
             if pool.open() < self.config.min_size {
