@@ -42,9 +42,14 @@ pg_started="" redis_started="" proxy_pid=""
 
 # A port that nothing on 127.0.0.1 accepts connections on right now.
 free_port() {
-    local port
+    # From 20000 up to the kernel's ephemeral range, as benches/run.sh picks them: a port
+    # inside that range may be the local end of some outgoing connection, which the probe
+    # below cannot see and which makes the server's bind fail.
+    local port eph="" hi=32768
+    read -r eph _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+    [[ "$eph" =~ ^[0-9]+$ ]] && ((eph > 22000)) && hi=$eph
     for _ in $(seq 100); do
-        port=$((20000 + RANDOM % 40000))
+        port=$((20000 + RANDOM % (hi - 20000)))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "$port"; return 0; fi
     done
     die "no free port found"
