@@ -20,6 +20,7 @@ pub mod cache;
 pub mod cancel;
 pub mod catalog;
 pub mod config;
+pub mod huge_pages;
 pub mod invalidation;
 pub mod login;
 pub mod metrics;
