@@ -81,7 +81,8 @@ pub struct CacheRule {
 #[serde(deny_unknown_fields, default)]
 pub struct AdaptiveConfig {
     pub enabled: bool,
-    /// Calls seen before a fingerprint is judged.
+    /// Lookups of sampled keys (one key in 16) in a window before a fingerprint is judged;
+    /// a query whose keys miss the sample is judged after 16 times as many lookups.
     pub min_calls: u64,
     /// Below this hit ratio (0..1) a fingerprint is bypassed.
     pub min_hit_ratio: f64,
@@ -92,7 +93,8 @@ pub struct AdaptiveConfig {
     /// every hit saves at least a round trip).
     #[serde(with = "humantime_serde")]
     pub min_upstream_time: Duration,
-    /// A bypassed fingerprint is tried again after this long.
+    /// A bypassed fingerprint is cached in full again after this long, to re-measure (its
+    /// sampled keys are re-measured all along).
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
 }
@@ -100,10 +102,9 @@ pub struct AdaptiveConfig {
 impl Default for AdaptiveConfig {
     fn default() -> Self {
         AdaptiveConfig {
-            // Off by default: judged on the hit ratio of a window, a large hot set looks like
-            // a bad query while the cache is still cold (measured: W1/W5 -M extended got
-            // bypassed for good). To be judged on key repetition instead.
-            enabled: false,
+            // Judged on a sample of keys that stays cached, so a large hot set on a cold
+            // cache is bypassed only until its sample warms up (see `cache::bypass`).
+            enabled: true,
             min_calls: 200,
             min_hit_ratio: 0.2,
             max_invalidation_ratio: 0.5,

@@ -1,10 +1,21 @@
 //! Adaptive bypass (DESIGN.md "Caching must never lose"): per query fingerprint, measure
 //! whether caching pays and stop caching the queries that do not, with a reason operators
-//! can see. Bypassed queries are re-probed now and then, since workloads change.
+//! can see.
 //!
-//! Decisions use tumbling windows of at least `min_samples` lookups, so an old good run
-//! does not hide a new bad one. Counters are relaxed atomics: the decision is a heuristic
-//! and a lost race costs at most one window of imprecision.
+//! Judged on a sample of keys. One key in [`SAMPLE_EVERY`] (by its hash) is always cached,
+//! bypass or not, and windows of at least `min_samples` of those lookups decide. Sampled
+//! keys are cached all along, so their hit ratio is what caching every key would reach:
+//! a large hot set on a cold cache is bypassed only until its sampled keys warm up, and the
+//! keys that were bypassed meanwhile, cold when caching resumes, do not make the next
+//! window look bad (judged on every lookup, a window after a resume saw mostly those cold
+//! keys, and W1/W5 flipped back to bypassed for good). A query with few keys may have none
+//! in the sample: a window of `min_samples` × [`SAMPLE_EVERY`] lookups of any keys decides
+//! then, and a bypassed query is cached in full again after `probe_interval` to be
+//! re-measured.
+//!
+//! Decisions use tumbling windows, so an old good run does not hide a new bad one.
+//! Counters are relaxed atomics: the decision is a heuristic and a lost race costs at most
+//! one window of imprecision.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
@@ -12,20 +23,28 @@ use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 
-use super::BuildMix;
+use super::{BuildMix, CacheKey};
+
+/// One key in this many is in the sample.
+pub const SAMPLE_EVERY: u64 = 16;
+
+/// Whether `key` is in the sample: the low bits of its high half, which nothing else
+/// indexes by, are clear (the doorkeeper, the fill shards and the front's tags read the
+/// low half; the front's set index is scaled from the top bits of the high half).
+pub fn in_sample(key: CacheKey) -> bool {
+    ((key.0 >> 64) as u64).is_multiple_of(SAMPLE_EVERY)
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct BypassConfig {
-    /// Lookups in a window before a fingerprint is judged.
+    /// Sampled lookups in a window before a fingerprint is judged.
     pub min_samples: u64,
     /// Below this hit ratio (hits / lookups) caching is not worth its memory and work.
     pub min_hit_ratio: f64,
     /// Above this ratio of invalidations observed (entries found stale, fills rejected as
     /// stale) per lookup, the query's tables change too often for caching to pay.
     pub max_stale_ratio: f64,
-    /// A bypassed fingerprint is cached again after this many calls…
-    pub probe_calls: u64,
-    /// …or this much time, whichever comes first, to re-measure.
+    /// A bypassed fingerprint is cached in full again after this long, to re-measure.
     pub probe_interval: Duration,
     /// Fingerprints tracked at most (least used ones are forgotten, and start over).
     pub max_fingerprints: u64,
@@ -40,7 +59,6 @@ impl Default for BypassConfig {
             min_samples: 200,
             min_hit_ratio: 0.2,
             max_stale_ratio: 0.5,
-            probe_calls: 1000,
             probe_interval: Duration::from_secs(60),
             max_fingerprints: 10_000,
             min_upstream: Duration::ZERO,
@@ -62,53 +80,26 @@ fn reason(code: u8) -> &'static str {
     }
 }
 
-/// Statistics of one fingerprint. Callers on a hot path may keep the `Arc` (e.g. per
-/// prepared statement) to skip the map lookup.
+/// Lookup outcomes of one fingerprint: running totals, and their values when the current
+/// window started.
 #[derive(Debug, Default)]
-pub struct QueryStats {
-    calls: AtomicU64,
+struct Counts {
     hits: AtomicU64,
     misses: AtomicU64,
     invalidations: AtomicU64,
-    upstream_micros: AtomicU64,
-    upstream_calls: AtomicU64,
-    // Totals at the start of the current window.
     base_hits: AtomicU64,
     base_misses: AtomicU64,
     base_invalidations: AtomicU64,
-    /// `CACHING`, or why caching is bypassed.
-    state: AtomicU8,
-    bypass_since_micros: AtomicU64,
-    bypassed_calls: AtomicU64,
 }
 
-impl QueryStats {
-    pub fn hit(&self) {
-        self.hits.fetch_add(1, Relaxed);
-    }
+/// What a window saw.
+struct Window {
+    hits: u64,
+    lookups: u64,
+    invalidations: u64,
+}
 
-    pub fn miss(&self) {
-        self.misses.fetch_add(1, Relaxed);
-    }
-
-    /// An entry found stale, or a fill rejected as stale.
-    pub fn invalidated(&self) {
-        self.invalidations.fetch_add(1, Relaxed);
-    }
-
-    /// Time the query spent upstream (cached misses and bypassed calls alike).
-    /// Mean time a call of this query took upstream, once any was measured.
-    fn mean_upstream(&self) -> Option<Duration> {
-        let calls = self.upstream_calls.load(Relaxed);
-        (calls > 0).then(|| Duration::from_micros(self.upstream_micros.load(Relaxed) / calls))
-    }
-
-    pub fn upstream(&self, took: Duration) {
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.upstream_micros.fetch_add(micros, Relaxed);
-        self.upstream_calls.fetch_add(1, Relaxed);
-    }
-
+impl Counts {
     fn start_window(&self) {
         self.base_hits.store(self.hits.load(Relaxed), Relaxed);
         self.base_misses.store(self.misses.load(Relaxed), Relaxed);
@@ -116,18 +107,96 @@ impl QueryStats {
         self.base_invalidations.store(invalidations, Relaxed);
     }
 
+    fn window(&self) -> Window {
+        let since = |total: &AtomicU64, base: &AtomicU64| {
+            total.load(Relaxed).saturating_sub(base.load(Relaxed))
+        };
+        let hits = since(&self.hits, &self.base_hits);
+        Window {
+            hits,
+            lookups: hits + since(&self.misses, &self.base_misses),
+            invalidations: since(&self.invalidations, &self.base_invalidations),
+        }
+    }
+}
+
+/// Statistics of one fingerprint.
+#[derive(Debug, Default)]
+pub struct QueryStats {
+    calls: AtomicU64,
+    /// Every lookup's outcome (for reports)…
+    all: Counts,
+    /// …and the sampled keys' (for decisions).
+    sampled: Counts,
+    upstream_micros: AtomicU64,
+    upstream_calls: AtomicU64,
+    /// `CACHING`, or why caching is bypassed.
+    state: AtomicU8,
+    bypass_since_micros: AtomicU64,
+}
+
+impl QueryStats {
+    /// Mean time a call of this query took upstream, once any was measured.
+    fn mean_upstream(&self) -> Option<Duration> {
+        let calls = self.upstream_calls.load(Relaxed);
+        (calls > 0).then(|| Duration::from_micros(self.upstream_micros.load(Relaxed) / calls))
+    }
+
+    fn start_window(&self) {
+        self.all.start_window();
+        self.sampled.start_window();
+    }
+
     fn report(&self, fingerprint: u64) -> QueryReport {
         let state = self.state.load(Relaxed);
         QueryReport {
             fingerprint,
             calls: self.calls.load(Relaxed),
-            hits: self.hits.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            invalidations: self.invalidations.load(Relaxed),
+            hits: self.all.hits.load(Relaxed),
+            misses: self.all.misses.load(Relaxed),
+            invalidations: self.all.invalidations.load(Relaxed),
             upstream_calls: self.upstream_calls.load(Relaxed),
             upstream_time: Duration::from_micros(self.upstream_micros.load(Relaxed)),
             bypassed: (state != CACHING).then(|| reason(state)),
         }
+    }
+}
+
+/// One call's handle on its fingerprint's statistics, which knows whether the call's key
+/// is in the sample. Callers on a hot path may keep the `Arc` inside (e.g. per prepared
+/// statement) to skip the map lookup.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    stats: Arc<QueryStats>,
+    sampled: bool,
+}
+
+impl Tracked {
+    fn count(&self, pick: impl Fn(&Counts) -> &AtomicU64) {
+        pick(&self.stats.all).fetch_add(1, Relaxed);
+        if self.sampled {
+            pick(&self.stats.sampled).fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn hit(&self) {
+        self.count(|c| &c.hits);
+    }
+
+    pub fn miss(&self) {
+        self.count(|c| &c.misses);
+    }
+
+    /// An entry found stale, or a fill rejected as stale.
+    pub fn invalidated(&self) {
+        self.count(|c| &c.invalidations);
+    }
+
+    /// Time a cached miss spent upstream.
+    pub fn upstream(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.stats.upstream_micros.fetch_add(micros, Relaxed);
+        self.stats.upstream_calls.fetch_add(1, Relaxed);
     }
 }
 
@@ -176,71 +245,79 @@ impl Bypass {
     }
 
     /// The statistics of a fingerprint, created on first use.
-    pub fn stats(&self, fingerprint: u64) -> Arc<QueryStats> {
+    fn stats(&self, fingerprint: u64) -> Arc<QueryStats> {
         self.queries.get_with(fingerprint, Arc::default)
     }
 
-    /// Counts a call and decides whether to use the cache for it; `Err` names the reason
-    /// (a metric label) when the fingerprint is bypassed.
-    pub fn should_cache(&self, fingerprint: u64) -> Result<(), &'static str> {
-        self.decide(&self.stats(fingerprint))
+    /// Counts a call of `fingerprint` with `key` and decides whether to use the cache for
+    /// it: `Ok` with the handle its lookup reports to, or `Err` naming the reason (a metric
+    /// label) when the call bypasses.
+    pub fn track(&self, fingerprint: u64, key: CacheKey) -> Result<Tracked, &'static str> {
+        let tracked = Tracked {
+            stats: self.stats(fingerprint),
+            sampled: in_sample(key),
+        };
+        self.decide(&tracked, Instant::now())?;
+        Ok(tracked)
     }
 
-    /// [`Bypass::should_cache`] on statistics the caller already holds.
-    pub fn decide(&self, q: &QueryStats) -> Result<(), &'static str> {
-        self.decide_at(q, Instant::now())
-    }
-
-    pub(crate) fn decide_at(&self, q: &QueryStats, now: Instant) -> Result<(), &'static str> {
-        let cfg = &self.config;
+    fn decide(&self, t: &Tracked, now: Instant) -> Result<(), &'static str> {
+        let (cfg, q) = (&self.config, &*t.stats);
         q.calls.fetch_add(1, Relaxed);
         let now_micros = u64::try_from(now.saturating_duration_since(self.origin).as_micros())
             .unwrap_or(u64::MAX);
-        let state = q.state.load(Relaxed);
-        if state != CACHING {
-            let calls = q.bypassed_calls.fetch_add(1, Relaxed) + 1;
-            let since = q.bypass_since_micros.load(Relaxed);
-            let elapsed = Duration::from_micros(now_micros.saturating_sub(since));
-            if calls < cfg.probe_calls && elapsed < cfg.probe_interval {
-                return Err(reason(state));
-            }
-            // Probe: cache again for a fresh window and judge anew.
+        // Judged by any call once a window is complete: the sampled keys of a warm hot set
+        // are hit without asking (`Entry::tracked`), so they may never come here themselves.
+        if let Some(w) = self.complete_window(q) {
             q.start_window();
-            q.state.store(CACHING, Relaxed);
+            let verdict = self.verdict(q, &w);
+            if verdict != CACHING && q.state.load(Relaxed) == CACHING {
+                q.bypass_since_micros.store(now_micros, Relaxed);
+            }
+            q.state.store(verdict, Relaxed);
+        }
+        let state = q.state.load(Relaxed);
+        // Sampled keys are cached whatever the verdict: they measure the next window.
+        if state == CACHING || t.sampled {
             return Ok(());
         }
-        let hits = q
-            .hits
-            .load(Relaxed)
-            .saturating_sub(q.base_hits.load(Relaxed));
-        let misses = q
-            .misses
-            .load(Relaxed)
-            .saturating_sub(q.base_misses.load(Relaxed));
-        let lookups = hits + misses;
-        if lookups < cfg.min_samples.max(1) {
-            return Ok(());
+        let since = q.bypass_since_micros.load(Relaxed);
+        if Duration::from_micros(now_micros.saturating_sub(since)) < cfg.probe_interval {
+            return Err(reason(state));
         }
-        let invalidations = q
-            .invalidations
-            .load(Relaxed)
-            .saturating_sub(q.base_invalidations.load(Relaxed));
+        // Probe: cache every key again for a fresh window and judge anew (a query whose keys
+        // miss the sample is measured no other way).
         q.start_window();
-        let verdict = if (hits as f64) < cfg.min_hit_ratio * lookups as f64 {
+        q.state.store(CACHING, Relaxed);
+        Ok(())
+    }
+
+    /// The current window, if it is complete: `min_samples` lookups of sampled keys, or
+    /// [`SAMPLE_EVERY`] times as many of any keys.
+    fn complete_window(&self, q: &QueryStats) -> Option<Window> {
+        let min = self.config.min_samples.max(1);
+        let sampled = q.sampled.window();
+        if sampled.lookups >= min {
+            return Some(sampled);
+        }
+        let all = q.all.window();
+        (all.lookups >= min.saturating_mul(SAMPLE_EVERY)).then_some(all)
+    }
+
+    /// `CACHING` if the window shows that caching pays, else why not.
+    fn verdict(&self, q: &QueryStats, w: &Window) -> u8 {
+        let cfg = &self.config;
+        if (w.hits as f64) < cfg.min_hit_ratio * w.lookups as f64 {
             LOW_HIT_RATIO
-        } else if invalidations as f64 > cfg.max_stale_ratio * lookups as f64 {
+        } else if w.invalidations as f64 > cfg.max_stale_ratio * w.lookups as f64 {
             INVALIDATED
         } else if !cfg.min_upstream.is_zero()
             && q.mean_upstream().is_some_and(|m| m < cfg.min_upstream)
         {
             CHEAP
         } else {
-            return Ok(());
-        };
-        q.bypass_since_micros.store(now_micros, Relaxed);
-        q.bypassed_calls.store(0, Relaxed);
-        q.state.store(verdict, Relaxed);
-        Err(reason(verdict))
+            CACHING
+        }
     }
 
     /// Every tracked fingerprint (for `SHOW QUERIES` and metrics).
@@ -265,11 +342,149 @@ mod tests {
             min_samples: 200,
             min_hit_ratio: 0.2,
             max_stale_ratio: 0.5,
-            probe_calls: 1000,
             probe_interval: Duration::from_secs(60),
             max_fingerprints: 100,
             min_upstream: Duration::ZERO,
         }
+    }
+
+    /// A key in the sample, or not.
+    fn key(sampled: bool, n: u64) -> CacheKey {
+        let k = CacheKey(u128::from(n) | if sampled { 0 } else { 1 << 64 });
+        assert_eq!(in_sample(k), sampled);
+        k
+    }
+
+    /// Runs `n` calls of `fp` through the decision, with sampled keys or not, recording a
+    /// hit for every `hit_every`-th call that may use the cache and a miss for the others;
+    /// returns the last decision.
+    fn calls(
+        b: &Bypass,
+        fp: u64,
+        sampled: bool,
+        n: u64,
+        hit_every: u64,
+    ) -> Result<(), &'static str> {
+        let mut last = Ok(());
+        for i in 0..n {
+            last = b.track(fp, key(sampled, i)).map(|t| {
+                if i % hit_every == 0 {
+                    t.hit()
+                } else {
+                    t.miss()
+                }
+            });
+        }
+        last
+    }
+
+    fn decide_at(b: &Bypass, fp: u64, sampled: bool, at: Instant) -> Result<(), &'static str> {
+        let t = Tracked {
+            stats: b.stats(fp),
+            sampled,
+        };
+        b.decide(&t, at)
+    }
+
+    #[test]
+    fn about_one_key_in_sixteen_is_in_the_sample() {
+        let sampled = (0..16_000u64)
+            .filter(|n| in_sample(CacheKey(xxhash_rust::xxh3::xxh3_128(&n.to_le_bytes()))))
+            .count();
+        assert!((800..1200).contains(&sampled), "{sampled} of 16000");
+    }
+
+    #[test]
+    fn keeps_caching_until_enough_samples() {
+        let b = Bypass::new(config());
+        assert_eq!(
+            calls(&b, 1, true, 199, u64::MAX),
+            Ok(()),
+            "199 sampled misses are not enough to judge"
+        );
+        assert_eq!(
+            calls(&b, 2, false, 200 * 16 - 1, u64::MAX),
+            Ok(()),
+            "nor are 16 times as many misses of keys outside the sample"
+        );
+    }
+
+    #[test]
+    fn bypasses_a_query_whose_sampled_keys_hit_too_rarely() {
+        let b = Bypass::new(config());
+        // 10 % hits; the 201st call is judged, and being sampled it is cached anyway.
+        assert_eq!(calls(&b, 1, true, 201, 10), Ok(()));
+        assert_eq!(b.track(1, key(false, 0)).err(), Some("low_hit_ratio"));
+        assert_eq!(b.report_one(1).unwrap().bypassed, Some("low_hit_ratio"));
+        assert!(
+            b.track(1, key(true, 0)).is_ok(),
+            "sampled keys are cached while the query is bypassed"
+        );
+    }
+
+    #[test]
+    fn is_judged_on_its_sampled_keys_not_on_cold_ones() {
+        let b = Bypass::new(config());
+        // Sampled keys hit half the time; fifteen times as many other keys are cold (all
+        // misses), as just after a resume: the sample decides, and it pays.
+        for round in 0..40u64 {
+            assert_eq!(calls(&b, 1, true, 10, 2), Ok(()), "round {round}");
+            assert_eq!(calls(&b, 1, false, 150, u64::MAX), Ok(()), "round {round}");
+        }
+        assert_eq!(b.report_one(1).unwrap().bypassed, None);
+    }
+
+    #[test]
+    fn resumes_caching_once_its_sampled_keys_hit() {
+        let b = Bypass::new(config());
+        assert!(calls(&b, 1, true, 201, u64::MAX).is_ok());
+        assert!(b.track(1, key(false, 0)).is_err(), "bypassed while cold");
+        // The sample warms up (every lookup hits now): a window of it resumes caching.
+        assert_eq!(calls(&b, 1, true, 200, 1), Ok(()));
+        assert_eq!(b.track(1, key(false, 0)).err(), None);
+    }
+
+    #[test]
+    fn hits_counted_without_a_decision_resume_caching_at_the_next_call() {
+        let b = Bypass::new(config());
+        assert!(calls(&b, 1, true, 201, u64::MAX).is_ok());
+        let t = b.track(1, key(true, 7)).expect("sampled");
+        // Hits found without analysis (of entries that carry `t`) decide nothing…
+        for _ in 0..300 {
+            t.hit();
+        }
+        // …but the next call of any key judges the complete window.
+        assert_eq!(b.track(1, key(false, 0)).err(), None);
+    }
+
+    #[test]
+    fn a_query_without_sampled_keys_is_judged_on_all_of_them() {
+        let b = Bypass::new(config());
+        assert_eq!(
+            calls(&b, 1, false, 200 * 16 + 1, u64::MAX),
+            Err("low_hit_ratio")
+        );
+    }
+
+    #[test]
+    fn bypasses_a_query_invalidated_too_often() {
+        let b = Bypass::new(config());
+        // A third of lookups hit; every miss found its entry stale and its refill was
+        // rejected as stale too: well above the hit-ratio floor, but churning.
+        for i in 0..200 {
+            let t = b.track(1, key(true, i)).expect("cached while judged");
+            if i % 3 == 0 {
+                t.hit();
+            } else {
+                t.miss();
+                t.invalidated();
+                t.invalidated();
+            }
+        }
+        assert_eq!(
+            b.track(1, key(false, 0)).err(),
+            Some("invalidated_too_often")
+        );
     }
 
     #[test]
@@ -279,125 +494,51 @@ mod tests {
             min_upstream: Duration::from_millis(5),
             ..config()
         });
-        let q = b.stats(9);
-        for _ in 0..10 {
-            assert!(b.decide(&q).is_ok());
-            q.hit();
-            q.upstream(Duration::from_micros(100));
+        for (fp, took) in [
+            (9, Duration::from_micros(100)),
+            (10, Duration::from_millis(50)),
+        ] {
+            for i in 0..10 {
+                let t = b.track(fp, key(true, i)).expect("judged after 10");
+                t.hit();
+                t.upstream(took);
+            }
         }
-        assert_eq!(b.decide(&q), Err("cheap_upstream"));
-        let slow = b.stats(10);
-        for _ in 0..10 {
-            assert!(b.decide(&slow).is_ok());
-            slow.hit();
-            slow.upstream(Duration::from_millis(50));
-        }
+        assert_eq!(b.track(9, key(false, 0)).err(), Some("cheap_upstream"));
         assert!(
-            b.decide(&slow).is_ok(),
+            b.track(10, key(false, 0)).is_ok(),
             "an expensive query keeps being cached"
         );
     }
 
-    /// Runs `n` calls through the decision, recording a hit for every `hit_every`-th one
-    /// and a miss otherwise; returns the last decision.
-    fn calls(b: &Bypass, fp: u64, n: u64, hit_every: u64) -> Result<(), &'static str> {
-        let q = b.stats(fp);
-        let mut last = Ok(());
-        for i in 0..n {
-            last = b.decide(&q);
-            if last.is_ok() {
-                if i % hit_every == 0 {
-                    q.hit()
-                } else {
-                    q.miss()
-                }
-            }
-        }
-        last
-    }
-
     #[test]
-    fn keeps_caching_until_enough_samples() {
+    fn probes_in_full_again_after_the_interval() {
         let b = Bypass::new(config());
-        assert_eq!(
-            calls(&b, 1, 199, u64::MAX),
-            Ok(()),
-            "199 misses are not enough to judge"
-        );
-    }
-
-    #[test]
-    fn bypasses_a_query_with_a_low_hit_ratio() {
-        let b = Bypass::new(config());
-        assert_eq!(calls(&b, 1, 201, 10), Err("low_hit_ratio")); // 10 % hits
-        assert_eq!(b.should_cache(1), Err("low_hit_ratio"));
-        assert_eq!(b.report_one(1).unwrap().bypassed, Some("low_hit_ratio"));
-    }
-
-    #[test]
-    fn keeps_caching_a_query_that_hits() {
-        let b = Bypass::new(config());
-        assert_eq!(calls(&b, 1, 5000, 2), Ok(())); // 50 % hits, many windows
-        assert_eq!(b.report_one(1).unwrap().bypassed, None);
-    }
-
-    #[test]
-    fn bypasses_a_query_invalidated_too_often() {
-        let b = Bypass::new(config());
-        let q = b.stats(1);
-        // A third of lookups hit; every miss found its entry stale and its refill was
-        // rejected as stale too: well above the hit-ratio floor, but churning.
-        for i in 0..200 {
-            assert_eq!(b.decide(&q), Ok(()));
-            if i % 3 == 0 {
-                q.hit();
-            } else {
-                q.miss();
-                q.invalidated();
-                q.invalidated();
-            }
-        }
-        assert_eq!(b.decide(&q), Err("invalidated_too_often"));
-    }
-
-    #[test]
-    fn probes_again_after_enough_bypassed_calls() {
-        let b = Bypass::new(config());
-        assert!(calls(&b, 1, 201, u64::MAX).is_err());
-        let q = b.stats(1);
-        for _ in 0..999 {
-            assert!(b.decide(&q).is_err());
-        }
-        assert_eq!(b.decide(&q), Ok(()), "the 1000th bypassed call re-probes");
-        // The probe window starts empty: a now-hitting query stays cached.
-        assert_eq!(calls(&b, 1, 400, 1), Ok(()));
-    }
-
-    #[test]
-    fn probes_again_after_the_interval() {
-        let b = Bypass::new(config());
-        assert!(calls(&b, 1, 201, u64::MAX).is_err());
-        let q = b.stats(1);
+        assert!(calls(&b, 1, false, 200 * 16 + 1, u64::MAX).is_err());
         let later = Instant::now() + Duration::from_secs(30);
-        assert!(b.decide_at(&q, later).is_err());
+        assert!(decide_at(&b, 1, false, later).is_err());
         let much_later = Instant::now() + Duration::from_secs(61);
-        assert_eq!(b.decide_at(&q, much_later), Ok(()));
+        assert_eq!(decide_at(&b, 1, false, much_later), Ok(()));
+        // The probe window starts empty: a now-hitting query stays cached.
+        assert_eq!(calls(&b, 1, false, 200 * 16 + 1, 1), Ok(()));
     }
 
     #[test]
     fn a_query_that_turns_bad_is_caught_in_the_next_window() {
         let b = Bypass::new(config());
-        assert_eq!(calls(&b, 1, 2000, 1), Ok(())); // all hits
-        assert_eq!(calls(&b, 1, 400, u64::MAX), Err("low_hit_ratio"));
+        assert_eq!(calls(&b, 1, true, 2000, 1), Ok(())); // all hits
+        assert_eq!(calls(&b, 1, true, 400, u64::MAX), Ok(()), "sampled: cached");
+        assert_eq!(b.track(1, key(false, 0)).err(), Some("low_hit_ratio"));
     }
 
     #[test]
     fn fingerprints_are_independent_and_bounded() {
         let b = Bypass::new(config());
-        assert!(calls(&b, 1, 201, u64::MAX).is_err());
-        assert_eq!(b.should_cache(2), Ok(()));
+        assert!(calls(&b, 1, true, 201, u64::MAX).is_ok());
+        assert!(b.track(1, key(false, 0)).is_err());
+        assert!(b.track(2, key(false, 0)).is_ok());
         for fp in 0..1000 {
-            let _ = b.should_cache(fp);
+            let _ = b.track(fp, key(false, 0));
         }
         b.queries.run_pending_tasks();
         assert!(b.queries.entry_count() <= 100);
@@ -406,11 +547,11 @@ mod tests {
     #[test]
     fn report_estimates_time_saved() {
         let b = Bypass::new(config());
-        let q = b.stats(9);
-        q.upstream(Duration::from_millis(10));
-        q.miss();
+        let t = b.track(9, key(true, 0)).expect("new query");
+        t.upstream(Duration::from_millis(10));
+        t.miss();
         for _ in 0..3 {
-            q.hit();
+            t.hit();
         }
         let r = b.report_one(9).unwrap();
         assert_eq!((r.hits, r.misses, r.upstream_calls), (3, 1, 1));

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache;
 
+use super::bypass::Tracked;
 use super::doorkeeper::Doorkeeper;
 use super::fill::{self, FillGuard, FlightShard, Pending, Resolved};
 use super::front::Front;
@@ -40,6 +41,9 @@ pub struct Entry {
     pub(super) expires: Instant,
     /// The [`crate::catalog::Catalog::epoch`] the read was planned with (0: unknown).
     catalog_epoch: u64,
+    /// The statistics the adaptive bypass keeps of the query that filled it, for hits
+    /// found without analysing the query (see [`Entry::tracked`]).
+    tracked: Option<Tracked>,
 }
 
 impl Entry {
@@ -52,7 +56,19 @@ impl Entry {
             ttl: Duration::ZERO,
             expires: Instant::now(),
             catalog_epoch: 0,
+            tracked: None,
         }
+    }
+
+    /// Records the adaptive bypass's handle on the query's statistics.
+    pub fn tracked_by(mut self, tracked: Option<Tracked>) -> Self {
+        self.tracked = tracked;
+        self
+    }
+
+    /// Where a hit on this entry is counted, when the adaptive bypass is on.
+    pub fn tracked(&self) -> Option<&Tracked> {
+        self.tracked.as_ref()
     }
 
     /// Records the epoch of the catalog the read was planned with.

@@ -9,7 +9,7 @@ use crate::analysis::{
 pub use crate::cache::Invalidation;
 use crate::cache::{
     BuildMix, Bypass, BypassConfig, CacheKey, Dependency, Doorkeeper, Entry, FillGuard,
-    FillOutcome, Generations, Invalidator, L1, L1Config, QueryStats, Resolved, Snapshot, TableId,
+    FillOutcome, Generations, Invalidator, L1, L1Config, Resolved, Snapshot, TableId, Tracked,
 };
 use crate::catalog::Catalog;
 use crate::config::{CacheConfig, CacheRule, UpstreamTarget};
@@ -677,7 +677,8 @@ impl CacheShared {
             None => {
                 let response = bytes::Bytes::copy_from_slice(response);
                 let entry = Entry::new(response.clone(), fill.rows, fill.snapshot)
-                    .planned_with(fill.catalog_epoch);
+                    .planned_with(fill.catalog_epoch)
+                    .tracked_by(fill.stats.clone());
                 (fill.guard.fill(entry, fill.ttl, &self.gens), Some(response))
             }
         };
@@ -1143,7 +1144,7 @@ pub struct Fill {
     pub redis: Option<RedisSnapshot>,
     pub key: CacheKey,
     pub catalog_epoch: u64,
-    pub stats: Option<Arc<QueryStats>>,
+    pub stats: Option<Tracked>,
     /// Where in the client buffer this response starts.
     pub start: usize,
     pub ttl: Duration,
@@ -1161,7 +1162,7 @@ pub struct PendingFill {
     pub redis: Option<RedisSnapshot>,
     pub key: CacheKey,
     pub catalog_epoch: u64,
-    pub stats: Option<Arc<QueryStats>>,
+    pub stats: Option<Tracked>,
     pub ttl: Duration,
 }
 
@@ -1183,7 +1184,7 @@ pub async fn lookup(
     shared: &CacheShared,
     plan: &ReadPlan,
     ttl: Duration,
-    stats: Option<Arc<QueryStats>>,
+    stats: Option<Tracked>,
 ) -> ReadOutcome {
     let mut guard = match shared.l1.get(plan.key, &shared.gens).await {
         Resolved::Hit(e) => return ReadOutcome::Hit(e.response.clone(), Tier::L1),
@@ -1201,8 +1202,9 @@ pub async fn lookup(
         match tier.lookup(plan.key, &deps).await {
             L2Lookup::Hit { response, rows } => {
                 metrics().hits_l2.inc();
-                let entry =
-                    Entry::new(response.clone(), rows, snapshot).planned_with(plan.catalog_epoch);
+                let entry = Entry::new(response.clone(), rows, snapshot)
+                    .planned_with(plan.catalog_epoch)
+                    .tracked_by(stats.clone());
                 guard.admit(); // cached by some instance: the key repeats
                 let _ = guard.fill(entry, ttl, &shared.gens);
                 return ReadOutcome::Hit(response, Tier::L2);

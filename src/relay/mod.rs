@@ -1204,10 +1204,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     /// settings, the entry was stored by that path for this key under this very catalog (so
     /// the analysis, which depends only on the text and the catalog, found it cacheable, and
     /// config rules do not change at run time), and the session-level reasons to bypass are
-    /// checked here as there. Inside a transaction block (whose own writes and isolation
-    /// matter), with adaptive bypass on (whose decision is per fingerprint, which needs the
-    /// analysis), after the catalog was reloaded, or on any doubt: `None`, and the full path
-    /// decides.
+    /// checked here as there. A fresh entry is served even if the adaptive bypass no longer
+    /// caches its query (that decision is about cost, not correctness); its hit is counted
+    /// for the query all the same. Inside a transaction block (whose own writes and
+    /// isolation matter), after the catalog was reloaded, or on any doubt: `None`, and the
+    /// full path decides.
     fn known_hit(
         &self,
         cache: &CacheShared,
@@ -1218,14 +1219,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return None;
         }
         let entry = cache.l1.peek(key, &cache.gens)?;
-        (entry.catalog_epoch() == catalog.epoch).then_some(entry)
+        if entry.catalog_epoch() != catalog.epoch {
+            return None;
+        }
+        if let Some(t) = entry.tracked() {
+            t.hit();
+        }
+        Some(entry)
     }
 
     /// Whether [`Relay::known_hit`] may answer now, whatever the key.
     fn may_know_hit(&self, cache: &CacheShared, catalog: &crate::catalog::Catalog) -> bool {
         self.tx_status == b'I'
             && self.tx_written.is_empty()
-            && cache.bypass.is_none()
             && catalog.epoch != 0
             && self.cache_allowed_now()
             && cache.source_healthy(&self.database)
@@ -1282,15 +1288,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
     }
 
     /// Whether a planned read may be looked up in the cache now: its lifetime and adaptive
-    /// statistics if so; if not, the bypass is counted. Needs no cache key (`plan.key` is
-    /// not read), so a read that bypasses computes none.
+    /// statistics if so; if not, the bypass is counted.
     fn read_gate(
         &mut self,
         cache: &CacheShared,
         catalog: &crate::catalog::Catalog,
         plan: &caching::ReadPlan,
         analyzed: &caching::Analyzed,
-    ) -> Option<(std::time::Duration, Option<Arc<crate::cache::QueryStats>>)> {
+    ) -> Option<(std::time::Duration, Option<crate::cache::Tracked>)> {
         let m = metrics();
         let ttl = match analyzed.policy {
             caching::Policy::Cache(ttl) => ttl,
@@ -1320,14 +1325,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         self.unheard = None;
         let stats = match &cache.bypass {
-            Some(b) => {
-                let stats = b.stats(analyzed.fingerprint);
-                if let Err(reason) = b.decide(&stats) {
+            Some(b) => match b.track(analyzed.fingerprint, plan.key) {
+                Ok(tracked) => Some(tracked),
+                Err(reason) => {
                     m.bypass_adaptive(reason);
                     return None;
                 }
-                Some(stats)
-            }
+            },
             None => None,
         };
         Some((ttl, stats))
@@ -1339,7 +1343,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         cache: &CacheShared,
         plan: &caching::ReadPlan,
         ttl: std::time::Duration,
-        stats: Option<Arc<crate::cache::QueryStats>>,
+        stats: Option<crate::cache::Tracked>,
         started: std::time::Instant,
         of: HitOf,
     ) -> Result<bool, RelayError> {
@@ -1463,6 +1467,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             // No plan: `read_plan` needs no parameters to say so.
             None => (None, None),
+        };
+        // The adaptive bypass samples by key: then the key comes before the gate.
+        let key = match (key, &params) {
+            (None, Some(params)) if cache.bypass.is_some() => {
+                Some(self.batch_key(&stmt, params, flags))
+            }
+            (key, _) => key,
         };
         let plan = analyzed.read_plan(&catalog, key.unwrap_or(CacheKey(0)), params.as_ref());
         let Some(mut plan) = plan else {

@@ -1347,7 +1347,8 @@ async fn queries_that_never_hit_stop_being_cached_and_say_why() {
     drop(proxy);
     let proxy = Proxy::start(shared_pg(), |c| {
         c.cache.adaptive.enabled = true;
-        c.cache.adaptive.min_calls = 50;
+        // Judged after 5 sampled lookups or 80 of any keys, whichever comes first.
+        c.cache.adaptive.min_calls = 5;
         c.cache.adaptive.min_hit_ratio = 0.5;
         c.metrics.listen = Some(proxy_metrics);
     });
@@ -1374,6 +1375,47 @@ async fn queries_that_never_hit_stop_being_cached_and_say_why() {
         .await
         .expect("direct");
     assert_eq!(v_of(&c, q, 200).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_set_bypassed_while_cold_is_cached_again_once_its_sample_warms_up() {
+    let (proxy, db, _direct) = setup(500).await;
+    let proxy_metrics = crate::fixture::free_metrics_port();
+    drop(proxy);
+    let proxy = Proxy::start(shared_pg(), |c| {
+        c.cache.adaptive.enabled = true;
+        c.cache.adaptive.min_calls = 5;
+        c.cache.adaptive.min_hit_ratio = 0.5;
+        c.metrics.listen = Some(proxy_metrics);
+    });
+    let c = proxy.connect("postgres", "", &db).await;
+    let q = "SELECT v FROM t WHERE id = $1";
+    let bypassed = || {
+        scrape_sum(
+            proxy_metrics,
+            "pgstash_cache_bypass_total{reason=\"low_hit_ratio\"}",
+        )
+    };
+    let hits = || scrape_sum(proxy_metrics, "pgstash_cache_hits_total{tier=\"l1\"}");
+    // A hot set of 300 rows read round after round. Its first round is all misses, which
+    // get it bypassed; its sampled keys stay cached, warm up (stored on their second miss)
+    // and are then hit without analysis, which must still count for the query.
+    for id in 1..=300 {
+        assert_eq!(v_of(&c, q, id).await, id * 10);
+    }
+    assert!(bypassed() > 0.0, "a cold first round is bypassed");
+    let mut last_round_hits = 0.0;
+    for _ in 0..6 {
+        let before = hits();
+        for id in 1..=300 {
+            assert_eq!(v_of(&c, q, id).await, id * 10);
+        }
+        last_round_hits = hits() - before;
+    }
+    assert!(
+        last_round_hits >= 270.0,
+        "the whole hot set is cached again: {last_round_hits} hits of 300 in the last round"
+    );
 }
 
 /// The value of a metric line (sum over every line starting with `name`).
