@@ -11,6 +11,8 @@ use prometheus::{
 use std::sync::{Arc, LazyLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::cache::BYPASS_REASONS as ADAPTIVE_REASONS;
+
 pub struct Metrics {
     pub registry: Registry,
     pub hits_l1: IntCounter,
@@ -20,6 +22,8 @@ pub struct Metrics {
     /// `bypasses` by [`BypassReason`], resolved on first use (a series shows once counted,
     /// as with a label lookup each time).
     bypass_by_reason: [std::sync::OnceLock<IntCounter>; BypassReason::COUNT],
+    /// The adaptive bypass's reasons, in the order of [`ADAPTIVE_REASONS`].
+    adaptive_by_reason: [std::sync::OnceLock<IntCounter>; ADAPTIVE_REASONS.len()],
     invalidations: IntCounterVec,
     invalidations_by_origin: [std::sync::OnceLock<IntCounter>; InvalidationOrigin::COUNT],
     pub fills_stored: IntCounter,
@@ -174,6 +178,7 @@ impl Metrics {
                 .expect("valid"),
             ),
             bypass_by_reason: Default::default(),
+            adaptive_by_reason: Default::default(),
             invalidations: reg(
                 &registry,
                 IntCounterVec::new(
@@ -258,7 +263,13 @@ impl Metrics {
 
     /// An adaptive-bypass verdict, labelled with its own reason (`low_hit_ratio`, ...).
     pub fn bypass_adaptive(&self, reason: &'static str) {
-        self.bypasses.with_label_values(&[reason]).inc();
+        // A bypassed query counts here on every call: spare the label lookup.
+        match ADAPTIVE_REASONS.iter().position(|r| *r == reason) {
+            Some(i) => self.adaptive_by_reason[i]
+                .get_or_init(|| self.bypasses.with_label_values(&[reason]))
+                .inc(),
+            None => self.bypasses.with_label_values(&[reason]).inc(),
+        }
     }
 
     pub fn invalidated(&self, origin: InvalidationOrigin, n: u64) {

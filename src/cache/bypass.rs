@@ -71,12 +71,15 @@ const LOW_HIT_RATIO: u8 = 1;
 const INVALIDATED: u8 = 2;
 const CHEAP: u8 = 3;
 
-/// Bypass reasons, as metric labels.
+/// Every reason a query is bypassed for, as metric labels.
+pub const REASONS: [&str; 3] = ["low_hit_ratio", "invalidated_too_often", "cheap_upstream"];
+
+/// A bypass reason's label.
 fn reason(code: u8) -> &'static str {
     match code {
-        LOW_HIT_RATIO => "low_hit_ratio",
-        CHEAP => "cheap_upstream",
-        _ => "invalidated_too_often",
+        LOW_HIT_RATIO => REASONS[0],
+        CHEAP => REASONS[2],
+        _ => REASONS[1],
     }
 }
 
@@ -244,17 +247,18 @@ impl Bypass {
         }
     }
 
-    /// The statistics of a fingerprint, created on first use.
-    fn stats(&self, fingerprint: u64) -> Arc<QueryStats> {
+    /// The statistics of a fingerprint, created on first use. Callers on a hot path keep
+    /// the `Arc` (per query) and pass it to [`Bypass::track`].
+    pub fn stats(&self, fingerprint: u64) -> Arc<QueryStats> {
         self.queries.get_with(fingerprint, Arc::default)
     }
 
-    /// Counts a call of `fingerprint` with `key` and decides whether to use the cache for
-    /// it: `Ok` with the handle its lookup reports to, or `Err` naming the reason (a metric
-    /// label) when the call bypasses.
-    pub fn track(&self, fingerprint: u64, key: CacheKey) -> Result<Tracked, &'static str> {
+    /// Counts a call of the query `stats` belong to with `key` and decides whether to use
+    /// the cache for it: `Ok` with the handle its lookup reports to, or `Err` naming the
+    /// reason (a metric label) when the call bypasses.
+    pub fn track(&self, stats: &Arc<QueryStats>, key: CacheKey) -> Result<Tracked, &'static str> {
         let tracked = Tracked {
-            stats: self.stats(fingerprint),
+            stats: Arc::clone(stats),
             sampled: in_sample(key),
         };
         self.decide(&tracked, Instant::now())?;
@@ -367,7 +371,7 @@ mod tests {
     ) -> Result<(), &'static str> {
         let mut last = Ok(());
         for i in 0..n {
-            last = b.track(fp, key(sampled, i)).map(|t| {
+            last = b.track(&b.stats(fp), key(sampled, i)).map(|t| {
                 if i % hit_every == 0 {
                     t.hit()
                 } else {
@@ -414,10 +418,13 @@ mod tests {
         let b = Bypass::new(config());
         // 10 % hits; the 201st call is judged, and being sampled it is cached anyway.
         assert_eq!(calls(&b, 1, true, 201, 10), Ok(()));
-        assert_eq!(b.track(1, key(false, 0)).err(), Some("low_hit_ratio"));
+        assert_eq!(
+            b.track(&b.stats(1), key(false, 0)).err(),
+            Some("low_hit_ratio")
+        );
         assert_eq!(b.report_one(1).unwrap().bypassed, Some("low_hit_ratio"));
         assert!(
-            b.track(1, key(true, 0)).is_ok(),
+            b.track(&b.stats(1), key(true, 0)).is_ok(),
             "sampled keys are cached while the query is bypassed"
         );
     }
@@ -438,23 +445,26 @@ mod tests {
     fn resumes_caching_once_its_sampled_keys_hit() {
         let b = Bypass::new(config());
         assert!(calls(&b, 1, true, 201, u64::MAX).is_ok());
-        assert!(b.track(1, key(false, 0)).is_err(), "bypassed while cold");
+        assert!(
+            b.track(&b.stats(1), key(false, 0)).is_err(),
+            "bypassed while cold"
+        );
         // The sample warms up (every lookup hits now): a window of it resumes caching.
         assert_eq!(calls(&b, 1, true, 200, 1), Ok(()));
-        assert_eq!(b.track(1, key(false, 0)).err(), None);
+        assert_eq!(b.track(&b.stats(1), key(false, 0)).err(), None);
     }
 
     #[test]
     fn hits_counted_without_a_decision_resume_caching_at_the_next_call() {
         let b = Bypass::new(config());
         assert!(calls(&b, 1, true, 201, u64::MAX).is_ok());
-        let t = b.track(1, key(true, 7)).expect("sampled");
+        let t = b.track(&b.stats(1), key(true, 7)).expect("sampled");
         // Hits found without analysis (of entries that carry `t`) decide nothing…
         for _ in 0..300 {
             t.hit();
         }
         // …but the next call of any key judges the complete window.
-        assert_eq!(b.track(1, key(false, 0)).err(), None);
+        assert_eq!(b.track(&b.stats(1), key(false, 0)).err(), None);
     }
 
     #[test]
@@ -472,7 +482,9 @@ mod tests {
         // A third of lookups hit; every miss found its entry stale and its refill was
         // rejected as stale too: well above the hit-ratio floor, but churning.
         for i in 0..200 {
-            let t = b.track(1, key(true, i)).expect("cached while judged");
+            let t = b
+                .track(&b.stats(1), key(true, i))
+                .expect("cached while judged");
             if i % 3 == 0 {
                 t.hit();
             } else {
@@ -482,7 +494,7 @@ mod tests {
             }
         }
         assert_eq!(
-            b.track(1, key(false, 0)).err(),
+            b.track(&b.stats(1), key(false, 0)).err(),
             Some("invalidated_too_often")
         );
     }
@@ -499,14 +511,19 @@ mod tests {
             (10, Duration::from_millis(50)),
         ] {
             for i in 0..10 {
-                let t = b.track(fp, key(true, i)).expect("judged after 10");
+                let t = b
+                    .track(&b.stats(fp), key(true, i))
+                    .expect("judged after 10");
                 t.hit();
                 t.upstream(took);
             }
         }
-        assert_eq!(b.track(9, key(false, 0)).err(), Some("cheap_upstream"));
+        assert_eq!(
+            b.track(&b.stats(9), key(false, 0)).err(),
+            Some("cheap_upstream")
+        );
         assert!(
-            b.track(10, key(false, 0)).is_ok(),
+            b.track(&b.stats(10), key(false, 0)).is_ok(),
             "an expensive query keeps being cached"
         );
     }
@@ -528,17 +545,20 @@ mod tests {
         let b = Bypass::new(config());
         assert_eq!(calls(&b, 1, true, 2000, 1), Ok(())); // all hits
         assert_eq!(calls(&b, 1, true, 400, u64::MAX), Ok(()), "sampled: cached");
-        assert_eq!(b.track(1, key(false, 0)).err(), Some("low_hit_ratio"));
+        assert_eq!(
+            b.track(&b.stats(1), key(false, 0)).err(),
+            Some("low_hit_ratio")
+        );
     }
 
     #[test]
     fn fingerprints_are_independent_and_bounded() {
         let b = Bypass::new(config());
         assert!(calls(&b, 1, true, 201, u64::MAX).is_ok());
-        assert!(b.track(1, key(false, 0)).is_err());
-        assert!(b.track(2, key(false, 0)).is_ok());
+        assert!(b.track(&b.stats(1), key(false, 0)).is_err());
+        assert!(b.track(&b.stats(2), key(false, 0)).is_ok());
         for fp in 0..1000 {
-            let _ = b.track(fp, key(false, 0));
+            let _ = b.track(&b.stats(fp), key(false, 0));
         }
         b.queries.run_pending_tasks();
         assert!(b.queries.entry_count() <= 100);
@@ -547,7 +567,7 @@ mod tests {
     #[test]
     fn report_estimates_time_saved() {
         let b = Bypass::new(config());
-        let t = b.track(9, key(true, 0)).expect("new query");
+        let t = b.track(&b.stats(9), key(true, 0)).expect("new query");
         t.upstream(Duration::from_millis(10));
         t.miss();
         for _ in 0..3 {

@@ -39,7 +39,9 @@ mod l1;
 #[cfg(test)]
 mod tests;
 
-pub use bypass::{Bypass, BypassConfig, QueryReport, Tracked};
+pub use bypass::{
+    Bypass, BypassConfig, QueryReport, QueryStats, REASONS as BYPASS_REASONS, Tracked,
+};
 pub use doorkeeper::Doorkeeper;
 pub use fill::{FillGuard, FillOutcome, Pending, Resolved};
 pub use generations::{Dependency, Generations, Invalidation, Invalidator, Snapshot, TableId};

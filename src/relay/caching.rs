@@ -9,7 +9,8 @@ use crate::analysis::{
 pub use crate::cache::Invalidation;
 use crate::cache::{
     BuildMix, Bypass, BypassConfig, CacheKey, Dependency, Doorkeeper, Entry, FillGuard,
-    FillOutcome, Generations, Invalidator, L1, L1Config, Resolved, Snapshot, TableId, Tracked,
+    FillOutcome, Generations, Invalidator, L1, L1Config, QueryStats, Resolved, Snapshot, TableId,
+    Tracked,
 };
 use crate::catalog::Catalog;
 use crate::config::{CacheConfig, CacheRule, UpstreamTarget};
@@ -104,6 +105,11 @@ type PlanCell = Arc<PlanCells>;
 struct PlanCells {
     read: CatalogMemo<Option<Arc<PlanShape>>>,
     write: CatalogMemo<Arc<WriteShape>>,
+    /// The adaptive bypass's statistics of the query (its fingerprint is the shape's), kept
+    /// here so that a call finds them without the bypass's map (a moka lookup, about 900
+    /// instructions per call). They outlive an eviction from that map: then the query is
+    /// still judged, only not listed in reports.
+    bypass_stats: std::sync::OnceLock<Arc<QueryStats>>,
 }
 
 /// A value computed from a catalog, with the catalog it was computed from.
@@ -159,6 +165,13 @@ pub struct Analyzed {
 }
 
 impl Analyzed {
+    /// The adaptive bypass's statistics of this query, from `bypass` the first time.
+    pub fn bypass_stats(&self, bypass: &Bypass) -> &Arc<QueryStats> {
+        self.plan_shape
+            .bypass_stats
+            .get_or_init(|| bypass.stats(self.fingerprint))
+    }
+
     /// Whether this is the analysis of `sql`.
     pub fn is_for(&self, sql: &str) -> bool {
         *self.sql == *sql

@@ -1325,7 +1325,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         self.unheard = None;
         let stats = match &cache.bypass {
-            Some(b) => match b.track(analyzed.fingerprint, plan.key) {
+            Some(b) => match b.track(analyzed.bypass_stats(b), plan.key) {
                 Ok(tracked) => Some(tracked),
                 Err(reason) => {
                     m.bypass_adaptive(reason);
