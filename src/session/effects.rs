@@ -81,23 +81,19 @@ static EFFECT_WORDS: Needles = Needles::new(&[
 /// Whether `stmt`'s first word is one of the statements `effect_of` reads in full.
 fn starts_tracked(stmt: &str) -> bool {
     let first = first_word(stmt).unwrap_or("");
-    [
-        "set",
-        "reset",
-        "discard",
-        "deallocate",
-        "listen",
-        "prepare",
-        "do",
-        "create",
-        "declare",
-        "savepoint",
-        "release",
-        "rollback",
-        "abort",
-    ]
-    .iter()
-    .any(|k| first.eq_ignore_ascii_case(k))
+    // Bucketed by first letter: every forwarded statement asks, and most start with a word
+    // (SELECT, UPDATE, INSERT, BEGIN...) that two comparisons at most rule out.
+    let candidates: &[&str] = match first.as_bytes().first().map(u8::to_ascii_lowercase) {
+        Some(b'a') => &["abort"],
+        Some(b'c') => &["create"],
+        Some(b'd') => &["discard", "deallocate", "do", "declare"],
+        Some(b'l') => &["listen"],
+        Some(b'p') => &["prepare"],
+        Some(b'r') => &["reset", "release", "rollback"],
+        Some(b's') => &["set", "savepoint"],
+        _ => &[],
+    };
+    candidates.iter().any(|k| first.eq_ignore_ascii_case(k))
 }
 
 fn effect_of(stmt: &str) -> Option<Effect> {
@@ -323,6 +319,34 @@ fn savepoint_effect(toks: &[Tok], at: usize, make: fn(String) -> Effect) -> Effe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_statement_read_in_full_is_recognised_by_its_first_word_in_any_case() {
+        for word in [
+            "set",
+            "reset",
+            "discard",
+            "deallocate",
+            "listen",
+            "prepare",
+            "do",
+            "create",
+            "declare",
+            "savepoint",
+            "release",
+            "rollback",
+            "abort",
+        ] {
+            for spelled in [word.to_string(), word.to_ascii_uppercase()] {
+                assert!(starts_tracked(&format!("/* c */ {spelled} x")), "{spelled}");
+            }
+        }
+        for other in [
+            "select 1", "SETTLE", "update t", "commit", "deal", "", "'set'",
+        ] {
+            assert!(!starts_tracked(other), "{other}");
+        }
+    }
 
     #[test]
     fn one_statement_texts_are_judged_as_the_splitter_would() {

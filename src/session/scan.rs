@@ -227,22 +227,37 @@ impl Needles {
     /// of each).
     pub fn any_in(&self, haystack: &str) -> bool {
         let h = haystack.as_bytes();
-        h.iter().enumerate().any(|(i, &c)| {
-            let mut candidates = self.anchors[usize::from(c)];
-            while candidates != 0 {
-                let k = candidates.trailing_zeros() as usize;
-                candidates &= candidates - 1;
-                let needle = self.list[k];
-                let found = i.checked_sub(self.anchor[k]).is_some_and(|start| {
-                    h.get(start..start + needle.len())
-                        .is_some_and(|w| w.eq_ignore_ascii_case(needle))
-                });
-                if found {
-                    return true;
-                }
+        let mut i = 0;
+        // Most bytes anchor nothing: eight table lookups or-ed together rule out eight
+        // bytes at once, with one branch instead of eight.
+        while let Some(chunk) = h.get(i..i + 8) {
+            let anchored = chunk
+                .iter()
+                .fold(0u8, |any, &c| any | self.anchors[usize::from(c)]);
+            if anchored != 0 && (i..i + 8).any(|at| self.found_at(h, at)) {
+                return true;
             }
-            false
-        })
+            i += 8;
+        }
+        (i..h.len()).any(|at| self.found_at(h, at))
+    }
+
+    /// Whether a needle anchored on `h[at]` occurs around it.
+    fn found_at(&self, h: &[u8], at: usize) -> bool {
+        let mut candidates = self.anchors[usize::from(h[at])];
+        while candidates != 0 {
+            let k = candidates.trailing_zeros() as usize;
+            candidates &= candidates - 1;
+            let needle = self.list[k];
+            let found = at.checked_sub(self.anchor[k]).is_some_and(|start| {
+                h.get(start..start + needle.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+            });
+            if found {
+                return true;
+            }
+        }
+        false
     }
 }
 
