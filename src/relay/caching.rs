@@ -1087,7 +1087,23 @@ impl Analyzed {
         key: CacheKey,
         params: Option<&BindParams<'_>>,
     ) -> Option<ReadPlan> {
-        let shape = self.plan_shape(catalog)?;
+        Some(self.plan_with(self.plan_shape(catalog)?, catalog, key, params))
+    }
+
+    /// Whether the read may be cached at all: its plan shape, memoised per catalog, so
+    /// this costs a lookup; [`Analyzed::plan_with`] then plans it with its key value.
+    pub fn read_shape(&self, catalog: &Arc<Catalog>) -> Option<Arc<PlanShape>> {
+        self.plan_shape(catalog)
+    }
+
+    /// [`Analyzed::read_plan`] with the shape [`Analyzed::read_shape`] gave.
+    pub fn plan_with(
+        &self,
+        shape: Arc<PlanShape>,
+        catalog: &Catalog,
+        key: CacheKey,
+        params: Option<&BindParams<'_>>,
+    ) -> ReadPlan {
         let point_key = shape.point.as_ref().and_then(|(t, column)| {
             let Analysis::Read(r) = &*self.analysis else {
                 return None;
@@ -1095,12 +1111,12 @@ impl Analyzed {
             let k = pk_value(&r.point.as_ref()?.candidates, column, self.values(params))?;
             Some(Dependency::Key(*t, key_hash(k)))
         });
-        Some(ReadPlan {
+        ReadPlan {
             key,
             catalog_epoch: catalog.epoch,
             point_key,
             shape,
-        })
+        }
     }
 
     /// What this statement invalidates when its transaction commits (appended to `out`), and

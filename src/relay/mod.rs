@@ -1122,7 +1122,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 // Both settings can make every later BEGIN REPEATABLE READ or SERIALIZABLE,
                 // whose reads see the transaction's snapshot: they must neither be served
                 // from the cache nor fill it (an old snapshot would be stored as fresh).
-                // The database's own default is checked in `serve_plan`, with its catalog.
+                // The database's own default is checked in `read_gate`, with its catalog.
                 b'T' => {
                     !self.strict_tx
                         && !self.settings.has("default_transaction_isolation")
@@ -1168,16 +1168,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(true);
         }
         let analyzed = cache.analyze(&self.database, sql, &catalog);
-        let Some(plan) = analyzed.read_plan(&catalog, key, None) else {
+        let Some(shape) = analyzed.read_shape(&catalog) else {
             if matches!(*analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
             self.query_analyzed = Some(analyzed);
             return Ok(false);
         };
-        let answered = self
-            .serve_plan(&cache, &catalog, &plan, &analyzed, started, HitOf::Query)
-            .await?;
+        let make_plan = |key| analyzed.plan_with(shape.clone(), &catalog, key, None);
+        let answered = match self.read_gate(&cache, &catalog, key, &analyzed, &make_plan) {
+            Some((ttl, stats, plan)) => {
+                let plan = plan.unwrap_or_else(|| make_plan(key));
+                self.serve_lookup(&cache, &plan, ttl, stats, started, HitOf::Query)
+                    .await?
+            }
+            None => false,
+        };
         if !answered {
             self.query_analyzed = Some(analyzed);
         }
@@ -1269,33 +1275,23 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         m.hit_seconds.observe(started.elapsed().as_secs_f64());
     }
 
-    /// Look a planned read up; on a hit answer it, on a miss arrange the fill. `started` is
-    /// when the caller began looking (the hit latency metric counts from there).
-    async fn serve_plan(
-        &mut self,
-        cache: &CacheShared,
-        catalog: &crate::catalog::Catalog,
-        plan: &caching::ReadPlan,
-        analyzed: &caching::Analyzed,
-        started: std::time::Instant,
-        of: HitOf,
-    ) -> Result<bool, RelayError> {
-        let Some((ttl, stats)) = self.read_gate(cache, catalog, plan, analyzed) else {
-            return Ok(false);
-        };
-        self.serve_lookup(cache, plan, ttl, stats, started, of)
-            .await
-    }
-
-    /// Whether a planned read may be looked up in the cache now: its lifetime and adaptive
-    /// statistics if so; if not, the bypass is counted.
+    /// Whether a cacheable read with `key` may be looked up in the cache now: its lifetime,
+    /// its adaptive statistics and, if planning it was needed to decide, its plan; if not,
+    /// the bypass is counted. The plan (`make_plan`: the key value read out of the
+    /// parameters or literals, the dependencies) is made only when needed: a read the
+    /// adaptive bypass no longer caches, most reads of a uniform workload, never uses it.
     fn read_gate(
         &mut self,
         cache: &CacheShared,
         catalog: &crate::catalog::Catalog,
-        plan: &caching::ReadPlan,
+        key: CacheKey,
         analyzed: &caching::Analyzed,
-    ) -> Option<(std::time::Duration, Option<crate::cache::Tracked>)> {
+        make_plan: &dyn Fn(CacheKey) -> caching::ReadPlan,
+    ) -> Option<(
+        std::time::Duration,
+        Option<crate::cache::Tracked>,
+        Option<caching::ReadPlan>,
+    )> {
         let m = metrics();
         let ttl = match analyzed.policy {
             caching::Policy::Cache(ttl) => ttl,
@@ -1311,9 +1307,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             m.bypass(BypassReason::Transaction);
             return None;
         }
-        if !self.tx_written.is_empty() && plan.table_ids().any(|t| self.tx_written.contains(&t)) {
-            m.bypass(BypassReason::ReadYourWrites);
-            return None;
+        let mut plan = None;
+        if !self.tx_written.is_empty() {
+            let p = make_plan(key);
+            if p.table_ids().any(|t| self.tx_written.contains(&t)) {
+                m.bypass(BypassReason::ReadYourWrites);
+                return None;
+            }
+            plan = Some(p);
         }
         if !cache.source_healthy(&self.database) {
             m.bypass(BypassReason::SourceUnhealthy);
@@ -1325,7 +1326,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         self.unheard = None;
         let stats = match &cache.bypass {
-            Some(b) => match b.track(analyzed.bypass_stats(b), plan.key) {
+            Some(b) => match b.track(analyzed.bypass_stats(b), key) {
                 Ok(tracked) => Some(tracked),
                 Err(reason) => {
                     m.bypass_adaptive(reason);
@@ -1334,7 +1335,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             },
             None => None,
         };
-        Some((ttl, stats))
+        Some((ttl, stats, plan))
     }
 
     /// The lookup of a read [`Relay::read_gate`] let through.
@@ -1475,19 +1476,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             (key, _) => key,
         };
-        let plan = analyzed.read_plan(&catalog, key.unwrap_or(CacheKey(0)), params.as_ref());
-        let Some(mut plan) = plan else {
+        let Some(read_shape) = analyzed.read_shape(&catalog) else {
             if matches!(*analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
             self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
-        let Some((ttl, stats)) = self.read_gate(&cache, &catalog, &plan, &analyzed) else {
+        let make_plan =
+            |key| analyzed.plan_with(read_shape.clone(), &catalog, key, params.as_ref());
+        let gate = self.read_gate(
+            &cache,
+            &catalog,
+            key.unwrap_or(CacheKey(0)),
+            &analyzed,
+            &make_plan,
+        );
+        let Some((ttl, stats, plan)) = gate else {
             self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
-        plan.key = match (key, &params) {
+        let key = match (key, &params) {
             (Some(key), _) => key,
             (None, Some(params)) => self.batch_key(&stmt, params, flags),
             // Not reached: a read's parameters are read before its plan.
@@ -1495,6 +1504,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
                 self.stash_batch_work(parse, shape.parse, analyzed);
                 return Ok(false);
             }
+        };
+        let plan = match plan {
+            Some(mut plan) => {
+                plan.key = key;
+                plan
+            }
+            None => make_plan(key),
         };
         if self
             .serve_lookup(&cache, &plan, ttl, stats, started, of)
