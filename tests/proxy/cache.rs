@@ -1340,18 +1340,24 @@ async fn rules_by_table_and_by_query_text_set_ttl_or_forbid_caching() {
     assert!(err.to_string().contains("cache.rules"), "{err}");
 }
 
+/// A proxy whose adaptive bypass judges a query after 5 sampled lookups or 80 of any keys,
+/// whichever comes first, and wants half of them hits; with its metrics address.
+fn quickly_judging_proxy() -> (Proxy, std::net::SocketAddr) {
+    let metrics = crate::fixture::free_metrics_port();
+    let proxy = Proxy::start(shared_pg(), |c| {
+        c.cache.adaptive.enabled = true;
+        c.cache.adaptive.min_calls = 5;
+        c.cache.adaptive.min_hit_ratio = 0.5;
+        c.metrics.listen = Some(metrics);
+    });
+    (proxy, metrics)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_that_never_hit_stop_being_cached_and_say_why() {
     let (proxy, db, direct) = setup(500).await;
-    let proxy_metrics = crate::fixture::free_metrics_port();
     drop(proxy);
-    let proxy = Proxy::start(shared_pg(), |c| {
-        c.cache.adaptive.enabled = true;
-        // Judged after 5 sampled lookups or 80 of any keys, whichever comes first.
-        c.cache.adaptive.min_calls = 5;
-        c.cache.adaptive.min_hit_ratio = 0.5;
-        c.metrics.listen = Some(proxy_metrics);
-    });
+    let (proxy, proxy_metrics) = quickly_judging_proxy();
     let c = proxy.connect("postgres", "", &db).await;
     let q = "SELECT v FROM t WHERE id = $1";
     let before = scrape_sum(
@@ -1380,14 +1386,8 @@ async fn queries_that_never_hit_stop_being_cached_and_say_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_set_bypassed_while_cold_is_cached_again_once_its_sample_warms_up() {
     let (proxy, db, _direct) = setup(500).await;
-    let proxy_metrics = crate::fixture::free_metrics_port();
     drop(proxy);
-    let proxy = Proxy::start(shared_pg(), |c| {
-        c.cache.adaptive.enabled = true;
-        c.cache.adaptive.min_calls = 5;
-        c.cache.adaptive.min_hit_ratio = 0.5;
-        c.metrics.listen = Some(proxy_metrics);
-    });
+    let (proxy, proxy_metrics) = quickly_judging_proxy();
     let c = proxy.connect("postgres", "", &db).await;
     let q = "SELECT v FROM t WHERE id = $1";
     let bypassed = || {
