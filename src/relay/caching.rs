@@ -1090,13 +1090,7 @@ impl Analyzed {
         Some(self.plan_with(self.plan_shape(catalog)?, catalog, key, params))
     }
 
-    /// Whether the read may be cached at all: its plan shape, memoised per catalog, so
-    /// this costs a lookup; [`Analyzed::plan_with`] then plans it with its key value.
-    pub fn read_shape(&self, catalog: &Arc<Catalog>) -> Option<Arc<PlanShape>> {
-        self.plan_shape(catalog)
-    }
-
-    /// [`Analyzed::read_plan`] with the shape [`Analyzed::read_shape`] gave.
+    /// [`Analyzed::read_plan`] with the shape [`Analyzed::plan_shape`] gave.
     pub fn plan_with(
         &self,
         shape: Arc<PlanShape>,
@@ -1157,8 +1151,10 @@ impl Analyzed {
         }
     }
 
-    /// The plan shape under `catalog` (see [`for_catalog`]).
-    fn plan_shape(&self, catalog: &Arc<Catalog>) -> Option<Arc<PlanShape>> {
+    /// The plan shape under `catalog` (see [`for_catalog`]), `None` when the read must not
+    /// be cached: memoised, so this tells cacheability for a lookup, and
+    /// [`Analyzed::plan_with`] then plans the read with its key value.
+    pub fn plan_shape(&self, catalog: &Arc<Catalog>) -> Option<Arc<PlanShape>> {
         for_catalog(&self.plan_shape.read, catalog, || {
             PlanShape::of(&self.analysis, catalog).map(Arc::new)
         })

@@ -1168,17 +1168,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             return Ok(true);
         }
         let analyzed = cache.analyze(&self.database, sql, &catalog);
-        let Some(shape) = analyzed.read_shape(&catalog) else {
+        let Some(shape) = analyzed.plan_shape(&catalog) else {
             if matches!(*analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
             self.query_analyzed = Some(analyzed);
             return Ok(false);
         };
-        let make_plan = |key| analyzed.plan_with(shape.clone(), &catalog, key, None);
+        let make_plan = || analyzed.plan_with(shape.clone(), &catalog, key, None);
         let answered = match self.read_gate(&cache, &catalog, key, &analyzed, &make_plan) {
             Some((ttl, stats, plan)) => {
-                let plan = plan.unwrap_or_else(|| make_plan(key));
+                let plan = plan.unwrap_or_else(make_plan);
                 self.serve_lookup(&cache, &plan, ttl, stats, started, HitOf::Query)
                     .await?
             }
@@ -1286,7 +1286,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         catalog: &crate::catalog::Catalog,
         key: CacheKey,
         analyzed: &caching::Analyzed,
-        make_plan: &dyn Fn(CacheKey) -> caching::ReadPlan,
+        make_plan: &dyn Fn() -> caching::ReadPlan,
     ) -> Option<(
         std::time::Duration,
         Option<crate::cache::Tracked>,
@@ -1309,7 +1309,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         }
         let mut plan = None;
         if !self.tx_written.is_empty() {
-            let p = make_plan(key);
+            let p = make_plan();
             if p.table_ids().any(|t| self.tx_written.contains(&t)) {
                 m.bypass(BypassReason::ReadYourWrites);
                 return None;
@@ -1440,8 +1440,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
         let started = std::time::Instant::now();
         // Most hits of a hot set are found by their key alone, before any analysis. Where
         // `known_hit` cannot answer (in a transaction block, after a write...) the analysis
-        // comes first: a statement that is no cacheable read (a write, BEGIN, COMMIT), or a
-        // read that bypasses, needs neither its parameters read nor a key.
+        // comes first: a statement that is no cacheable read (a write, BEGIN, COMMIT) needs
+        // neither its parameters read nor a key.
         let mut keyed = None;
         if self.may_know_hit(&cache, &catalog) && !surely_not_a_read(&stmt.sql) {
             let Some(params) = read_params() else {
@@ -1457,61 +1457,32 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             keyed = Some((params, key));
         }
         let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
-        let (params, key) = match keyed {
-            Some((params, key)) => (Some(params), Some(key)),
-            None if matches!(*analyzed.analysis, Analysis::Read(_)) => {
-                let Some(params) = read_params() else {
-                    self.stash_batch_work(parse, shape.parse, analyzed);
-                    return Ok(false);
-                };
-                (Some(params), None)
-            }
-            // No plan: `read_plan` needs no parameters to say so.
-            None => (None, None),
-        };
-        // The adaptive bypass samples by key: then the key comes before the gate.
-        let key = match (key, &params) {
-            (None, Some(params)) if cache.bypass.is_some() => {
-                Some(self.batch_key(&stmt, params, flags))
-            }
-            (key, _) => key,
-        };
-        let Some(read_shape) = analyzed.read_shape(&catalog) else {
+        let Some(read_shape) = analyzed.plan_shape(&catalog) else {
             if matches!(*analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
             }
             self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
-        let make_plan =
-            |key| analyzed.plan_with(read_shape.clone(), &catalog, key, params.as_ref());
-        let gate = self.read_gate(
-            &cache,
-            &catalog,
-            key.unwrap_or(CacheKey(0)),
-            &analyzed,
-            &make_plan,
-        );
-        let Some((ttl, stats, plan)) = gate else {
+        // A cacheable read: its parameters and its key (the adaptive bypass samples by key).
+        let (params, key) = match keyed {
+            Some(keyed) => keyed,
+            None => {
+                let Some(params) = read_params() else {
+                    self.stash_batch_work(parse, shape.parse, analyzed);
+                    return Ok(false);
+                };
+                let key = self.batch_key(&stmt, &params, flags);
+                (params, key)
+            }
+        };
+        let make_plan = || analyzed.plan_with(read_shape.clone(), &catalog, key, Some(&params));
+        let Some((ttl, stats, plan)) = self.read_gate(&cache, &catalog, key, &analyzed, &make_plan)
+        else {
             self.stash_batch_work(parse, shape.parse, analyzed);
             return Ok(false);
         };
-        let key = match (key, &params) {
-            (Some(key), _) => key,
-            (None, Some(params)) => self.batch_key(&stmt, params, flags),
-            // Not reached: a read's parameters are read before its plan.
-            (None, None) => {
-                self.stash_batch_work(parse, shape.parse, analyzed);
-                return Ok(false);
-            }
-        };
-        let plan = match plan {
-            Some(mut plan) => {
-                plan.key = key;
-                plan
-            }
-            None => make_plan(key),
-        };
+        let plan = plan.unwrap_or_else(make_plan);
         if self
             .serve_lookup(&cache, &plan, ttl, stats, started, of)
             .await?
