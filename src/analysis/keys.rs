@@ -222,10 +222,13 @@ pub(crate) fn string_value(value: &Value) -> Option<&str> {
 /// `0x`/`0o`/`0b` prefixes, and surrounding whitespace (as integer input does), so the caller
 /// can use it on string literals and text-format parameters bound to integer keys.
 pub fn canonical_integer(text: &str) -> Option<String> {
-    // Hot path: every integer literal of a simple-protocol text comes here while its shape
-    // is taken, and nearly all are plain decimal digits, their own canonical form: one
+    // Nearly all integer literals are plain decimal digits, their own canonical form: one
     // allocation instead of the general path's several.
-    plain_decimal(text).or_else(|| any_integer(text))
+    if is_plain_decimal(text) {
+        Some(text.to_owned())
+    } else {
+        any_integer(text)
+    }
 }
 
 /// [`canonical_integer`] the long way, for every form it accepts.
@@ -272,16 +275,17 @@ fn any_integer(text: &str) -> Option<String> {
     })
 }
 
-/// [`canonical_integer`] of an optional `-` and ASCII digits without leading zeros (nor
-/// `-0`); `None` for anything else, which the general path handles.
-fn plain_decimal(text: &str) -> Option<String> {
+/// Whether `text` is its own [`canonical_integer`]: an optional `-` and ASCII digits without
+/// leading zeros (nor `-0`). Literal shapes take such integers as they are, without an
+/// allocation each.
+pub fn is_plain_decimal(text: &str) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
     let b = digits.as_bytes();
-    let plain = match b.first()? {
-        b'0' => b.len() == 1 && digits.len() == text.len(),
-        _ => b.iter().all(u8::is_ascii_digit),
-    };
-    plain.then(|| text.to_owned())
+    match b.first() {
+        None => false,
+        Some(b'0') => b.len() == 1 && digits.len() == text.len(),
+        Some(_) => b.iter().all(u8::is_ascii_digit),
+    }
 }
 
 /// Whether a string holds one of PostgreSQL's special date/time inputs that mean "the
@@ -425,7 +429,7 @@ mod tests {
                 format!(" {digits}"),
                 format!("{digits}_0"),
             ] {
-                let short = plain_decimal(&text);
+                let short = is_plain_decimal(&text).then(|| text.clone());
                 if short.is_some() {
                     taken += 1;
                     assert_eq!(short, any_integer(&text), "{text:?}");

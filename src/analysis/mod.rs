@@ -48,7 +48,7 @@ pub use model::{
     KeyValue, NoCatalog, PointKey, ReadInfo, TableRef, TableWrite, Volatility, WriteEffect,
     WriteInfo,
 };
-pub use shape::{LiteralShape, instantiate, literal_shape};
+pub use shape::{LiteralShape, Literals, instantiate, literal_shape, literal_shape_into};
 
 /// Analyses one statement text (as sent in a Query or Parse message).
 ///

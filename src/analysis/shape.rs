@@ -26,6 +26,7 @@
 
 use std::fmt::Write as _;
 
+use super::keys::is_plain_decimal;
 use super::lex::{BYTE_CLASS as CLASS, IDENT, NUMBER, WHITESPACE, line_comment_end, string_end};
 use super::model::{
     Analysis, ColumnValue, KeyValue, PointKey, ReadInfo, TableWrite, WriteEffect, WriteInfo,
@@ -38,8 +39,70 @@ pub struct LiteralShape {
     /// The text with each abstracted literal replaced by `$k`; everything else verbatim
     /// (comments included: hints live there).
     pub text: String,
-    /// `literals[k - 1]` is the key value `$k` stands for, as the analysis would report it.
-    pub literals: Vec<String>,
+    /// `literals.get(k - 1)` is the key value `$k` stands for, as the analysis would report
+    /// it.
+    pub literals: Literals,
+}
+
+/// The key values of a shaped text's literals, in order.
+///
+/// All in one string, each value followed by a quote: every new text of a known shape (each
+/// write and each missed read of a simple-protocol client) is shaped, and this takes one
+/// allocation for its literals instead of one per literal plus the vector's. No value holds
+/// a quote: integers are digits and a sign, and only strings without a quote inside are
+/// abstracted; [`Literals::push`] refuses any other.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Literals(String);
+
+/// Bytes reserved for a text's literals when the first is pushed.
+const FIRST_CAPACITY: usize = 48;
+
+impl Literals {
+    const END: char = '\'';
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        // A byte loop, not `split_terminator` (its char searcher) nor memchr (its set-up):
+        // values are a few bytes, and these cost more than the allocations this type saves.
+        let mut rest = self.0.as_str();
+        std::iter::from_fn(move || {
+            let end = rest.bytes().position(|b| b == Self::END as u8)?;
+            let value = &rest[..end];
+            rest = &rest[end + 1..];
+            Some(value)
+        })
+    }
+
+    /// The `i`-th value (from 0).
+    pub fn get(&self, i: usize) -> Option<&str> {
+        self.iter().nth(i)
+    }
+
+    /// Appends `value`; `false`, appending nothing, if it holds a quote.
+    fn push(&mut self, value: &str) -> bool {
+        if value.bytes().any(|b| b == Self::END as u8) {
+            return false;
+        }
+        if self.0.capacity() == 0 {
+            // Enough for the few short values of most texts, without regrowing.
+            self.0.reserve(FIRST_CAPACITY);
+        }
+        self.0.push_str(value);
+        self.0.push(Self::END);
+        true
+    }
+
+    /// Appends the canonical form of the integer `text` (digits after an optional `-`);
+    /// `false`, appending nothing, if it has none.
+    fn push_integer(&mut self, text: &str) -> bool {
+        if is_plain_decimal(text) {
+            return self.push(text);
+        }
+        canonical_integer(text).is_some_and(|v| self.push(&v))
+    }
 }
 
 /// The shape of `sql`, or `None` if it has no literals to abstract or is not eligible
@@ -49,13 +112,22 @@ pub struct LiteralShape {
 /// lexer-driven definition over generated texts): this runs on every new simple-protocol
 /// text, and the general lexer's per-item cost was most of the cache's overhead on writes.
 pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
+    let mut text = String::new();
+    let literals = literal_shape_into(sql, &mut text)?;
+    Some(LiteralShape { text, literals })
+}
+
+/// [`literal_shape`] with the shape's text written to `text` (cleared first; left
+/// unspecified on `None`): a caller that shapes text after text can reuse one buffer.
+pub fn literal_shape_into(sql: &str, text: &mut String) -> Option<Literals> {
     let b = sql.as_bytes();
     // memchr's vectorised search: `str::contains` scanned for the `$` a word at a time.
     if sql.len() > guard::MAX_LEN || memchr::memchr(b'$', b).is_some() {
         return None;
     }
-    let mut text = String::new();
-    let mut literals = Vec::new();
+    text.clear();
+    let mut literals = Literals::default();
+    let mut count = 0;
     let mut copied = 0;
     let mut leading_checked = false;
     // Whether the previous item can end an operand: then a `-` is binary (`x -5`), else
@@ -158,31 +230,33 @@ pub fn literal_shape(sql: &str) -> Option<LiteralShape> {
         }
         after_operand =
             first.is_ascii_alphanumeric() || matches!(first, b'\'' | b'.') || first >= 0x80;
-        let (start, value) = if token.bytes().all(|b| b.is_ascii_digit()) {
+        let (start, taken) = if token.bytes().all(|b| b.is_ascii_digit()) {
             match minus {
-                Some(m) => (m, canonical_integer(&sql[m..i])),
-                None => (start, canonical_integer(token)),
+                Some(m) => (m, literals.push_integer(&sql[m..i])),
+                None => (start, literals.push_integer(token)),
             }
         } else {
-            let value = plain_string(token)
+            let taken = plain_string(token)
                 .filter(|s| !is_time_literal(s))
-                .map(str::to_owned);
-            (start, value)
+                .is_some_and(|s| literals.push(s));
+            (start, taken)
         };
-        let Some(value) = value else { continue };
-        if text.capacity() == 0 {
+        if !taken {
+            continue;
+        }
+        if count == 0 {
             text.reserve(sql.len() + 8);
         }
-        literals.push(value);
+        count += 1;
         text.push_str(&sql[copied..start]);
-        push_parameter(&mut text, literals.len());
+        push_parameter(text, count);
         copied = i;
     }
-    if literals.is_empty() {
+    if count == 0 {
         return None;
     }
     text.push_str(&sql[copied..]);
-    Some(LiteralShape { text, literals })
+    Some(literals)
 }
 
 /// Appends `$k`.
@@ -258,12 +332,12 @@ fn plain_string(token: &str) -> Option<&str> {
 /// `template` (the analysis of a shape's text) with each `$k` key value replaced by the
 /// k-th literal. A parameter without a literal (impossible for shapes from
 /// [`literal_shape`], which refuses texts with `$`) is left as it is.
-pub fn instantiate(template: &Analysis, literals: &[String]) -> Analysis {
+pub fn instantiate(template: &Analysis, literals: &Literals) -> Analysis {
     let fill = |cv: &ColumnValue| ColumnValue {
         column: cv.column.clone(),
         value: match &cv.value {
             KeyValue::Param(k) => match literals.get(k.wrapping_sub(1)) {
-                Some(lit) => KeyValue::Literal(lit.clone()),
+                Some(lit) => KeyValue::Literal(lit.to_owned()),
                 None => cv.value.clone(),
             },
             literal => literal.clone(),
@@ -315,7 +389,8 @@ mod tests {
         }
         let mut lexer = Lexer::new(sql);
         let mut text = String::with_capacity(sql.len());
-        let mut literals = Vec::new();
+        let mut literals = Literals::default();
+        let mut count = 0;
         let mut copied = 0;
         let mut leading_checked = false;
         // Whether the previous item can end an operand: then a `-` is binary (`x -5`), else
@@ -380,12 +455,15 @@ mod tests {
                 (span.start, value)
             };
             let Some(value) = value else { continue };
-            literals.push(value);
+            if !literals.push(&value) {
+                continue;
+            }
+            count += 1;
             text.push_str(&sql[copied..start]);
-            push_parameter(&mut text, literals.len());
+            push_parameter(&mut text, count);
             copied = span.end;
         }
-        if literals.is_empty() {
+        if count == 0 {
             return None;
         }
         text.push_str(&sql[copied..]);
@@ -490,8 +568,8 @@ mod tests {
         literal_shape(sql).map(|s| {
             let lits = s
                 .literals
-                .into_iter()
-                .map(|l| &*Box::leak(l.into_boxed_str()))
+                .iter()
+                .map(|l| &*Box::leak(l.to_owned().into_boxed_str()))
                 .collect();
             (s.text, lits)
         })
@@ -567,6 +645,42 @@ mod tests {
         assert!(shape("SELECT 1; -- done").is_some());
         assert!(shape("WITH x AS (SELECT 1) SELECT * FROM x").is_some());
         assert!(shape("UPDATE t SET v = v + 1 WHERE id = 3").is_some());
+    }
+
+    #[test]
+    fn literals_keep_each_value_whole_and_refuse_quotes() {
+        let mut l = Literals::default();
+        assert!(l.is_empty());
+        for v in ["42", "", "a b", "-7", ""] {
+            assert!(l.push(v), "{v:?}");
+        }
+        assert!(!l.push("it's"));
+        assert!(!l.push_integer("'1"));
+        assert_eq!(l.iter().collect::<Vec<_>>(), ["42", "", "a b", "-7", ""]);
+        assert_eq!(
+            (l.get(2), l.get(4), l.get(5)),
+            (Some("a b"), Some(""), None)
+        );
+        assert!(l.push_integer("007") && l.push_integer("-0") && l.push_integer("-12"));
+        assert_eq!(l.iter().skip(5).collect::<Vec<_>>(), ["7", "0", "-12"]);
+        assert!(!l.is_empty());
+    }
+
+    #[test]
+    fn a_reused_buffer_shapes_each_text_as_a_fresh_one_does() {
+        let mut text = String::new();
+        for sql in [
+            "SELECT * FROM a_rather_long_table_name WHERE id = 1 AND k = 'x'",
+            "SELECT 1",
+            "SELECT * FROM t",
+            "UPDATE t SET v = '' WHERE id = -3",
+        ] {
+            let reused = literal_shape_into(sql, &mut text).map(|literals| LiteralShape {
+                text: text.clone(),
+                literals,
+            });
+            assert_eq!(reused, literal_shape(sql), "{sql}");
+        }
     }
 
     /// The property the memo relies on, over texts whose literals land in keys.

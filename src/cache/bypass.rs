@@ -139,6 +139,13 @@ pub struct QueryStats {
 }
 
 impl QueryStats {
+    /// Whether the query is cached in full now (its last verdict, or a probe), rather than
+    /// only for its sampled keys. A hint for a caller deciding whether to look for an entry
+    /// before [`Bypass::track`] decides the call.
+    pub fn caching(&self) -> bool {
+        self.state.load(Relaxed) == CACHING
+    }
+
     /// Mean time a call of this query took upstream, once any was measured.
     fn mean_upstream(&self) -> Option<Duration> {
         let calls = self.upstream_calls.load(Relaxed);

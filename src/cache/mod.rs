@@ -40,7 +40,7 @@ mod l1;
 mod tests;
 
 pub use bypass::{
-    Bypass, BypassConfig, QueryReport, QueryStats, REASONS as BYPASS_REASONS, Tracked,
+    Bypass, BypassConfig, QueryReport, QueryStats, REASONS as BYPASS_REASONS, Tracked, in_sample,
 };
 pub use doorkeeper::Doorkeeper;
 pub use fill::{FillGuard, FillOutcome, Pending, Resolved};

@@ -138,18 +138,27 @@ type CatalogCell = Arc<OnceCell<Option<Arc<Catalog>>>>;
 
 const MAX_MEMOISED_ANALYSES: usize = 50_000;
 
+thread_local! {
+    /// [`CacheShared::analyze`]'s buffer for literal shapes' texts.
+    static SHAPE_TEXT: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// Largest shape text buffer kept for the next text: one huge text does not hold on to
+/// its memory.
+const MAX_KEPT_SHAPE_TEXT: usize = 16 * 1024;
+
 /// A statement's analysis and what the configuration says about caching it, memoised by
 /// query text (rules and hints depend on nothing else).
 pub struct Analyzed {
     /// For a text analysed through its literal shape, the shape's analysis (shared by the
-    /// texts of the shape): its key values are `$k`, standing for `literals[k - 1]`. Read key
+    /// texts of the shape): its key values are `$k`, standing for `literals.get(k - 1)`. Read key
     /// values through [`Analyzed::read_plan`] and [`Analyzed::invalidations`], which know that.
     pub analysis: Arc<Analysis>,
     /// The shaped text's literals when `analysis` is its shape's; else empty. Sharing the
     /// shape's analysis instead of instantiating it spares every new text of a known shape
     /// (each write and each missed read of `pgbench -M simple`) copying the table and column
     /// names and key values, and later freeing them.
-    literals: Vec<String>,
+    literals: analysis::Literals,
     pub policy: Policy,
     /// Identifies the query for the adaptive bypass: a hash of its text.
     pub fingerprint: u64,
@@ -203,7 +212,7 @@ impl Analyzed {
 #[derive(Clone, Copy)]
 enum Values<'a> {
     /// A shaped text's literals (see [`Analyzed::analysis`]).
-    Literals(&'a [String]),
+    Literals(&'a analysis::Literals),
     /// The Bind's parameters, if any.
     Params(Option<&'a BindParams<'a>>),
 }
@@ -433,23 +442,31 @@ impl CacheShared {
         {
             return a.clone();
         }
+        // The shape's text is only looked up (and copied into the memo when new): one buffer
+        // per thread spares an allocation for each new text.
+        let mut shape_text = SHAPE_TEXT.take();
+        let shape_literals = analysis::literal_shape_into(sql, &mut shape_text);
         let ((analysis, literals, fingerprint, plan_shape), (changes_tx, no_effects)) =
-            match analysis::literal_shape(sql) {
-                Some(shape) => {
-                    let (analysis, templated, fingerprint, plan, words) =
-                        self.analyze_shaped(db_hash, text_hash, sql, &shape, catalog);
-                    let changes = shaped_changes_transaction(sql, &shape.literals, words.isolation);
+            match shape_literals {
+                Some(literals) => {
+                    let (analysis, templated, fingerprint, plan, words) = self.analyze_shaped(
+                        db_hash,
+                        text_hash,
+                        sql,
+                        (&shape_text, &literals),
+                        catalog,
+                    );
+                    let changes = shaped_changes_transaction(sql, &literals, words.isolation);
                     // A shaped text starts with a query or DML keyword, none of which
                     // `effects_of` reads in full: only the words decide.
                     let no_effects = !words.effects
-                        && !shape
-                            .literals
+                        && !literals
                             .iter()
-                            .any(|l| crate::session::effects::mentions_effect_words(l));
+                            .any(crate::session::effects::mentions_effect_words);
                     let literals = if templated {
-                        shape.literals
+                        literals
                     } else {
-                        Vec::new()
+                        analysis::Literals::default()
                     };
                     (
                         (analysis, literals, fingerprint, plan),
@@ -460,7 +477,7 @@ impl CacheShared {
                 None => (
                     (
                         Arc::new(analysis::analyze(sql, catalog)),
-                        Vec::new(),
+                        analysis::Literals::default(),
                         text_hash,
                         PlanCell::default(),
                     ),
@@ -470,6 +487,9 @@ impl CacheShared {
                     ),
                 ),
             };
+        if shape_text.capacity() <= MAX_KEPT_SHAPE_TEXT {
+            SHAPE_TEXT.set(shape_text);
+        }
         let policy = self.policy(sql, &analysis);
         let a = Arc::new(Analyzed {
             analysis,
@@ -507,14 +527,14 @@ impl CacheShared {
         db_hash: u64,
         text_hash: u64,
         sql: &str,
-        shape: &analysis::LiteralShape,
+        (shape_text, literals): (&str, &analysis::Literals),
         catalog: &Catalog,
     ) -> (Arc<Analysis>, bool, u64, PlanCell, ShapeWords) {
-        let fingerprint = xxh3_64(shape.text.as_bytes());
+        let fingerprint = xxh3_64(shape_text.as_bytes());
         let key = (db_hash, fingerprint);
         let known = {
             let map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(&key).filter(|m| *m.text == *shape.text).map(|m| {
+            map.get(&key).filter(|m| *m.text == *shape_text).map(|m| {
                 let analysis = m.template.as_ref().map(|t| (Arc::clone(t), m.plan.clone()));
                 (analysis, m.words)
             })
@@ -532,10 +552,10 @@ impl CacheShared {
             ),
             None => {
                 let own = analysis::analyze(sql, catalog);
-                let template = analysis::analyze(&shape.text, catalog);
-                let agrees = analysis::instantiate(&template, &shape.literals) == own;
+                let template = analysis::analyze(shape_text, catalog);
+                let agrees = analysis::instantiate(&template, literals) == own;
                 let plan = PlanCell::default();
-                let mentions = ShapeWords::of(&shape.text);
+                let mentions = ShapeWords::of(shape_text);
                 let mut map = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
                 if map.len() >= MAX_MEMOISED_ANALYSES {
                     map.clear();
@@ -543,7 +563,7 @@ impl CacheShared {
                 map.insert(
                     key,
                     ShapeMemo {
-                        text: shape.text.as_str().into(),
+                        text: shape_text.into(),
                         template: agrees.then(|| Arc::new(template)),
                         plan: plan.clone(),
                         words: mentions,
@@ -1008,9 +1028,12 @@ pub fn changes_transaction(sql: &str) -> bool {
 /// integers hold no letters, and the `$k` standing in for a literal holds none to join an
 /// occurrence across it): `sql` mentions one iff the shape's text or a literal does. Most
 /// texts mention none, and their full scan is skipped.
-fn shaped_changes_transaction(sql: &str, literals: &[String], shape_mentions: bool) -> bool {
-    (shape_mentions || literals.iter().any(|l| mentions_isolation(l)))
-        && names_strict_isolation(sql)
+fn shaped_changes_transaction(
+    sql: &str,
+    literals: &analysis::Literals,
+    shape_mentions: bool,
+) -> bool {
+    (shape_mentions || literals.iter().any(mentions_isolation)) && names_strict_isolation(sql)
 }
 
 /// Whether `sql` holds REPEATABLE or SERIALIZABLE anywhere (the words

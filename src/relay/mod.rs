@@ -1438,17 +1438,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             described_portal: shape.describe == Described::Portal,
         };
         let started = std::time::Instant::now();
-        // Most hits of a hot set are found by their key alone, before any analysis. Where
-        // `known_hit` cannot answer (in a transaction block, after a write...) the analysis
-        // comes first: a statement that is no cacheable read (a write, BEGIN, COMMIT) needs
-        // neither its parameters read nor a key.
+        // Most hits of a hot set are found by their key alone, before the read is planned
+        // (the analysis is memoised by text). Where `known_hit` cannot answer (in a
+        // transaction block, after a write...) a statement that is no cacheable read (a
+        // write, BEGIN, COMMIT) needs neither its parameters read nor a key.
         let mut keyed = None;
+        let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
         if self.may_know_hit(&cache, &catalog) && !surely_not_a_read(&stmt.sql) {
             let Some(params) = read_params() else {
                 return Ok(false);
             };
             let key = self.batch_key(&stmt, &params, flags);
-            if let Some(entry) = self.known_hit(&cache, &catalog, key) {
+            // Keys of a query the adaptive bypass caches only for its sample are rarely
+            // stored (before the verdict, during a probe): looking for one costs two cache
+            // misses (the front's tags, the doorkeeper's bitmap) on every call of a uniform
+            // workload. The analysis, memoised by text, comes first to tell.
+            let bypassed = cache.bypass.as_ref().is_some_and(|b| {
+                !crate::cache::in_sample(key) && !analyzed.bypass_stats(b).caching()
+            });
+            if !bypassed && let Some(entry) = self.known_hit(&cache, &catalog, key) {
                 self.answer_hit(entry.response.clone(), caching::Tier::L1, started, of);
                 self.adopt_parse(parse);
                 self.batch.clear();
@@ -1456,7 +1464,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay<R, W> {
             }
             keyed = Some((params, key));
         }
-        let analyzed = cache.analyze(&self.database, &stmt.sql, &catalog);
         let Some(read_shape) = analyzed.plan_shape(&catalog) else {
             if matches!(*analyzed.analysis, Analysis::Bypass(_)) {
                 metrics().bypass(BypassReason::NotCacheable);
