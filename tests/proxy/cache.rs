@@ -9,6 +9,14 @@ use crate::support::shared_pg;
 use tokio_postgres::Client;
 
 async fn setup(rows: i32) -> (Proxy, String, Client) {
+    let (db, direct) = table_t(rows).await;
+    let proxy = Proxy::start(shared_pg(), |c| c.pool.max_size = 4);
+    (proxy, db, direct)
+}
+
+/// A fresh database whose table `t` holds `rows` rows (and a view `tv` over it), with a
+/// direct connection to it.
+async fn table_t(rows: i32) -> (String, Client) {
     let pg = shared_pg();
     let db = fresh_database(pg, "cache");
     pg.psql_db(
@@ -19,9 +27,8 @@ async fn setup(rows: i32) -> (Proxy, String, Client) {
              CREATE VIEW tv AS SELECT id, v FROM t;"
         ),
     );
-    let proxy = Proxy::start(pg, |c| c.pool.max_size = 4);
     let direct = pg.client(&db).await;
-    (proxy, db, direct)
+    (db, direct)
 }
 
 async fn v_of(c: &Client, sql: &str, id: i32) -> i32 {
@@ -1340,9 +1347,11 @@ async fn rules_by_table_and_by_query_text_set_ttl_or_forbid_caching() {
     assert!(err.to_string().contains("cache.rules"), "{err}");
 }
 
-/// A proxy whose adaptive bypass judges a query after 5 sampled lookups or 80 of any keys,
-/// whichever comes first, and wants half of them hits; with its metrics address.
-fn quickly_judging_proxy() -> (Proxy, std::net::SocketAddr) {
+/// A client of a proxy whose adaptive bypass judges a query after 5 sampled lookups or 80
+/// of any keys, whichever comes first, and wants half of them hits, on a fresh database
+/// whose `t` holds 500 rows; with the proxy, its metrics address and a direct connection.
+async fn quickly_judged_client() -> (Proxy, std::net::SocketAddr, Client, Client) {
+    let (db, direct) = table_t(500).await;
     let metrics = crate::fixture::free_metrics_port();
     let proxy = Proxy::start(shared_pg(), |c| {
         c.cache.adaptive.enabled = true;
@@ -1350,15 +1359,13 @@ fn quickly_judging_proxy() -> (Proxy, std::net::SocketAddr) {
         c.cache.adaptive.min_hit_ratio = 0.5;
         c.metrics.listen = Some(metrics);
     });
-    (proxy, metrics)
+    let c = proxy.connect("postgres", "", &db).await;
+    (proxy, metrics, c, direct)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_that_never_hit_stop_being_cached_and_say_why() {
-    let (proxy, db, direct) = setup(500).await;
-    drop(proxy);
-    let (proxy, proxy_metrics) = quickly_judging_proxy();
-    let c = proxy.connect("postgres", "", &db).await;
+    let (_proxy, proxy_metrics, c, direct) = quickly_judged_client().await;
     let q = "SELECT v FROM t WHERE id = $1";
     let before = scrape_sum(
         proxy_metrics,
@@ -1393,10 +1400,7 @@ async fn queries_that_never_hit_stop_being_cached_and_say_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_set_bypassed_while_cold_is_cached_again_once_its_sample_warms_up() {
-    let (proxy, db, _direct) = setup(500).await;
-    drop(proxy);
-    let (proxy, proxy_metrics) = quickly_judging_proxy();
-    let c = proxy.connect("postgres", "", &db).await;
+    let (_proxy, proxy_metrics, c, _direct) = quickly_judged_client().await;
     let q = "SELECT v FROM t WHERE id = $1";
     let bypassed = || {
         scrape_sum(
