@@ -57,6 +57,53 @@ pub enum Invalidation {
     All,
 }
 
+impl Invalidation {
+    /// The same bumps as `invs`, in fewer items: per table one `Wide` (which bumps every
+    /// generation a `Keys` of the table would) or one `Keys` with the union of the keys, and
+    /// one `All`. `All` does not absorb the rest, so a `Wide` of
+    /// [`TableId::SCHEMA_CHANGED`] still tells other instances to reload their catalogs.
+    /// Tables keep the order of their first item.
+    pub fn coalesce(invs: impl IntoIterator<Item = Invalidation>) -> Vec<Invalidation> {
+        // Per table: `None` once a `Wide` was seen, else the keys so far.
+        let mut tables: Vec<(TableId, Option<Vec<u64>>)> = Vec::new();
+        let mut at: HashMap<TableId, usize> = HashMap::new();
+        let mut all = false;
+        for inv in invs {
+            let (t, keys) = match inv {
+                Invalidation::All => {
+                    all = true;
+                    continue;
+                }
+                Invalidation::Wide(t) => (t, None),
+                Invalidation::Keys(t, keys) => (t, Some(keys)),
+            };
+            match at.get(&t) {
+                None => {
+                    at.insert(t, tables.len());
+                    tables.push((t, keys));
+                }
+                Some(&i) => match (&mut tables[i].1, keys) {
+                    (Some(have), Some(more)) => have.extend(more),
+                    (slot, _) => *slot = None,
+                },
+            }
+        }
+        let mut out = Vec::with_capacity(tables.len() + usize::from(all));
+        if all {
+            out.push(Invalidation::All);
+        }
+        out.extend(tables.into_iter().map(|(t, keys)| match keys {
+            None => Invalidation::Wide(t),
+            Some(mut keys) => {
+                keys.sort_unstable();
+                keys.dedup();
+                Invalidation::Keys(t, keys)
+            }
+        }));
+        out
+    }
+}
+
 /// Where committed writes are reported. [`Generations`] implements it for one instance;
 /// the shared tier will add an implementation that also publishes to other instances.
 /// Must not block: it is called on the commit path.

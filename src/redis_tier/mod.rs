@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Sets the generation keys of a commit to a fresh value and publishes the message, in one
@@ -96,6 +96,36 @@ pub struct RedisTier {
     next_seq: AtomicU64,
     /// Our published messages still waiting for other instances' confirmations.
     acks: Mutex<HashMap<u64, Arc<AckWait>>>,
+    /// Commits waiting to be published, for the task that publishes them in batches
+    /// (started by the first publish, which runs inside the runtime).
+    publisher: OnceLock<tokio::sync::mpsc::UnboundedSender<PublishRequest>>,
+}
+
+/// One commit's invalidations, and who to tell once they are published (or given up on).
+struct PublishRequest {
+    invs: Vec<Invalidation>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Most commits published in one batch: bounds the script's key list and the message.
+const MAX_BATCH: usize = 256;
+
+/// Publishes whatever commits queued up while the previous batch was in flight, until the
+/// tier is dropped.
+async fn publisher(
+    tier: std::sync::Weak<RedisTier>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<PublishRequest>,
+) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let Some(tier) = tier.upgrade() else { return };
+        let invs = Invalidation::coalesce(batch.iter().flat_map(|r| r.invs.iter().cloned()));
+        tier.publish_batch(&invs).await;
+        for r in batch.drain(..) {
+            // The committer may have gone (its client disconnected): nobody to tell.
+            let _ = r.done.send(());
+        }
+    }
 }
 
 /// Confirmations received for one published message.
@@ -147,6 +177,7 @@ impl RedisTier {
             unheard_since: Mutex::new(Some(Instant::now())),
             next_seq: AtomicU64::new(1),
             acks: Mutex::default(),
+            publisher: OnceLock::new(),
         }))
     }
 
@@ -275,12 +306,40 @@ impl RedisTier {
     }
 
     /// Record committed invalidations in Redis and tell the other instances. Returns when
-    /// done or given up on (bounded by `redis.timeout`); failures are remembered and
-    /// repaired with a global invalidation once Redis is back.
-    pub async fn publish(&self, invs: &[Invalidation]) {
+    /// done or given up on (each batch is bounded by `redis.timeout`, and one batch may be
+    /// ahead of ours); failures are remembered and repaired with a global invalidation once
+    /// Redis is back.
+    ///
+    /// Commits that arrive while a batch is in flight go out together in the next one: one
+    /// script run, one message and one confirmation round for all of them instead of one
+    /// each. Under concurrent writes that divides Redis's work and the subscribers' by the
+    /// batch size, and no commit waits longer than the batch ahead of it.
+    pub async fn publish(self: &Arc<Self>, invs: &[Invalidation]) {
         if invs.is_empty() {
             return;
         }
+        let (done, published) = tokio::sync::oneshot::channel();
+        let queued = self
+            .publisher
+            .get_or_init(|| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(publisher(Arc::downgrade(self), rx));
+                tx
+            })
+            .send(PublishRequest {
+                invs: invs.to_vec(),
+                done,
+            });
+        // Never `Err` unless the publisher is gone (the runtime is shutting down): then
+        // the others are not told, and we say so when Redis is next heard.
+        if queued.is_err() || published.await.is_err() {
+            self.missed_publish.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// One batch: set the generation keys of every invalidation in `invs`, publish them as
+    /// one message, and wait for the other instances to confirm it.
+    async fn publish_batch(&self, invs: &[Invalidation]) {
         let prefix = self.prefix();
         let mut table_keys = Vec::new();
         let mut row_keys = Vec::new();
@@ -291,6 +350,8 @@ impl RedisTier {
         }
         table_keys.sort();
         table_keys.dedup();
+        row_keys.sort();
+        row_keys.dedup();
         let id = codec::MessageId {
             sender: self.instance,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),

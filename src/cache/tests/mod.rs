@@ -452,3 +452,77 @@ fn an_entry_keeps_the_catalog_epoch_it_was_planned_with() {
     assert_eq!(entry(&gens, &[], b"x").catalog_epoch(), 0);
     assert_eq!(entry(&gens, &[], b"x").planned_with(7).catalog_epoch(), 7);
 }
+
+/// Whether applying `invs` makes a read with dependency `d` stale, by the contract of
+/// [`Invalidation`]: `Keys` bumps `any(t)` and its keys, `Wide` bumps `wide(t)` and `any(t)`.
+fn stales(invs: &[Invalidation], d: Dependency) -> bool {
+    invs.iter().any(|inv| match (inv, d) {
+        (Invalidation::All, _) => true,
+        (Invalidation::Wide(t), Dependency::AnyOf(u) | Dependency::Key(u, _)) => *t == u,
+        (Invalidation::Keys(t, _), Dependency::AnyOf(u)) => *t == u,
+        (Invalidation::Keys(t, keys), Dependency::Key(u, k)) => *t == u && keys.contains(&k),
+    })
+}
+
+/// Coalescing a batch of commits' invalidations (as the shared tier publishes them) must
+/// leave exactly the reads stale that applying each one would: generated batches over a few
+/// tables and keys, each read's fate compared under both.
+#[test]
+fn coalesced_invalidations_make_exactly_the_same_reads_stale() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let tables = [T, U, TableId(3)];
+    let mut deps = vec![];
+    for t in tables {
+        deps.push(Dependency::AnyOf(t));
+        deps.extend((0..4).map(|k| Dependency::Key(t, k)));
+    }
+    let mut shrunk = 0;
+    for _ in 0..2000 {
+        let batch: Vec<Invalidation> = (0..rng.gen_range(1..8))
+            .map(|_| {
+                let t = tables[rng.gen_range(0..tables.len())];
+                match rng.gen_range(0..12) {
+                    0 => Invalidation::All,
+                    1 | 2 => Invalidation::Wide(t),
+                    _ => {
+                        let n = rng.gen_range(0..3);
+                        Invalidation::Keys(t, (0..n).map(|_| rng.gen_range(0..4)).collect())
+                    }
+                }
+            })
+            .collect();
+        let coalesced = Invalidation::coalesce(batch.clone());
+        shrunk += usize::from(coalesced.len() < batch.len());
+        for &d in &deps {
+            assert_eq!(
+                stales(&batch, d),
+                stales(&coalesced, d),
+                "{d:?} after {batch:?} coalesced to {coalesced:?}"
+            );
+        }
+    }
+    assert!(
+        shrunk > 500,
+        "batches should often coalesce ({shrunk} of 2000 did)"
+    );
+}
+
+#[test]
+fn coalescing_keeps_the_schema_change_signal_beside_all() {
+    let schema = Invalidation::Wide(TableId::SCHEMA_CHANGED);
+    let got = Invalidation::coalesce([
+        Invalidation::Keys(T, vec![3, 1]),
+        schema.clone(),
+        Invalidation::All,
+        Invalidation::Keys(T, vec![1, 2]),
+    ]);
+    assert_eq!(
+        got,
+        [
+            Invalidation::All,
+            Invalidation::Keys(T, vec![1, 2, 3]),
+            schema
+        ]
+    );
+}
