@@ -45,8 +45,11 @@
 #              medians. STALE and TRIGGERS are not repeated (they have
 #              their own rounds: TRIGGER_ROUNDS).
 #   TARGETS    what to benchmark
-#              (default "direct pgstash pgstash-nocache pgbouncer pgpool")
+#              (default "direct pgstash pgstash-redis pgstash-nocache pgbouncer pgpool")
 #              pgstash-nocache is pgstash with PGSTASH_CACHE__ENABLED=false;
+#              pgstash-redis is pgstash with the shared tier, a private
+#              redis-server (as scripts/run.sh runs it), whose CPU counts as
+#              the target's;
 #              pgpool is pgpool-II (apt package pgpool2) with its shmem query cache.
 #   SCALE      pgbench scale factor        (default 10)
 #   CHECK_CLIENTS client count the target check list looks at (default 32)
@@ -97,7 +100,7 @@ MODES="${MODES:-simple extended prepared}"
 CLIENTS="${CLIENTS:-1 32}"
 DURATION="${DURATION:-10}"
 REPEAT="${REPEAT:-1}"
-TARGETS="${TARGETS:-direct pgstash pgstash-nocache pgbouncer pgpool}"
+TARGETS="${TARGETS:-direct pgstash pgstash-redis pgstash-nocache pgbouncer pgpool}"
 SCALE="${SCALE:-10}"
 CHECK_CLIENTS="${CHECK_CLIENTS:-32}"
 OUT="${OUT:-$ROOT/BENCHMARKS.md}"
@@ -165,7 +168,8 @@ KNOWN_WORKLOADS="SELECT1 W1 W2 W3 W4 W5 STALE TRIGGERS"
 needs_logical_wal() { has "$WORKLOADS" STALE && has "$STALE_SOURCES" wal; }
 # Whether this run needs the pgstash binary.
 uses_pgstash() {
-  has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache || has "$WORKLOADS" STALE || has "$WORKLOADS" TRIGGERS
+  has "$TARGETS" pgstash || has "$TARGETS" pgstash-nocache || has "$TARGETS" pgstash-redis ||
+    has "$WORKLOADS" STALE || has "$WORKLOADS" TRIGGERS
 }
 
 # ---------------------------------------------------------------------------
@@ -177,6 +181,7 @@ cleanup() {
   set +e
   [[ -n "$CHILD_PID" ]] && stop_pid "$CHILD_PID"
   [[ -n "$BG_PID" ]] && stop_pid "$BG_PID"
+  [[ -n "$REDIS_PID" ]] && stop_pid "$REDIS_PID"
   for t in "${!T_PID[@]}"; do
     [[ "$t" == direct ]] && continue      # direct is Postgres, stopped below
     pid="${T_PID[$t]}"
@@ -342,8 +347,13 @@ install_tools() {
     log "installing curl"
     apt_install curl || true
   fi
-  # Hooks for future targets (redis for an application-side cache) go here,
-  # following the pgbouncer pattern.
+  # redis-server for pgstash-redis, likewise optional.
+  if has "$TARGETS" pgstash-redis && ! command -v redis-server >/dev/null; then
+    log "installing redis-server"
+    if ! apt_install redis-server || ! command -v redis-server >/dev/null; then
+      T_STATUS[pgstash-redis]="apt-get install redis-server failed"
+    fi
+  fi
 }
 
 PGPOOL_BIN=""
@@ -488,6 +498,49 @@ start_pgstash()         { start_pgstash_as pgstash; }
 # The same binary with its cache off: the baseline for "caching must never
 # lose" (W2/W4 with the cache on should be within 5 % of this).
 start_pgstash_nocache() { start_pgstash_as pgstash-nocache PGSTASH_CACHE__ENABLED=false; }
+# With the shared tier, as scripts/run.sh (the README's run command) and
+# docker-compose run it: L2 values, generations and invalidations in Redis.
+start_pgstash_redis() {
+  start_bench_redis || { T_STATUS[pgstash-redis]="$WHY"; return 1; }
+  start_pgstash_as pgstash-redis PGSTASH_REDIS__URL="redis://127.0.0.1:$REDIS_PORT"
+}
+
+# The private redis-server of pgstash-redis: no persistence, in a session of
+# its own (as a service would be), started once and stopped by cleanup.
+# Returns 1 with the reason in WHY.
+REDIS_PID=""
+REDIS_PORT=""
+start_bench_redis() {
+  local _
+  WHY=""
+  [[ -n "$REDIS_PID" ]] && kill -0 "$REDIS_PID" 2>/dev/null && return 0
+  command -v redis-server >/dev/null || { WHY="redis-server not installed"; return 1; }
+  free_port REDIS_PORT
+  log "starting redis-server on port $REDIS_PORT"
+  (cd "$WORK" && exec setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
+     --save "" --appendonly no) >>"$WORK/redis.log" 2>&1 &
+  REDIS_PID=$!
+  for _ in $(seq 1 50); do
+    [[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] && return 0
+    kill -0 "$REDIS_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  WHY="redis-server did not answer on port $REDIS_PORT: $(log_tail "$WORK/redis.log")"
+  stop_pid "$REDIS_PID"
+  REDIS_PID=""
+  return 1
+}
+
+# CPU ticks of a target: its process tree, plus the redis-server of
+# pgstash-redis (a tier of that target, so its cost is the target's).
+target_ticks() {
+  local t=$1 n
+  n=$(tree_ticks "${T_PID[$t]}")
+  if [[ "$t" == pgstash-redis && -n "$REDIS_PID" ]]; then
+    n=$(( n + $(tree_ticks "$REDIS_PID") ))
+  fi
+  echo "$n"
+}
 
 # start_pgstash_as TARGET [VAR=value...]: one pgstash instance named TARGET,
 # with extra environment for it. Should one of its ports be taken by the time
@@ -931,7 +984,7 @@ run_one() {
 
   log "run $wl mode=$mode clients=$clients target=$label (${dur}s${round:+, round $round of $REPEAT})"
   if c0="$(hit_counters "$t")"; then cached=1; fi
-  pg0=$(tree_ticks "$PG_PID"); px0=$(tree_ticks "${T_PID[$t]}")
+  pg0=$(tree_ticks "$PG_PID"); px0=$(target_ticks "$t")
   # timeout guards against a proxy that hangs; -n everywhere for fairness.
   if run_child timeout $(( dur + 60 )) "$PG_BIN/pgbench" -n -M "$mode" -c "$clients" -j "$jobs" \
        -T "$dur" "${WL_ARGS[@]}" --log --log-prefix="$dir/tx" \
@@ -942,7 +995,7 @@ run_one() {
   fi
   # Give exiting backends a moment to be reaped into the postmaster's cutime.
   sleep 0.5
-  pg1=$(tree_ticks "$PG_PID"); px1=$(tree_ticks "${T_PID[$t]}")
+  pg1=$(tree_ticks "$PG_PID"); px1=$(target_ticks "$t")
   if [[ $cached -eq 1 ]]; then
     c1="$(hit_counters "$t")"
     hit="$(hit_ratio "$c0" "$c1")"
@@ -1676,7 +1729,7 @@ write_report() {
     echo "- Machine: $(nproc) CPUs, $(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo); load average at start $LOAD_START, at end $load_end; kernel $(uname -r), sched_autogroup_enabled=$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo n/a) (each proxy in a session of its own)"
     echo "- PostgreSQL: $PG_VERSION (private cluster: fsync=off, synchronous_commit=off, full_page_writes=off, shared_buffers=256MB, max_connections=300$(if needs_logical_wal; then echo ", wal_level=logical for STALE's wal source"; fi); pgbench scale $SCALE)"
     if uses_pgstash; then
-      echo "- pgstash: \`${BENCH_PGSTASH_BIN#"$ROOT/"}\` ($( [[ $PGSTASH_BUILT -eq 1 ]] && echo "source $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'with no git commit yet')" || echo "unavailable")), PGSTASH_POOL__MAX_SIZE=40, transaction pooling (default); \`pgstash-nocache\` is the same binary with PGSTASH_CACHE__ENABLED=false"
+      echo "- pgstash: \`${BENCH_PGSTASH_BIN#"$ROOT/"}\` ($( [[ $PGSTASH_BUILT -eq 1 ]] && echo "source $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'with no git commit yet')" || echo "unavailable")), PGSTASH_POOL__MAX_SIZE=40, transaction pooling (default); \`pgstash-nocache\` is the same binary with PGSTASH_CACHE__ENABLED=false; \`pgstash-redis\` is the same binary with the shared tier (PGSTASH_REDIS__URL) on a private $(redis-server --version 2>/dev/null | awk '{print $1, $2, $3}' || echo redis-server) (no persistence), as scripts/run.sh runs it"
       if [[ -n "$METRICS_HOW" ]]; then
         echo "- pgstash hit ratio: Δpgstash_cache_hits_total / (Δhits + Δpgstash_cache_misses_total) over each run, summed over labels, scraped from \`http://127.0.0.1:<port>/metrics\` (address passed as ${METRICS_HOW/:/ })"
       else
@@ -1770,7 +1823,7 @@ write_report() {
     echo "## Method and caveats"
     echo
     echo "- TPS is pgbench's \"tps (without initial connection time)\". Latencies are p50/p99 over every transaction in pgbench's per-transaction log (\`--log\`), failed/skipped transactions excluded; ratios compare with the \`direct\` row of the same workload, mode and client count."
-    echo "- \"proxy CPU µs/tx\" is utime+stime of the proxy's process tree (all threads; for pgpool its parent and all its children; from /proc/<pid>/stat, clock ticks of $CLK_TCK Hz) over the run divided by transactions processed; for \`direct\` it is Postgres's CPU. \"Postgres CPU µs/tx\" is the same for the whole Postgres cluster (postmaster plus live children, plus exited backends via the postmaster's cutime/cstime), including background processes."
+    echo "- \"proxy CPU µs/tx\" is utime+stime of the proxy's process tree (all threads; for pgpool its parent and all its children; for pgstash-redis plus its redis-server; from /proc/<pid>/stat, clock ticks of $CLK_TCK Hz) over the run divided by transactions processed; for \`direct\` it is Postgres's CPU. \"Postgres CPU µs/tx\" is the same for the whole Postgres cluster (postmaster plus live children, plus exited backends via the postmaster's cutime/cstime), including background processes."
     echo "- Hit ratio: the share of cache lookups that were hits during the run (\"n/a\": the target's counters could not be read or counted no lookups; \"—\": no cache). The target check list compares the runs with $CHECK_CLIENTS clients; \"within 5 %\" is one-sided (the cache may be faster than no cache)."
     echo "- Caches start cold: each target's cache is warmed only by the runs themselves (pgstash entries live 60 s by default, so later modes and client counts of the same workload may find them warm; pgpool's have no expiry). Short runs are dominated by cold misses, W3 most of all (each miss is an aggregate over up to 1M rows, 32 of them at once at 32 clients)."
     echo "- pgbench, the proxy and Postgres share the same $(nproc) CPUs, so a proxy's CPU competes with Postgres's; numbers on a small or busy machine are noisy."
