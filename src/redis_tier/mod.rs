@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Sets the generation keys of a commit to a fresh value and publishes the message, in one
@@ -97,8 +97,9 @@ pub struct RedisTier {
     /// Our published messages still waiting for other instances' confirmations.
     acks: Mutex<HashMap<u64, Arc<AckWait>>>,
     /// Commits waiting to be published, for the task that publishes them in batches
-    /// (started by the first publish, which runs inside the runtime).
-    publisher: OnceLock<tokio::sync::mpsc::UnboundedSender<PublishRequest>>,
+    /// (started by the first publish, which runs inside the runtime, and again should it
+    /// ever have ended).
+    publisher: Mutex<Option<tokio::sync::mpsc::UnboundedSender<PublishRequest>>>,
 }
 
 /// One commit's invalidations, and who to tell once they are published (or given up on).
@@ -177,7 +178,7 @@ impl RedisTier {
             unheard_since: Mutex::new(Some(Instant::now())),
             next_seq: AtomicU64::new(1),
             acks: Mutex::default(),
-            publisher: OnceLock::new(),
+            publisher: Mutex::default(),
         }))
     }
 
@@ -319,21 +320,32 @@ impl RedisTier {
             return;
         }
         let (done, published) = tokio::sync::oneshot::channel();
-        let queued = self
-            .publisher
-            .get_or_init(|| {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(publisher(Arc::downgrade(self), rx));
-                tx
-            })
-            .send(PublishRequest {
-                invs: invs.to_vec(),
-                done,
-            });
-        // Never `Err` unless the publisher is gone (the runtime is shutting down): then
-        // the others are not told, and we say so when Redis is next heard.
+        let queued = self.publisher_queue().send(PublishRequest {
+            invs: invs.to_vec(),
+            done,
+        });
+        // `Err` only if the publisher ended without publishing our batch (it panicked, or
+        // the runtime is shutting down): the others were not told, and are told to drop
+        // everything when Redis is next heard.
         if queued.is_err() || published.await.is_err() {
             self.missed_publish.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The publisher's queue, starting the publisher if it is not running.
+    fn publisher_queue(self: &Arc<Self>) -> tokio::sync::mpsc::UnboundedSender<PublishRequest> {
+        let mut slot = self
+            .publisher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(publisher(Arc::downgrade(self), rx));
+                *slot = Some(tx.clone());
+                tx
+            }
         }
     }
 
