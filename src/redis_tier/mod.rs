@@ -120,7 +120,8 @@ async fn publisher(
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let Some(tier) = tier.upgrade() else { return };
-        let invs = Invalidation::coalesce(batch.iter().flat_map(|r| r.invs.iter().cloned()));
+        let invs =
+            Invalidation::coalesce(batch.iter_mut().flat_map(|r| std::mem::take(&mut r.invs)));
         tier.publish_batch(&invs).await;
         for r in batch.drain(..) {
             // The committer may have gone (its client disconnected): nobody to tell.
@@ -360,10 +361,9 @@ impl RedisTier {
             table_keys.extend(t);
             row_keys.extend(r);
         }
+        // Row keys are distinct already: a coalesced batch names each key once.
         table_keys.sort();
         table_keys.dedup();
-        row_keys.sort();
-        row_keys.dedup();
         let id = codec::MessageId {
             sender: self.instance,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),

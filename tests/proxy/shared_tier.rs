@@ -4,6 +4,7 @@
 use crate::cache::{scrape, scrape_sum};
 use crate::fixture::{Proxy, free_metrics_port, fresh_database};
 use crate::support::{RedisServer, shared_pg, shared_redis};
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -48,11 +49,10 @@ async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_through_one_instance_is_never_read_stale_through_another() {
-    let redis = shared_redis();
-    let db = table_db("twoinst", 20);
-    let prefix = format!("two{}:", std::process::id());
+/// Two instances, A and B, sharing `redis` under a prefix made from `name` and this process,
+/// once B hears the invalidation channel; with B's metrics address.
+async fn two_instances(redis: &RedisServer, name: &str) -> (Proxy, Proxy, SocketAddr) {
+    let prefix = format!("{name}{}:", std::process::id());
     let metrics_b = free_metrics_port();
     let a = Proxy::start(shared_pg(), with_redis(redis, &prefix));
     let b = Proxy::start(shared_pg(), |c| {
@@ -63,6 +63,14 @@ async fn a_write_through_one_instance_is_never_read_stale_through_another() {
         !scrape(metrics_b, "/readyz").contains("not heard")
     })
     .await;
+    (a, b, metrics_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_instance_is_never_read_stale_through_another() {
+    let redis = shared_redis();
+    let db = table_db("twoinst", 20);
+    let (a, b, metrics_b) = two_instances(redis, "two").await;
     let ca = a.connect("postgres", "", &db).await;
     let cb = b.connect("postgres", "", &db).await;
     // L2 is shared: B's fill answers A's first read (proved by a change behind both).
@@ -110,17 +118,7 @@ async fn concurrent_writes_through_one_instance_are_each_fresh_through_another_a
     let redis = shared_redis();
     let writers = 16;
     let db = table_db("batchpub", writers);
-    let prefix = format!("batch{}:", std::process::id());
-    let metrics_b = free_metrics_port();
-    let a = Proxy::start(shared_pg(), with_redis(redis, &prefix));
-    let b = Proxy::start(shared_pg(), |c| {
-        with_redis(redis, &prefix)(c);
-        c.metrics.listen = Some(metrics_b);
-    });
-    wait_for("both instances subscribed", async || {
-        !scrape(metrics_b, "/readyz").contains("not heard")
-    })
-    .await;
+    let (a, b, metrics_b) = two_instances(redis, "batch").await;
     let mut tasks = Vec::new();
     for id in 1..=writers {
         let ca = a.connect("postgres", "", &db).await;
@@ -231,17 +229,7 @@ async fn ddl_through_one_instance_reloads_the_catalog_of_the_other() {
         "CREATE TABLE par (id int PRIMARY KEY);
          INSERT INTO par VALUES (1), (2);",
     );
-    let prefix = format!("ddl{}:", std::process::id());
-    let metrics_b = free_metrics_port();
-    let a = Proxy::start(shared_pg(), with_redis(redis, &prefix));
-    let b = Proxy::start(shared_pg(), |c| {
-        with_redis(redis, &prefix)(c);
-        c.metrics.listen = Some(metrics_b);
-    });
-    wait_for("both instances subscribed", async || {
-        !scrape(metrics_b, "/readyz").contains("not heard")
-    })
-    .await;
+    let (a, b, _) = two_instances(redis, "ddl").await;
     let ca = a.connect("postgres", "", &db).await;
     let cb = b.connect("postgres", "", &db).await;
     // B loads its catalog before the DDL.
